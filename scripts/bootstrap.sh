@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu machine for sockops: system packages, then .venv with sockops installed.
+#   scripts/bootstrap.sh          what `sockops deploy --host local` needs
+#   scripts/bootstrap.sh --test   also what the test suite needs (sshd, netns tools, CPython build deps, prometheus)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mode="${1:-run}"
+
+run_pkgs=(python3 python3-venv python3-dev gcc iproute2)
+test_pkgs=(
+    openssh-server openssh-client dpkg-dev xz-utils curl ca-certificates prometheus
+    build-essential pkg-config libssl-dev zlib1g-dev libffi-dev libsqlite3-dev libbz2-dev liblzma-dev
+    libreadline-dev libncurses-dev uuid-dev libgdbm-dev tk-dev
+)
+pkgs=("${run_pkgs[@]}")
+[ "$mode" = "--test" ] && pkgs+=("${test_pkgs[@]}")
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: these Debian packages are missing: ${missing[*]}" >&2
+        echo "bootstrap: run this script as root (sudo bash scripts/bootstrap.sh $*) or install them first." >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian prometheus package starts its own server on :9090; the tests run their own on loopback.
+if [ "$mode" = "--test" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+fi
+
+python="${SOCKOPS_BOOTSTRAP_PYTHON:-python3}"
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))'; then
+    echo "bootstrap: $python is older than 3.9; sockops' operator side needs 3.9+ (set SOCKOPS_BOOTSTRAP_PYTHON)." >&2
+    exit 1
+fi
+if [ ! -x "$here/.venv/bin/python" ]; then
+    "$python" -m venv "$here/.venv"
+fi
+extras="."
+[ "$mode" = "--test" ] && extras=".[test,bench]"
+"$here/.venv/bin/python" -m pip install -q --upgrade pip
+"$here/.venv/bin/python" -m pip install -q -e "$here/$extras"
+echo "bootstrap: ready ($("$here/.venv/bin/python" --version), sockops in $here/.venv)"
