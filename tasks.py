@@ -42,19 +42,390 @@ ns = Collection()
 ns.configure(DEFAULTS)
 
 # --- testhosts (deploy/testhosts.py) ---------------------------------------------------------------------
+
+
+@task(help={"count": "how many hosts (1-63)", "prefix": "host name prefix", "state_dir": "fleet dir"})
+@_user_errors
+def fleet_up(c, count=2, prefix="testhost", state_dir=""):
+    """Start N disposable SSH test hosts (root; netns + real sshd); replaces the previous fleet."""
+    from deploy import testhosts
+
+    fleet = testhosts.up(int(count), prefix=prefix, state_dir=state_dir or testhosts.DEFAULT_STATE_DIR)
+    print(testhosts.describe(fleet))
+
+
+@task(help={"state_dir": "the fleet to remove", "all": "remove every sockops test fleet on this machine"})
+@_user_errors
+def fleet_down(c, state_dir="", all=False):
+    """Remove the test hosts: processes, namespaces, veths, state dir."""
+    from deploy import testhosts
+
+    fleet_dir = state_dir or testhosts.DEFAULT_STATE_DIR
+    removed = testhosts.prune(everything=True) if all else testhosts.down(fleet_dir)
+    print(f"removed {len(removed)} item(s)" + "".join(f"\n  {r}" for r in removed))
+
+
+@task(help={"state_dir": "the fleet to show"})
+@_user_errors
+def fleet_list(c, state_dir=""):
+    """Show the running test hosts and how to reach them."""
+    from deploy import testhosts
+
+    print(testhosts.describe(testhosts.load(state_dir or testhosts.DEFAULT_STATE_DIR)))
+
+
+ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fleet_list))
 # --- end testhosts ---
 
 # --- build-python (deploy/python_build.py) ---------------------------------------------------------------
+@task(
+    name="build-python",
+    iterable=["host"],
+    auto_shortflags=False,
+    help={
+        "version": "CPython release X.Y.Z to build (verified against the catalog's SHA-256, e.g. 3.9.2)",
+        "host": "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)",
+        "prefix": "dedicated install prefix (default: sockops.prefix config, /usr/local/python3)",
+        "source": "tarball URL or local path instead of python.org (checked against the catalog / --sha256)",
+        "mirror": "base URL laid out like https://www.python.org/ftp/python (<mirror>/<version>/<file>)",
+        "sha256": "expected SHA-256 of the tarball; required for versions not in the catalog",
+        "jobs": "parallel compile jobs (default: one per CPU of each host)",
+        "optimize": "PGO + LTO with a bounded profile run (slower build, faster interpreter)",
+        "no_install_deps": "do not install missing -dev packages; only warn about them",
+        "force": "rebuild even if the prefix already holds this exact build",
+        "ssh_config": "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` shows",
+        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+    },
+)
+@_user_errors
+def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
+    c,
+    version="",
+    host=None,
+    prefix="",
+    source="",
+    mirror="",
+    sha256="",
+    jobs=0,
+    optimize=False,
+    no_install_deps=False,
+    force=False,
+    ssh_config="",
+    accept_new_host_key=False,
+):
+    """Build CPython from a verified tarball into a dedicated prefix, atomically (no-op if already built)."""
+    from deploy import python_build
+
+    if not version:
+        raise Exit("sockops: build-python needs --version X.Y.Z (e.g. --version 3.9.2)", code=1)
+    request = python_build.BuildRequest(
+        version=version,
+        prefix=prefix or str(c.config.sockops.get("prefix") or python_build.DEFAULT_PREFIX),
+        source=source,
+        mirror=mirror,
+        sha256=sha256,
+        jobs=int(jobs),
+        optimize=optimize,
+        install_deps=not no_install_deps,
+        force=force,
+    )
+    python_build.run_task(
+        _split(",".join(host or [])),
+        request,
+        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        accept_new_host_key=accept_new_host_key,
+    )
+
+
+ns.add_task(build_python)
 # --- end build-python ---
 
 # --- deploy, rollback, status, restart, logs, undeploy (deploy/release.py, deploy/supervisor.py) ---------
+_HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
+_SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
+
+
+def _ssh_config(c: Any, flag: str) -> str:
+    return flag or str(c.config.sockops.get("ssh_config") or "")
+
+
+@task(
+    iterable=["host"],
+    help={
+        "host": _HOST_HELP,
+        "python": "interpreter on the host for the services' venv (default: sockops.python config, "
+        "/usr/local/python3/bin/python3 as built by `invoke build-python`)",
+        "variant": "concurrency variant for every service: threaded, prefork, selectors or asyncio "
+        "(default: per-service config, else sockops.variant)",
+        "dry_run": "print what would change on each host and change nothing",
+        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new); "
+        "a changed key is still refused",
+        "serial": "deploy N hosts at a time and stop after the first batch with a failure (0 = all at once)",
+        "ssh_config": _SSH_HELP,
+    },
+)
+@_user_errors
+def deploy(c, host, python="", variant="", dry_run=False, accept_new_host_key=False, serial=0, ssh_config=""):
+    """Deploy the services under supervisord: new release, switch, restart what changed, health gate."""
+    from deploy import runner
+
+    runner.deploy(
+        c.config.sockops,
+        _split(",".join(host)),
+        python=python,
+        variant=variant,
+        dry_run=dry_run,
+        accept_new_host_key=accept_new_host_key,
+        serial=int(serial),
+        ssh_config=_ssh_config(c, ssh_config),
+    )
+
+
+@task(iterable=["host"], help={"host": _HOST_HELP, "ssh_config": _SSH_HELP})
+@_user_errors
+def rollback(c, host, ssh_config=""):
+    """Switch back to the previous release (health-gated; on failure returns to the current one)."""
+    from deploy import runner
+
+    runner.rollback(c.config.sockops, _split(",".join(host)), ssh_config=_ssh_config(c, ssh_config))
+
+
+@task(iterable=["host"], help={"host": _HOST_HELP, "json": "print JSON instead of a table", "ssh_config": _SSH_HELP})
+@_user_errors
+def status(c, host, json=False, ssh_config=""):
+    """Show the current release and every supervised program (state, pid, uptime) per host."""
+    from deploy import runner
+
+    runner.status(c.config.sockops, _split(",".join(host)), as_json=json, ssh_config=_ssh_config(c, ssh_config))
+
+
+@task(
+    iterable=["host", "program"],
+    help={"host": _HOST_HELP, "program": "program to restart (repeatable; default: all)", "ssh_config": _SSH_HELP},
+)
+@_user_errors
+def restart(c, host, program, ssh_config=""):
+    """Restart supervised programs (all, or the given --program sockops-tcp-echo ...)."""
+    from deploy import runner
+
+    runner.restart(c.config.sockops, _split(",".join(host)), program, ssh_config=_ssh_config(c, ssh_config))
+
+
+@task(
+    iterable=["host", "program"],
+    help={
+        "host": _HOST_HELP,
+        "program": "program whose log to show (repeatable; 'supervisord' for the daemon; default: every service)",
+        "lines": "how many lines from the end",
+        "follow": "keep printing new lines (one host only; Ctrl-C to stop)",
+        "ssh_config": _SSH_HELP,
+    },
+)
+@_user_errors
+def logs(c, host, program, lines=40, follow=False, ssh_config=""):
+    """Show the tail of the services' logs from /var/log/sockops."""
+    from deploy import runner
+
+    runner.logs(
+        c.config.sockops,
+        _split(",".join(host)),
+        program,
+        lines=int(lines),
+        follow=follow,
+        ssh_config=_ssh_config(c, ssh_config),
+    )
+
+
+@task(
+    iterable=["host"],
+    help={"host": _HOST_HELP, "purge": "also remove the transfer files and the system user", "ssh_config": _SSH_HELP},
+)
+@_user_errors
+def undeploy(c, host, purge=False, ssh_config=""):
+    """Stop sockops' supervisord and remove releases, config and logs from the host(s)."""
+    from deploy import runner
+
+    runner.undeploy(c.config.sockops, _split(",".join(host)), purge=purge, ssh_config=_ssh_config(c, ssh_config))
+
+
+for _t in (deploy, rollback, status, restart, logs, undeploy):
+    ns.add_task(_t)
 # --- end deploy ---
 
 # --- health, monitor (deploy/health.py over monitoring/) -------------------------------------------------
+_HEALTH_HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
+_HEALTH_SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
+
+
+@task(
+    iterable=["host"],
+    help={
+        "host": _HEALTH_HOST_HELP,
+        "json": "print JSON (snapshots + verdicts) instead of one line per service",
+        "ssh_config": _HEALTH_SSH_HELP,
+        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+    },
+)
+@_user_errors
+def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
+    """Probe and judge every service on each host, in parallel; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+    Thresholds: sockops.health in invoke's config (e.g. close_wait_warning, latency_critical, fd_warning).
+    """
+    from deploy import health as health_mod
+
+    code = health_mod.health(
+        c.config.sockops,
+        _split(",".join(host)),
+        as_json=json,
+        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        accept_new_host_key=accept_new_host_key,
+    )
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    help={
+        "host": "one host ('local' = this machine)",
+        "watch": "refresh in place until Ctrl-C",
+        "interval": "seconds between refreshes (default 2)",
+        "count": "with --watch: stop after N refreshes (0 = until Ctrl-C)",
+        "ssh_config": _HEALTH_SSH_HELP,
+        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+    },
+)
+@_user_errors
+def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
+    c, host="local", watch=False, interval=2.0, count=0, ssh_config="", accept_new_host_key=False
+):
+    """Top-like view of one host: connections by state, TIME_WAIT, per-process load, probes."""
+    from deploy import health as health_mod
+
+    code = health_mod.monitor(
+        c.config.sockops,
+        host,
+        watch=watch,
+        interval=float(interval),
+        count=int(count),
+        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        accept_new_host_key=accept_new_host_key,
+    )
+    if code:
+        raise Exit(code=code)
+
+
+ns.add_task(health)
+ns.add_task(monitor)
 # --- end health ---
 
 # --- prometheus-config (deploy/prometheus.py) ------------------------------------------------------------
+# `sockops.prometheus`: job name, scrape/evaluation intervals, alert `for:` durations, rate window.
+ns.configure(
+    {
+        "sockops": {
+            "prometheus": {
+                "job": "sockops",
+                "scrape_interval": "15s",
+                "evaluation_interval": "15s",
+                "for_down": "1m",
+                "for_probe": "2m",
+                "for_time_wait": "5m",
+                "for_close_wait": "15m",
+                "for_listen": "5m",
+                "for_fds": "5m",
+                "for_collector": "5m",
+                "window": "10m",
+            }
+        }
+    }
+)
+
+
+@task(
+    iterable=["host"],
+    help={
+        "host": "host(s) whose exporters to scrape: comma-separated and/or repeated; ssh aliases resolve to "
+        "their HostName; 'local' = 127.0.0.1",
+        "out": "directory for sockops-targets.json, sockops-rules.yml, prometheus.yml (default ./prometheus)",
+        "port": "the exporters' port (default: the port of sockops.exporter.bind, 9480)",
+        "ssh_config": "extra ssh_config file to resolve aliases (besides ~/.ssh/config)",
+    },
+)
+@_user_errors
+def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
+    """Write Prometheus file_sd targets, alert rules (sockops.health thresholds) and a scrape config."""
+    from deploy import prometheus
+
+    prometheus.prometheus_config(
+        c.config.sockops,
+        _split(",".join(host)),
+        out=out,
+        port=int(port),
+        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+    )
+
+
+ns.add_task(prometheus_config)
 # --- end prometheus ---
 
 # --- bench (deploy/bench/) -------------------------------------------------------------------------------
+@task(
+    help={
+        "services": "comma list of tcp-echo,udp-echo,transfer (default: all three)",
+        "variants": "comma list of threaded,prefork,selectors,asyncio (default all; 'none': references only)",
+        "conns": "concurrent connections per cell, comma list (default 1,50,500)",
+        "sizes": "request sizes in bytes, comma list (default 64,1024,16384)",
+        "modes": "TCP modes: keepalive,newconn (newconn = one connection per request, builds TIME_WAIT)",
+        "duration": "measured seconds per run (default 3)",
+        "runs": "runs per cell; the median is reported with the spread (default 3)",
+        "out": "directory for bench.json and bench.png (default bench-results)",
+        "quick": "small grid, 1 s runs, one run each, 64 MiB transfer file",
+        "python": "interpreter for the services and Python references (default: this one)",
+        "client_threads": "load generator threads (default 1)",
+        "transfer_mib": "transfer file size in MiB (default 1024)",
+        "no_references": "skip the reference servers (ratios are then missing)",
+        "monitor": "instead of the grid: time one monitoring snapshot vs ss and psutil with ~30k TIME_WAIT",
+    }
+)
+@_user_errors
+def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
+    c,
+    services=None,
+    variants=None,
+    conns=None,
+    sizes=None,
+    modes=None,
+    duration=None,
+    runs=None,
+    out=None,
+    quick=False,
+    python=None,
+    client_threads=None,
+    transfer_mib=None,
+    no_references=False,
+    monitor=False,
+):
+    """Measure every variant of every service side by side with reference servers (loopback only)."""
+    from deploy import bench as benchmod
+
+    opts = benchmod.from_flags(
+        quick=quick,
+        services=services,
+        variants=variants,
+        conns=conns,
+        sizes=sizes,
+        modes=modes,
+        duration=duration,
+        runs=runs,
+        out=out,
+        python=python,
+        client_threads=client_threads,
+        transfer_mib=transfer_mib,
+        no_references=no_references,
+    )
+    benchmod.bench(opts, monitor=monitor)
+
+
+ns.add_task(bench)
 # --- end bench ---

@@ -23,11 +23,43 @@ DEFAULTS: dict[str, Any] = {
         "variant": "selectors",
         # Extra ssh_config file (besides ~/.ssh/config); `invoke testhosts.up` prints the one for test hosts.
         "ssh_config": "",
+        # Where a deploy writes on the host (contract 1). Tests point these at temporary directories so a
+        # `--host local` test never touches a real local deploy.
+        "paths": {
+            "base": "/srv/sockops",
+            "etc": "/etc/sockops",
+            "run": "/run/sockops",
+            "log": "/var/log/sockops",
+            "systemd_unit": "/etc/systemd/system/sockops-supervisord.service",
+        },
+        "user": "sockops",  # unprivileged system user the services run as (created on first deploy)
+        "keep_releases": 5,
+        "health_timeout": 20.0,  # seconds every service gets to answer after a deploy
+        "stopwaitsecs": 10,  # graceful drain before supervisord escalates to SIGKILL
+        # Operator-side wheel cache (default: $XDG_CACHE_HOME/sockops or ~/.cache/sockops).
+        "cache_dir": "",
+        # Tree the host wheel is built from (services/, monitoring/, deploy/hostctl.py); "" = this installation.
+        "source_root": "",
+        "exporter": {"enabled": True, "bind": "0.0.0.0:9480"},
+        # `invoke health` / `monitor` thresholds (monitoring.verdict.Thresholds; any subset overrides).
+        "health": {
+            "time_wait_warning": 0.5,  # TIME_WAIT as a share of net.ipv4.tcp_max_tw_buckets
+            "time_wait_critical": 0.8,
+            "close_wait_warning": 20,
+            "close_wait_critical": 200,
+            "fd_warning": 0.7,  # open fds as a share of RLIMIT_NOFILE
+            "fd_critical": 0.9,
+            "latency_warning": 0.5,  # probe seconds
+            "latency_critical": 1.5,
+            "accept_queue_warning": 0.8,  # accept queue as a share of the listen backlog
+            "probe_timeout": 2.0,
+        },
         "services": {
             # The classic tutorial used 8080 for everything; TCP and UDP can share it, transfer cannot.
             "tcp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},
             "udp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},
-            "transfer": {"bind": "0.0.0.0:8081", "variant": "", "workers": 0, "root": "/srv/sockops/files"},
+            # root "" = <paths.base>/files
+            "transfer": {"bind": "0.0.0.0:8081", "variant": "", "workers": 0, "root": ""},
         },
     }
 }
@@ -79,7 +111,9 @@ def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[Service
             continue
         chosen = variant or str(entry.get("variant") or default_variant)
         if chosen not in VARIANTS:
-            raise ConfigError(f"sockops.services.{name}.variant: {chosen!r} is not one of {', '.join(VARIANTS)}")
+            raise ConfigError(
+                f"sockops.services.{name}.variant: {chosen!r} is not one of {', '.join(VARIANTS)}"
+            )
         host, port = parse_bind(str(entry.get("bind", "")), what=f"sockops.services.{name}.bind")
         specs.append(
             ServiceSpec(
@@ -92,3 +126,132 @@ def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[Service
             )
         )
     return tuple(specs)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Host directories of one deploy (contract 1 by default)."""
+
+    base: str = "/srv/sockops"
+    etc: str = "/etc/sockops"
+    run: str = "/run/sockops"
+    log: str = "/var/log/sockops"
+    systemd_unit: str = "/etc/systemd/system/sockops-supervisord.service"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.base}/releases"
+
+    @property
+    def current(self) -> str:
+        return f"{self.base}/current"
+
+    @property
+    def wheelhouses(self) -> str:
+        return f"{self.base}/wheelhouse"
+
+    @property
+    def files(self) -> str:
+        """Default transfer root."""
+        return f"{self.base}/files"
+
+    @property
+    def conf(self) -> str:
+        return f"{self.etc}/supervisord.conf"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.etc}/services.json"
+
+    @property
+    def applied(self) -> str:
+        """Per-program fingerprints of what supervisord last ran (decides restarts on code changes)."""
+        return f"{self.etc}/applied.json"
+
+    @property
+    def socket(self) -> str:
+        return f"{self.run}/supervisor.sock"
+
+    @property
+    def pidfile(self) -> str:
+        return f"{self.run}/supervisord.pid"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.run}/deploy.lock"
+
+
+@dataclass(frozen=True)
+class ExporterSpec:
+    host: str
+    port: int
+    program: str = "sockops-exporter"
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Everything a deploy needs from invoke's config, validated once."""
+
+    python: str
+    paths: Paths
+    user: str
+    services: tuple[ServiceSpec, ...]
+    exporter: ExporterSpec | None
+    keep_releases: int
+    health_timeout: float
+    stopwaitsecs: int
+    cache_dir: str
+    source_root: str = ""
+
+
+def _absolute(value: str, *, what: str) -> str:
+    if not value.startswith("/") or "\n" in value:
+        raise ConfigError(f"{what}: {value!r} must be an absolute path")
+    return value.rstrip("/") or "/"
+
+
+def deploy_settings(cfg: Mapping[str, Any], *, python: str = "", variant: str = "") -> DeploySettings:
+    """Typed deploy settings from the `sockops` config mapping; flags (python, variant) override config."""
+    raw_paths = dict(DEFAULTS["sockops"]["paths"])
+    raw_paths.update(dict(cfg.get("paths") or {}))
+    paths = Paths(**{k: _absolute(str(v), what=f"sockops.paths.{k}") for k, v in raw_paths.items()})
+    services = service_specs(cfg, variant=variant)
+    if not services:
+        raise ConfigError(
+            "sockops.services: no service enabled; enable at least one of " + ", ".join(SERVICE_KINDS)
+        )
+    ports = [(s.proto, s.port) for s in services]
+    if len(set(ports)) != len(ports):
+        raise ConfigError(f"sockops.services: two services of one protocol share a port: {ports}")
+    exp = dict(cfg.get("exporter") or {})
+    exporter = None
+    if exp.get("enabled", True):
+        host, port = parse_bind(str(exp.get("bind") or "0.0.0.0:9480"), what="sockops.exporter.bind")
+        exporter = ExporterSpec(host=host, port=port)
+    user = str(cfg.get("user") or "sockops")
+    if not user.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"sockops.user: {user!r} is not a valid user name")
+    try:
+        keep = int(cfg.get("keep_releases", 5))
+        timeout = float(cfg.get("health_timeout", 20.0))
+        stopwait = int(cfg.get("stopwaitsecs", 10))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"sockops: keep_releases/health_timeout/stopwaitsecs must be numbers ({exc})"
+        ) from exc
+    if keep < 2:
+        raise ConfigError(
+            "sockops.keep_releases: must be at least 2 (the current release and one to roll back to)"
+        )
+    return DeploySettings(
+        python=_absolute(str(python or cfg.get("python") or DEFAULTS["sockops"]["python"]), what="--python"),
+        paths=paths,
+        user=user,
+        services=services,
+        exporter=exporter,
+        keep_releases=keep,
+        health_timeout=timeout,
+        stopwaitsecs=stopwait,
+        cache_dir=str(cfg.get("cache_dir") or ""),
+        source_root=str(cfg.get("source_root") or ""),
+    )

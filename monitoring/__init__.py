@@ -1,1 +1,1 @@
-"""Host-side monitors: kernel and psutil collectors, probes, pure renderers (shipped to hosts: Python 3.7+)."""
+"""Host-side monitors: kernel/psutil collectors, probes, pure renderers (shipped to hosts, Python 3.7+)."""

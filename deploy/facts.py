@@ -1,0 +1,227 @@
+"""Read-only probes of a host: each is one command run through a Context plus a pure parser.
+
+The probes never change anything, so they are safe to run on every invocation (pyinfra's "facts"). Every
+function takes an invoke Context: invoke.Context() for this machine, a fabric.Connection for an SSH host.
+Parsers are pure and carry worked examples; the probe functions only add the command around them.
+
+Public API used by other modules:
+    os_release(c) -> OsRelease               distribution id, version, family ("debian"/"rhel"/"unknown")
+    arch(c) -> str                           `uname -m`, e.g. "x86_64"
+    cpu_count(c) -> int                      online CPUs (`nproc`), at least 1
+    free_disk(c, path) -> int                free bytes on the filesystem holding path (or its nearest parent)
+    python_version(c, path) -> (3, 9, 2) | None
+                                             version of the interpreter at path, None if it is missing/broken
+    user_id(c) -> int                        uid the commands run as (0 = root, no sudo needed)
+    same_filesystem(c, a, b) -> bool         whether rename(2) between a and b can work
+    missing_packages(c, family, names) -> tuple[str, ...]
+                                             which of the distribution packages are not installed
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from invoke import Context, Result
+
+
+def _run(c: Context, cmd: str, *, warn: bool = False) -> Result:
+    """Probes are quiet, never read our stdin (a probe has no input), and never change the host."""
+    return c.run(cmd, hide=True, warn=warn, in_stream=False)
+
+
+# --- os-release -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OsRelease:
+    id: str
+    id_like: tuple[str, ...]
+    version_id: str
+    pretty_name: str
+
+    @property
+    def family(self) -> str:
+        """'debian' (apt/dpkg), 'rhel' (dnf/rpm) or 'unknown'.
+
+        >>> OsRelease("ubuntu", ("debian",), "22.04", "").family
+        'debian'
+        >>> OsRelease("rocky", ("rhel", "centos", "fedora"), "9.3", "").family
+        'rhel'
+        >>> OsRelease("alpine", (), "3.19", "").family
+        'unknown'
+        """
+        ids = (self.id, *self.id_like)
+        if any(i in ("debian", "ubuntu") for i in ids):
+            return "debian"
+        if any(i in ("rhel", "fedora", "centos") for i in ids):
+            return "rhel"
+        return "unknown"
+
+
+def parse_os_release(text: str) -> OsRelease:
+    """Parse /etc/os-release (shell-style KEY=value lines, values optionally quoted).
+
+    >>> r = parse_os_release('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\\nID=debian\\nVERSION_ID="12"\\n')
+    >>> (r.id, r.version_id, r.family)
+    ('debian', '12', 'debian')
+    >>> parse_os_release('ID="rocky"\\nID_LIKE="rhel centos fedora"\\n').id_like
+    ('rhel', 'centos', 'fedora')
+    """
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, raw = line.strip().partition("=")
+        if not sep or key.startswith("#"):
+            continue
+        try:
+            words = shlex.split(raw)
+        except ValueError:  # unbalanced quote: keep the raw text rather than fail the whole probe
+            words = [raw]
+        values[key] = " ".join(words)
+    return OsRelease(
+        id=values.get("ID", "").lower(),
+        id_like=tuple(values.get("ID_LIKE", "").lower().split()),
+        version_id=values.get("VERSION_ID", ""),
+        pretty_name=values.get("PRETTY_NAME", ""),
+    )
+
+
+def os_release(c: Context) -> OsRelease:
+    out = _run(c, "cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release", warn=True)
+    return parse_os_release(out.stdout if out.ok else "")
+
+
+# --- arch, cpus, uid --------------------------------------------------------------------------------------
+
+
+def parse_int(text: str, *, default: int) -> int:
+    """First line as an int, `default` if it is not one.
+
+    >>> parse_int("2\\n", default=1), parse_int("", default=1)
+    (2, 1)
+    """
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return int(first) if first.isdigit() else default
+
+
+def arch(c: Context) -> str:
+    return _run(c, "uname -m").stdout.strip()
+
+
+def cpu_count(c: Context) -> int:
+    out = _run(c, "nproc 2>/dev/null || getconf _NPROCESSORS_ONLN", warn=True)
+    return max(1, parse_int(out.stdout, default=1))
+
+
+def user_id(c: Context) -> int:
+    return parse_int(_run(c, "id -u").stdout, default=-1)
+
+
+# --- disk -------------------------------------------------------------------------------------------------
+
+
+def parse_df_free(text: str) -> int:
+    """Free bytes from `df -Pk PATH` output (POSIX format: 1024-byte blocks, 4th column).
+
+    >>> parse_df_free("Filesystem 1024-blocks Used Available Capacity Mounted on\\n"
+    ...               "/dev/vda 263174212 23900000 83886080 22% /\\n")
+    85899345920
+    """
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+        raise ValueError(f"unexpected df output: {text!r}")
+    return int(lines[-1].split()[3]) * 1024
+
+
+def _nearest_existing(path: str) -> str:
+    """Shell snippet printing path or its nearest existing parent (df needs an existing path)."""
+    return f'd={shlex.quote(path)}; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; echo "$d"'
+
+
+def free_disk(c: Context, path: str) -> int:
+    return parse_df_free(_run(c, f'df -Pk "$({_nearest_existing(path)})"').stdout)
+
+
+def same_filesystem(c: Context, a: str, b: str) -> bool:
+    """Whether a and b (or their nearest existing parents) are on one filesystem, i.e. rename(2) works."""
+    cmd = f'stat -c %d "$({_nearest_existing(a)})" "$({_nearest_existing(b)})"'
+    devs = _run(c, cmd).stdout.split()
+    return len(devs) == 2 and devs[0] == devs[1]
+
+
+# --- python -----------------------------------------------------------------------------------------------
+
+# Runs on any Python 2.6+/3.x: the probe must not fail just because the interpreter is old.
+_VERSION_SNIPPET = "import sys; print('%d.%d.%d' % tuple(sys.version_info[:3]))"
+
+
+def parse_python_version(text: str) -> tuple[int, int, int] | None:
+    """(major, minor, micro) from the probe's output, None for anything else.
+
+    >>> parse_python_version("3.9.2\\n")
+    (3, 9, 2)
+    >>> parse_python_version("bash: /x/python3: No such file or directory") is None
+    True
+    """
+    parts = text.strip().split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def python_version(c: Context, path: str) -> tuple[int, int, int] | None:
+    """Version of the interpreter at `path` on the host, or None if it is missing or does not run.
+
+    E.g. `python_version(c, "/usr/local/python3/bin/python3") == (3, 9, 2)`.
+    """
+    out = _run(c, f"{shlex.quote(path)} -c {shlex.quote(_VERSION_SNIPPET)}", warn=True)
+    return parse_python_version(out.stdout) if out.ok else None
+
+
+# --- packages ---------------------------------------------------------------------------------------------
+
+
+def parse_dpkg_query(text: str) -> frozenset[str]:
+    """Installed package names from `dpkg-query -W -f='${Package} ${db:Status-Status}\\n' ...`.
+
+    >>> sorted(parse_dpkg_query("libssl-dev installed\\nzlib1g-dev config-files\\n"))
+    ['libssl-dev']
+    """
+    installed = set()
+    for line in text.splitlines():
+        name, _, status = line.strip().partition(" ")
+        if status.strip() == "installed":
+            installed.add(name.split(":")[0])  # drop a multiarch suffix such as :amd64
+    return frozenset(installed)
+
+
+def parse_rpm_q(text: str) -> frozenset[str]:
+    """Installed package names from `rpm -q --qf '%{NAME}\\n' ...` (missing: 'package X is not ...').
+
+    >>> sorted(parse_rpm_q("openssl-devel\\npackage tk-devel is not installed\\n"))
+    ['openssl-devel']
+    """
+    return frozenset(
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.startswith("package ") and " " not in ln
+    )
+
+
+def missing_packages(c: Context, family: str, names: Iterable[str]) -> tuple[str, ...]:
+    """The subset of `names` not installed on the host (family from OsRelease.family)."""
+    wanted = tuple(names)
+    if not wanted:
+        return ()
+    quoted = " ".join(shlex.quote(n) for n in wanted)
+    if family == "debian":
+        fmt = shlex.quote("${Package} ${db:Status-Status}\\n")
+        out = _run(c, f"dpkg-query -W -f={fmt} {quoted}", warn=True)  # exit 1 if some are unknown
+        installed = parse_dpkg_query(out.stdout)
+    elif family == "rhel":
+        out = _run(c, f"rpm -q --qf '%{{NAME}}\\n' {quoted}", warn=True)
+        installed = parse_rpm_q(out.stdout)
+    else:
+        raise ValueError(f"no package manager known for distribution family {family!r}")
+    return tuple(n for n in wanted if n not in installed)

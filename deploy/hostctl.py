@@ -1,0 +1,242 @@
+"""Host-side control of sockops' supervisord and the health gate (runs ON the host, Python 3.7+).
+
+Shipped inside the host wheel as the top-level module `sockops_hostctl` and run by the deploy as
+`<release>/venv/bin/python -m sockops_hostctl COMMAND ...`, so the operator reaches supervisord's XML-RPC
+interface over its unix socket (mode 0700, no inet server) with one SSH command per step. Every command prints
+one JSON document on stdout; exit status 0 = success, 1 = the operation failed (details in the JSON).
+Standard library + the supervisor package only; no 3.8+ syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import xmlrpc.client
+from typing import Any
+
+# supervisord process states that will not become RUNNING without intervention
+_DEAD_STATES = ("FATAL", "EXITED", "STOPPED", "UNKNOWN")
+
+
+def _proxy(sock: str) -> Any:
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, "unix://" + sock)
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def _wait_rpc(sock: str, timeout: float) -> Any:
+    """A proxy once supervisord answers (it was maybe just started)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proxy = _proxy(sock)
+            proxy.supervisor.getState()
+            return proxy
+        except (OSError, xmlrpc.client.Fault):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _ignore_fault(call: Any, *args: Any) -> str | None:
+    try:
+        call(*args)
+        return None
+    except xmlrpc.client.Fault as exc:
+        return exc.faultString
+
+
+def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
+    """reloadConfig + add/remove groups, then restart programs whose fingerprint changed (code or section)."""
+    proxy = _wait_rpc(args.socket, args.timeout)
+    with open(args.want_file) as fh:
+        want = json.load(fh)
+    try:
+        with open(args.applied) as fh:
+            applied = json.load(fh)
+    except (OSError, ValueError):
+        applied = {}
+    added, changed, removed = proxy.supervisor.reloadConfig()[0]
+    for name in removed:
+        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+        proxy.supervisor.removeProcessGroup(name)
+    for name in changed:
+        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+        proxy.supervisor.removeProcessGroup(name)
+        proxy.supervisor.addProcessGroup(name)
+    for name in added:
+        proxy.supervisor.addProcessGroup(name)
+    restarted = []
+    if not args.fresh:  # a freshly started supervisord already runs every program with the new code
+        touched = set(added) | set(changed)
+        for name in sorted(want):
+            if name in touched or applied.get(name) == want[name]:
+                continue
+            _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+            _ignore_fault(proxy.supervisor.startProcessGroup, name, False)
+            restarted.append(name)
+    # groups supervisord started (added/changed) are started without waiting; record what now runs
+    tmp = args.applied + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(want, fh, sort_keys=True)
+    os.replace(tmp, args.applied)
+    return {
+        "ok": True,
+        "added": sorted(added),
+        "changed": sorted(changed),
+        "removed": sorted(removed),
+        "restarted": restarted,
+    }
+
+
+def _probe_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _probe(service: dict[str, Any], timeout: float) -> None:
+    """One real request; raises on any failure."""
+    from services import client
+
+    host, port = _probe_host(service["host"]), int(service["port"])
+    payload = b"sockops health gate"
+    if service["name"] == "tcp-echo":
+        reply = client.tcp_echo(host, port, payload, timeout)
+    elif service["name"] == "udp-echo":
+        reply = client.udp_echo(host, port, payload, timeout)
+    else:
+        client.transfer_list(host, port, ".", timeout=timeout)
+        return
+    if reply != payload.upper():
+        raise RuntimeError(f"echo reply {reply[:60]!r} is not {payload.upper()!r}")
+
+
+def _states(proxy: Any) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in proxy.supervisor.getAllProcessInfo()}
+
+
+def _tail(proxy: Any, program: str, size: int = 3000) -> str:
+    try:
+        text = proxy.supervisor.tailProcessStdoutLog(program, 0, size)[0]
+    except (xmlrpc.client.Fault, OSError) as exc:
+        return f"(no log: {exc})"
+    lines = text.splitlines()[-25:]
+    return "\n".join(lines)
+
+
+def cmd_health(args: argparse.Namespace) -> dict[str, Any]:
+    """Every service in the manifest answers a real request before the deadline (or its program is dead)."""
+    with open(args.manifest) as fh:
+        manifest = json.load(fh)
+    proxy = _wait_rpc(args.socket, min(args.timeout, 10.0))
+    deadline = time.monotonic() + args.timeout
+    pending = {s["name"]: s for s in manifest["services"]}
+    result = {}
+    while pending:
+        states = _states(proxy)
+        for name, service in list(pending.items()):
+            state = states.get(service["program"], {}).get("statename", "MISSING")
+            try:
+                _probe(service, timeout=1.0)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if state in _DEAD_STATES or state == "MISSING" or time.monotonic() > deadline:
+                    result[name] = {"ok": False, "state": state, "error": error}
+                    del pending[name]
+                continue
+            result[name] = {"ok": True, "state": state, "error": ""}
+            del pending[name]
+        if pending:
+            time.sleep(0.2)
+    failed = [n for n, r in result.items() if not r["ok"]]
+    logs = {}
+    for service in manifest["services"]:
+        if service["name"] in failed:
+            logs[service["program"]] = _tail(proxy, service["program"])
+    return {"ok": not failed, "services": result, "logs": logs}
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        proxy = _wait_rpc(args.socket, 0.0)
+    except (OSError, xmlrpc.client.Fault) as exc:
+        return {"ok": False, "running": False, "error": str(exc), "programs": []}
+    programs = [
+        {k: p[k] for k in ("name", "statename", "pid", "start", "now", "description", "exitstatus")}
+        for p in proxy.supervisor.getAllProcessInfo()
+    ]
+    return {"ok": True, "running": True, "programs": programs}
+
+
+def cmd_restart(args: argparse.Namespace) -> dict[str, Any]:
+    proxy = _wait_rpc(args.socket, args.timeout)
+    names = args.programs or sorted(_states(proxy))
+    errors = {}
+    for name in names:
+        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+        err = _ignore_fault(proxy.supervisor.startProcessGroup, name, True)
+        if err:
+            errors[name] = err + "\n" + _tail(proxy, name)
+    return {"ok": not errors, "restarted": names, "errors": errors}
+
+
+def cmd_shutdown(args: argparse.Namespace) -> dict[str, Any]:
+    """Stop every program (graceful drain) and supervisord itself; wait until the socket is gone."""
+    try:
+        proxy = _wait_rpc(args.socket, 0.0)
+    except (OSError, xmlrpc.client.Fault):
+        return {"ok": True, "was_running": False}
+    _ignore_fault(proxy.supervisor.stopAllProcesses, True)
+    _ignore_fault(proxy.supervisor.shutdown)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(args.socket)
+        except OSError:
+            break
+        finally:
+            probe.close()
+        time.sleep(0.1)
+    return {"ok": True, "was_running": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sockops_hostctl")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--timeout", type=float, default=20.0)
+    sub = parser.add_subparsers(dest="command")
+    apply = sub.add_parser("apply")
+    apply.add_argument("--applied", required=True)
+    apply.add_argument("--want-file", required=True, help="JSON file {program: fingerprint}")
+    apply.add_argument("--fresh", action="store_true")
+    health = sub.add_parser("health")
+    health.add_argument("--manifest", required=True)
+    sub.add_parser("status")
+    restart = sub.add_parser("restart")
+    restart.add_argument("programs", nargs="*")
+    sub.add_parser("shutdown")
+    args = parser.parse_args(argv)
+    handlers = {
+        "apply": cmd_apply,
+        "health": cmd_health,
+        "status": cmd_status,
+        "restart": cmd_restart,
+        "shutdown": cmd_shutdown,
+    }
+    if args.command not in handlers:
+        parser.error("a command is required")
+    try:
+        out = handlers[args.command](args)
+    except (OSError, xmlrpc.client.Fault, ValueError, KeyError) as exc:
+        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(out, sort_keys=True) + "\n")
+    return 0 if out.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

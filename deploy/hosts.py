@@ -1,0 +1,324 @@
+"""Turn `--host` values into Contexts, verify SSH host keys, and run one step per host in parallel.
+
+`connect("local")` is an `invoke.Context`; anything else is a `fabric.Connection` whose host key is checked
+against known_hosts like OpenSSH with `StrictHostKeyChecking yes` (Fabric alone would accept any key:
+it installs paramiko's AutoAddPolicy and never loads known_hosts). `accept_new_host_key=True` behaves like
+`StrictHostKeyChecking accept-new`: a first-seen key is recorded, a changed key is still refused
+(ssh_config's StrictHostKeyChecking accept-new/no/off means the same; a changed key is always refused).
+
+ssh_config: the extra file (argument, invoke config `sockops.ssh_config`, env SOCKOPS_SSH_CONFIG, else the
+default test fleet's ssh_config when it exists) is read first, then ~/.ssh/config and /etc/ssh/ssh_config;
+as in OpenSSH the first value found for a key wins.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import fabric
+import invoke
+import paramiko
+from paramiko.client import MissingHostKeyPolicy, SSHClient
+from paramiko.config import SSHConfig
+from paramiko.pkey import PKey
+
+from deploy.errors import DeployError, HostError, HostKeyError
+
+T = TypeVar("T")
+
+LOCAL = "local"
+ENV_SSH_CONFIG = "SOCKOPS_SSH_CONFIG"
+USER_SSH_CONFIG = "~/.ssh/config"
+SYSTEM_SSH_CONFIG = "/etc/ssh/ssh_config"
+USER_KNOWN_HOSTS = "~/.ssh/known_hosts"
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+DEFAULT_CONNECT_TIMEOUT = 15
+
+_known_hosts_lock = threading.Lock()  # accept-new appends from several worker threads
+
+
+def key_fingerprint(key: PKey) -> str:
+    """OpenSSH-style `SHA256:...` fingerprint of a paramiko key."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class VerifyPolicy(MissingHostKeyPolicy):
+    """Unknown host key: refuse (default) or record it in `known_hosts` (accept-new)."""
+
+    def __init__(self, host: str, known_hosts: Path, *, accept_new: bool) -> None:
+        self.host = host
+        self.known_hosts = known_hosts
+        self.accept_new = accept_new
+
+    def missing_host_key(self, client: SSHClient, hostname: str, key: PKey) -> None:
+        if not self.accept_new:
+            raise HostKeyError(
+                f"{self.host}: host key for {hostname} is unknown ({key.get_name()} {key_fingerprint(key)}, "
+                f"not in {self.known_hosts}); verify it and re-run with --accept-new-host-key"
+            )
+        with _known_hosts_lock:
+            self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(self.known_hosts, "a") as fh:
+                fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def changed_key_message(host: str, hostname: str, offered: PKey, expected: PKey, known_hosts: Path) -> str:
+    """What a user sees when a host presents a different key than known_hosts records (pure)."""
+    return (
+        f"{host}: HOST KEY CHANGED for {hostname}: known_hosts ({known_hosts}) expects {expected.get_name()} "
+        f"{key_fingerprint(expected)}, the server offered {offered.get_name()} {key_fingerprint(offered)}. "
+        "This may be an attack or a reinstalled host. If the change is legitimate, remove the old key with "
+        f"`ssh-keygen -f {known_hosts} -R {hostname}` and re-run with --accept-new-host-key"
+    )
+
+
+def resolve_ssh_config_path(
+    ssh_config: str | os.PathLike[str] | None, config: invoke.Config | None
+) -> Path | None:
+    """The extra ssh_config file: argument, then invoke config, then env, then the default test fleet's."""
+    candidates: list[Any] = [ssh_config]
+    if config is not None:
+        candidates.append(config.get("sockops", {}).get("ssh_config") if hasattr(config, "get") else None)
+    candidates.append(os.environ.get(ENV_SSH_CONFIG))
+    for value in candidates:
+        if value:
+            path = Path(os.path.expanduser(str(value)))
+            if not path.is_file():
+                raise HostError(
+                    f"ssh_config file {path} does not exist; check --ssh-config / {ENV_SSH_CONFIG}"
+                )
+            return path
+    from deploy.testhosts import DEFAULT_STATE_DIR  # the fleet `invoke testhosts.up` makes
+
+    default = DEFAULT_STATE_DIR / "ssh_config"
+    return default if default.is_file() else None
+
+
+def load_ssh_config(extra: Path | None) -> SSHConfig:
+    """Extra file first, then the user's and the system's, like `ssh -F extra` chained with the defaults."""
+    cfg = SSHConfig()
+    for path in (extra, Path(os.path.expanduser(USER_SSH_CONFIG)), Path(SYSTEM_SSH_CONFIG)):
+        if path is not None and path.is_file():
+            with open(path) as fh:
+                cfg.parse(fh)
+    return cfg
+
+
+def known_hosts_files(host_config: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """(file new keys go to, files to read) from UserKnownHostsFile / GlobalKnownHostsFile.
+
+    >>> known_hosts_files({"userknownhostsfile": "/a /b", "globalknownhostsfile": "/dev/null"})
+    (PosixPath('/a'), [PosixPath('/a'), PosixPath('/b')])
+    """
+    user = [
+        Path(os.path.expanduser(p))
+        for p in str(host_config.get("userknownhostsfile", USER_KNOWN_HOSTS)).split()
+    ]
+    system = [
+        Path(os.path.expanduser(p))
+        for p in str(host_config.get("globalknownhostsfile", SYSTEM_KNOWN_HOSTS)).split()
+        if p != "/dev/null"
+    ]
+    return user[0], [p for p in (*user, *system) if str(p) != "/dev/null"]
+
+
+def _non_interactive(config: invoke.Config) -> invoke.Config:
+    """Commands get no stdin unless the config asks for it: steps run unattended, several hosts at a time,
+    and must not compete for (or block on) the operator's terminal."""
+    if config.run.in_stream is None:
+        config.run.in_stream = False
+    return config
+
+
+def connect(
+    host: str,
+    *,
+    ssh_config: str | os.PathLike[str] | None = None,
+    accept_new_host_key: bool = False,
+    config: invoke.Config | None = None,
+) -> invoke.Context:
+    """A Context for `host`: `local` runs here, anything else over SSH with a verified host key.
+
+    The connection opens lazily on first use; `HostKeyError` / `HostError` are raised then.
+    """
+    if not host or host.strip() != host:
+        raise HostError(
+            f"invalid host name {host!r}; use a name from ~/.ssh/config, user@host[:port] or 'local'"
+        )
+    if host == LOCAL:
+        return invoke.Context(
+            config=_non_interactive(config.clone() if config is not None else invoke.Config())
+        )
+    ssh_cfg = load_ssh_config(resolve_ssh_config_path(ssh_config, config))
+    fab_config = _non_interactive(config.clone(into=fabric.Config) if config is not None else fabric.Config())
+    fab_config.base_ssh_config = ssh_cfg
+    conn = VerifiedConnection(host, config=fab_config, connect_timeout=None)
+    conn.setup_verification(accept_new=accept_new_host_key)
+    return conn
+
+
+class VerifiedConnection(fabric.Connection):
+    """fabric.Connection that verifies host keys and reports failures as HostError with a hint."""
+
+    def setup_verification(self, *, accept_new: bool) -> None:
+        strict = str(self.ssh_config.get("stricthostkeychecking", "yes")).lower()
+        # "no"/"off" would accept even a changed key in OpenSSH; we never do, so treat them as accept-new
+        accept_new = accept_new or strict in ("accept-new", "no", "off")
+        self.known_hosts, readable = known_hosts_files(self.ssh_config)
+        for path in readable:
+            if path.is_file():
+                try:
+                    if path == self.known_hosts:  # the file accept-new appends to
+                        self.client.load_host_keys(str(path))
+                    else:
+                        self.client.load_system_host_keys(str(path))
+                except (OSError, ValueError) as exc:
+                    raise HostKeyError(
+                        f"{self.original_host}: cannot read known_hosts file {path}: {exc}"
+                    ) from exc
+        self.client.set_missing_host_key_policy(
+            VerifyPolicy(self.original_host, self.known_hosts, accept_new=accept_new)
+        )
+        if self.connect_timeout is None:
+            self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
+        if str(self.ssh_config.get("identitiesonly", "no")).lower() == "yes":
+            # only the configured IdentityFile, as OpenSSH does; no agent, no ~/.ssh/id_* guessing
+            self.connect_kwargs.setdefault("allow_agent", False)
+            self.connect_kwargs.setdefault("look_for_keys", False)
+
+    def open(self) -> Any:
+        where = f"{self.original_host} ({self.user}@{self.host}:{self.port})"
+        try:
+            return super().open()
+        except DeployError:
+            raise
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                changed_key_message(
+                    self.original_host, exc.hostname, exc.key, exc.expected_key, self.known_hosts
+                )
+            ) from exc
+        except socket.gaierror as exc:
+            raise HostError(
+                f"{where}: cannot resolve {self.host!r} ({exc.strerror}); check the name or add a Host entry "
+                "to ~/.ssh/config / --ssh-config"
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            raise HostError(
+                f"{where}: SSH authentication failed ({exc}); check User/IdentityFile in ssh_config and that "
+                "the key is in the host's authorized_keys"
+            ) from exc
+        except OSError as exc:  # refused, unreachable, timed out (NoValidConnectionsError is one too)
+            raise HostError(
+                f"{where}: cannot connect ({exc}); is sshd running and port {self.port} reachable?"
+            ) from exc
+        except paramiko.SSHException as exc:
+            raise HostError(f"{where}: SSH failed: {exc}") from exc
+
+
+# --- parallel steps ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostOutcome(Generic[T]):
+    """What one host's step produced: a value, or the error message."""
+
+    host: str
+    ok: bool
+    value: T | None
+    error: str
+    seconds: float
+
+
+def _describe(exc: BaseException) -> str:
+    """A DeployError already says host + fix; anything else gets its type so it is recognisable."""
+    return str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
+
+
+def run_step(host: str, step: Callable[[str], T]) -> HostOutcome[T]:
+    start = time.monotonic()
+    try:
+        value = step(host)
+    except Exception as exc:  # one host failing must not stop the others; the outcome carries the message
+        return HostOutcome(
+            host=host, ok=False, value=None, error=_describe(exc), seconds=time.monotonic() - start
+        )
+    return HostOutcome(host=host, ok=True, value=value, error="", seconds=time.monotonic() - start)
+
+
+def on_hosts(
+    hosts: Sequence[str], step: Callable[[str], T], *, max_workers: int | None = None
+) -> list[HostOutcome[T]]:
+    """Run `step(host)` for every host, one host per worker thread; outcomes in the order of `hosts`."""
+    if not hosts:
+        return []
+    if len(set(hosts)) != len(hosts):
+        dupes = sorted({h for h in hosts if list(hosts).count(h) > 1})
+        raise HostError(f"host(s) given twice: {', '.join(dupes)}")
+    with ThreadPoolExecutor(max_workers=max_workers or len(hosts), thread_name_prefix="sockops-host") as pool:
+        return list(pool.map(lambda h: run_step(h, step), hosts))
+
+
+def failures(outcomes: Sequence[HostOutcome[Any]]) -> list[HostOutcome[Any]]:
+    return [o for o in outcomes if not o.ok]
+
+
+def raise_for_failures(outcomes: Sequence[HostOutcome[Any]], *, what: str) -> None:
+    """One DeployError naming every failed host, if any failed."""
+    failed = failures(outcomes)
+    if failed:
+        # a DeployError message already starts with its host
+        detail = "; ".join(o.error if o.error.startswith(o.host) else f"{o.host}: {o.error}" for o in failed)
+        raise DeployError(f"{what} failed on {len(failed)} of {len(outcomes)} host(s): {detail}")
+
+
+def summary_rows(
+    outcomes: Sequence[HostOutcome[Any]], *, describe: Callable[[Any], str] = str
+) -> list[tuple[str, str, str, str]]:
+    """(host, status, seconds, detail) per outcome; pure, shared by the table and the text renderer.
+
+    >>> summary_rows([HostOutcome("web1", True, "3 changed", "", 1.234)])
+    [('web1', 'ok', '1.2s', '3 changed')]
+    """
+    rows = []
+    for o in outcomes:
+        detail = describe(o.value) if o.ok and o.value is not None else o.error
+        rows.append((o.host, "ok" if o.ok else "FAILED", f"{o.seconds:.1f}s", detail))
+    return rows
+
+
+def summary_text(outcomes: Sequence[HostOutcome[Any]], *, describe: Callable[[Any], str] = str) -> str:
+    """Plain-text per-host summary, columns aligned, plus a totals line."""
+    rows = [("HOST", "STATUS", "TIME", "DETAIL"), *summary_rows(outcomes, describe=describe)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    bad = len(failures(outcomes))
+    lines.append(f"{len(outcomes) - bad} ok, {bad} failed")
+    return "\n".join(lines)
+
+
+def summary_table(
+    outcomes: Sequence[HostOutcome[Any]], *, title: str = "", describe: Callable[[Any], str] = str
+) -> Any:
+    """The same summary as a rich Table (print it with rich.console.Console)."""
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for name, justify in (("host", "left"), ("status", "left"), ("time", "right"), ("detail", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for host, status, seconds, detail in summary_rows(outcomes, describe=describe):
+        table.add_row(
+            host, f"[green]{status}[/]" if status == "ok" else f"[bold red]{status}[/]", seconds, detail
+        )
+    return table

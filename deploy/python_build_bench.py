@@ -1,0 +1,138 @@
+"""Benchmark: wall time of build-python's plain build vs pyenv's python-build, same version, options, machine.
+
+Not a test (speed is measured, never asserted). Both builds read the same verified tarball from disk, so no
+network is involved: python-build gets it through PYTHON_BUILD_CACHE_PATH (it still checks the checksum).
+Both build into throw-away prefixes under `workdir` and both get `--enable-shared` (pyenv's default is static;
+comparing a shared build with a static one would not be the same options).
+
+    from deploy.python_build_bench import measure_build_vs_pyenv
+    result = measure_build_vs_pyenv(tarball=Path("~/.cache/sockops/sources/Python-3.9.2.tar.xz"))
+    print(result.as_dict())
+
+CLI: `.venv/bin/python -m deploy.python_build_bench --version 3.9.2 --tarball PATH [--skip-pyenv]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from invoke import Context
+
+from deploy import python_build as pb
+from deploy.cpython_catalog import load_catalog
+
+PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv"))
+PYTHON_BUILD = PYENV_ROOT / "plugins" / "python-build" / "bin" / "python-build"
+
+
+@dataclass(frozen=True)
+class BuildBench:
+    version: str
+    jobs: int
+    sockops_build_s: float
+    sockops_noop_s: float
+    pyenv_build_s: float | None  # None when skipped or pyenv is missing
+    ratio: float | None  # sockops / pyenv; the issue's target is <= 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _sockops_build(req: pb.BuildRequest) -> tuple[float, pb.BuildOutcome]:
+    plan = pb.resolve_source(req, load_catalog())
+    reporter = pb.LineReporter(io.StringIO())
+    fetcher = pb.SourceFetcher(plan, pb.CACHE_DIR, reporter)
+    start = time.monotonic()
+    outcome = pb.build_on(Context(), "local", req, plan=plan, fetcher=fetcher, reporter=reporter)
+    return time.monotonic() - start, outcome
+
+
+def _pyenv_build(version: str, tarball: Path, prefix: Path, jobs: int, workdir: Path) -> float:
+    cache = workdir / "pyenv-cache"
+    cache.mkdir(exist_ok=True)
+    name = f"Python-{version}.tar.xz" if tarball.name.endswith(".tar.xz") else f"Python-{version}.tgz"
+    shutil.copyfile(tarball, cache / name)
+    env = {
+        **os.environ,
+        "PYTHON_BUILD_CACHE_PATH": str(cache),
+        "PYTHON_CONFIGURE_OPTS": "--enable-shared",
+        "MAKE_OPTS": f"-j{jobs}",
+        "TMPDIR": str(workdir),
+    }
+    start = time.monotonic()
+    subprocess.run(
+        [str(PYTHON_BUILD), version, str(prefix)], env=env, check=True, capture_output=True, timeout=3600
+    )
+    return time.monotonic() - start
+
+
+def measure_build_vs_pyenv(
+    *,
+    version: str = "3.9.2",
+    tarball: Path,
+    workdir: Path | None = None,
+    jobs: int = 0,
+    skip_pyenv: bool = False,
+) -> BuildBench:
+    """Build `version` from `tarball` with build-python (local, temp prefix), re-run it (no-op), then with
+    pyenv's python-build; returns the wall times. Takes two full builds' time."""
+    tarball = tarball.expanduser()
+    jobs = jobs or len(os.sched_getaffinity(0))
+    owned = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="sockops-build-bench-", dir="/var/tmp")) if owned else workdir
+    try:
+        req = pb.BuildRequest(
+            version,
+            prefix=str(work / "sockops" / "python3"),
+            source=str(tarball),
+            jobs=jobs,
+            profile_d=False,  # a temp prefix must not land on this machine's PATH
+        )
+        build_s, outcome = _sockops_build(req)
+        if not outcome.changed:
+            raise RuntimeError(f"expected a fresh build in {req.prefix}, got: {outcome.message}")
+        noop_s, again = _sockops_build(req)
+        if again.changed:
+            raise RuntimeError("the second run rebuilt; it should have been a no-op")
+        pyenv_s = None
+        if not skip_pyenv and PYTHON_BUILD.exists():
+            pyenv_s = _pyenv_build(version, tarball, work / "pyenv" / version, jobs, work)
+        return BuildBench(
+            version=version,
+            jobs=jobs,
+            sockops_build_s=round(build_s, 1),
+            sockops_noop_s=round(noop_s, 3),
+            pyenv_build_s=None if pyenv_s is None else round(pyenv_s, 1),
+            ratio=None if pyenv_s is None else round(build_s / pyenv_s, 3),
+        )
+    finally:
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--version", default="3.9.2")
+    ap.add_argument("--tarball", required=True, type=Path)
+    ap.add_argument("--jobs", type=int, default=0)
+    ap.add_argument("--skip-pyenv", action="store_true")
+    args = ap.parse_args(argv)
+    result = measure_build_vs_pyenv(
+        version=args.version, tarball=args.tarball, jobs=args.jobs, skip_pyenv=args.skip_pyenv
+    )
+    print(json.dumps(result.as_dict(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

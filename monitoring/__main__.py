@@ -1,0 +1,169 @@
+"""`python -m monitoring`: the host's view without invoke, for sockops' services or any port.
+
+    python -m monitoring                          # services from /etc/sockops/services.json, as a table
+    python -m monitoring --port 443 --json        # any TCP port (N/udp for UDP); no manifest needed
+    python -m monitoring --nagios                 # one Nagios line with perfdata; exit 0/1/2/3
+    python -m monitoring --prometheus             # Prometheus text exposition
+    python -m monitoring --watch --interval 2     # refresh in place until Ctrl-C
+
+Exit status is the verdict's Nagios code (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN); errors exit 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
+
+from monitoring import probes, render
+from monitoring.collect import Collector
+from monitoring.errors import MonitoringError, UsageError
+from monitoring.targets import DEFAULT_MANIFEST, port_targets, read_manifest
+from monitoring.verdict import EXIT_CODES, UNKNOWN, Thresholds, evaluate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # Nagios: usage problems are UNKNOWN (3), not CRITICAL (2)
+        self.print_usage(sys.stderr)
+        self.exit(3, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m monitoring", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--manifest", help=f"services manifest (default {DEFAULT_MANIFEST}, unless --port is given)"
+    )
+    p.add_argument(
+        "--port", action="append", default=[], metavar="N[/udp]", help="watch this port (repeatable)"
+    )
+    p.add_argument(
+        "--probe-host", default="127.0.0.1", help="where --port probes connect (default 127.0.0.1)"
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_const", dest="format", const="json", help="JSON snapshot")
+    out.add_argument("--nagios", action="store_const", dest="format", const="nagios", help="Nagios line")
+    out.add_argument(
+        "--prometheus", action="store_const", dest="format", const="prometheus", help="Prometheus text"
+    )
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument(
+        "--count", type=int, default=0, help="with --watch: stop after N refreshes (0 = until Ctrl-C)"
+    )
+    p.add_argument("--no-probes", action="store_true", help="don't send probe requests")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="probe timeout in seconds (default: threshold's 2)"
+    )
+    p.add_argument(
+        "--source", choices=("auto", "netlink", "proc"), default="auto", help="socket table source"
+    )
+    p.add_argument("--cpu-window", type=float, default=0.5, help="first CPU%% sampling window in seconds")
+    p.add_argument("--state-file", default="", help="keep restart counts here between runs")
+    p.add_argument(
+        "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override a verdict threshold"
+    )
+    p.set_defaults(format="table")
+    return p
+
+
+def parse_thresholds(values: Sequence[str]) -> Thresholds:
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--threshold {item!r}: expected NAME=VALUE (e.g. close_wait_warning=5)")
+        pairs[key.strip()] = value.strip()
+    return Thresholds.from_mapping(pairs, where="--threshold")
+
+
+def make_collector(args: argparse.Namespace, th: Thresholds) -> Collector:
+    timeout = args.timeout if args.timeout is not None else th.probe_timeout
+    probe = None if args.no_probes else (lambda t: probes.probe(t, timeout))
+    if args.port and not args.manifest:
+        return Collector(
+            port_targets(args.port, args.probe_host),
+            source=args.source,
+            probe=probe,
+            cpu_window=args.cpu_window,
+        )
+    manifest = read_manifest(args.manifest or DEFAULT_MANIFEST)
+    return Collector(
+        manifest.targets + port_targets(args.port, args.probe_host),
+        supervisor_socket=manifest.supervisor_socket,
+        source=args.source,
+        probe=probe,
+        cpu_window=args.cpu_window,
+        state_file=args.state_file,
+        release=manifest.release,
+    )
+
+
+def render_once(fmt: str, collector: Collector, th: Thresholds, compact: bool = False) -> Tuple[str, int]:
+    snap = collector.snapshot()
+    verdict = evaluate(snap, th)
+    if fmt == "json":
+        text = render.json_text(snap, verdict, indent=None if compact else 2) + "\n"
+    elif fmt == "nagios":
+        text = render.nagios_line(snap, verdict, th) + "\n"
+    elif fmt == "prometheus":
+        text = render.prometheus_text(render.metric_families(snap))
+    else:
+        text = render.table(snap, verdict)
+    return text, verdict.exit_code
+
+
+def watch(args: argparse.Namespace, collector: Collector, th: Thresholds, out: TextIO) -> int:
+    """Refresh every --interval seconds: rich Live in place on a terminal, frame after frame otherwise."""
+    live_ok = args.format == "table" and out.isatty()
+    n = 0
+    try:
+        if live_ok:
+            try:
+                from rich.live import Live
+            except ImportError:
+                live_ok = False
+        if live_ok:
+            snap = collector.snapshot()
+            with Live(
+                render.rich_renderable(snap, evaluate(snap, th)), auto_refresh=False, screen=False
+            ) as live:
+                while not args.count or n + 1 < args.count:
+                    time.sleep(args.interval)
+                    snap = collector.snapshot()
+                    live.update(render.rich_renderable(snap, evaluate(snap, th)), refresh=True)
+                    n += 1
+            return 0
+        while True:
+            text, _ = render_once(args.format, collector, th, compact=True)
+            out.write(text if args.format != "table" else text + "\n")
+            out.flush()
+            n += 1
+            if args.count and n >= args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        th = parse_thresholds(args.threshold)
+        if args.interval <= 0:
+            raise UsageError("--interval must be > 0 seconds")
+        collector = make_collector(args, th)
+        if args.watch:
+            return watch(args, collector, th, out)
+        text, code = render_once(args.format, collector, th)
+        out.write(text)
+        return code
+    except MonitoringError as exc:
+        if args.format == "nagios":
+            out.write(f"SOCKOPS UNKNOWN - {exc}\n")
+        print(f"monitoring: {exc}", file=sys.stderr)
+        return EXIT_CODES[UNKNOWN]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

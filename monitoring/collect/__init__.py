@@ -1,0 +1,15 @@
+"""Collectors: kernel socket tables (netlink sock_diag, /proc/net fallback), system figures, supervisord
+programs and per-process load, assembled into frozen Snapshots by `Collector`.
+
+The pieces are public so other consumers (the Prometheus exporter) reuse them instead of counting again:
+
+    Collector(targets, supervisor_socket=..., probe=...).snapshot() -> Snapshot
+    Collector.sockets() -> SocketView(tcp: PortTable, udp: PortTable, source, time_wait)
+    Collector.system(view, notes) -> SystemSample;  Collector.programs(notes) -> {name: info} | None
+    sockets.read_ports(proto, ports, source) -> (PortTable, source);  sockets.time_wait_total(source) -> int
+    processes.sample_group(main_pid, CpuTracker(), inodes) -> (ProcessSample, ...)
+"""
+
+from monitoring.collect.snapshot import Collector, SocketView
+
+__all__ = ["Collector", "SocketView"]

@@ -1,0 +1,147 @@
+"""supervisord's XML-RPC interface over its unix socket, with the standard library only.
+
+supervisord serves XML-RPC at /RPC2 on its [unix_http_server] socket; xmlrpc.client just needs a transport
+that connects to a path instead of a TCP address.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+import xmlrpc.client
+from typing import Any, Dict, List, Optional
+
+from monitoring.errors import SupervisorError
+from monitoring.model import ProgramSample
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """xmlrpc.client transport speaking HTTP over a unix stream socket."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        super().__init__()
+        self._unix_path = path
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        # Registered like the base class does, so Transport.close() (ServerProxy's `with`) closes it.
+        if self._connection[1] is not None and self._connection[0] == host:
+            return self._connection[1]
+        self._connection = (host, _UnixHTTPConnection(self._unix_path, self._timeout))
+        return self._connection[1]
+
+
+def proxy(socket_path: str, timeout: float = 5.0) -> xmlrpc.client.ServerProxy:
+    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(socket_path, timeout))
+
+
+def all_process_info(socket_path: str, timeout: float = 5.0) -> List[Dict[str, Any]]:
+    """supervisor.getAllProcessInfo(), with errors that say what to check."""
+    try:
+        with proxy(socket_path, timeout) as server:
+            return list(server.supervisor.getAllProcessInfo())
+    except FileNotFoundError as exc:
+        raise SupervisorError(
+            f"supervisord socket {socket_path} does not exist: is sockops deployed and supervisord running?"
+        ) from exc
+    except PermissionError as exc:
+        raise SupervisorError(
+            f"supervisord socket {socket_path}: permission denied (the socket is root-only; "
+            "run as root or with sudo)"
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise SupervisorError(
+            f"supervisord socket {socket_path}: connection refused (stale socket: supervisord is not running)"
+        ) from exc
+    except xmlrpc.client.Fault as exc:
+        raise SupervisorError(f"supervisord at {socket_path}: {exc.faultString}") from exc
+    except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
+        raise SupervisorError(f"supervisord socket {socket_path}: {exc}") from exc
+
+
+def program_sample(info: Dict[str, Any], restarts: Optional[int] = None) -> ProgramSample:
+    """One getAllProcessInfo() entry -> ProgramSample (pure).
+
+    >>> p = program_sample({"name": "sockops-tcp-echo", "statename": "RUNNING", "pid": 42, "start": 100,
+    ...                     "now": 160, "exitstatus": 0, "spawnerr": "", "description": "pid 42"})
+    >>> p.state, p.pid, p.uptime
+    ('RUNNING', 42, 60.0)
+    """
+    state = str(info.get("statename", "UNKNOWN"))
+    started = float(info.get("start") or 0)
+    now = float(info.get("now") or time.time())
+    return ProgramSample(
+        name=str(info.get("name", "")),
+        state=state,
+        pid=int(info.get("pid") or 0),
+        started=started,
+        uptime=(now - started) if state == "RUNNING" and started else None,
+        restarts=restarts,
+        exit_status=int(info.get("exitstatus") or 0),
+        spawn_error=str(info.get("spawnerr") or ""),
+        description=str(info.get("description") or ""),
+    )
+
+
+class RestartTracker:
+    """Counts program restarts by watching supervisord's per-program start time change.
+
+    supervisord keeps no restart count, so this is what a monitor can honestly say: restarts it has seen since
+    it started watching (None on first sight). With a state file the count carries over between one-shot runs.
+    """
+
+    def __init__(self, state_path: str = "") -> None:
+        self._path = state_path
+        self._seen: Dict[str, List[float]] = {}  # name -> [last start, restarts seen]
+        self.note = ""
+        if state_path:
+            try:
+                with open(state_path) as f:
+                    data = json.load(f)
+                self._seen = {str(k): [float(v[0]), float(v[1])] for k, v in data.get("restarts", {}).items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:
+                self.note = f"restart state {state_path} unreadable ({exc}); counting afresh"
+
+    def observe(self, name: str, started: float) -> Optional[int]:
+        record = self._seen.get(name)
+        if record is None:
+            self._seen[name] = [started, 0]
+            return None
+        if started and started != record[0]:
+            record[0] = started
+            record[1] += 1
+        return int(record[1])
+
+    def save(self) -> str:
+        """Write the state file (atomically); returns a note if it could not be written."""
+        if not self._path:
+            return ""
+        tmp = f"{self._path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"restarts": self._seen}, f)
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            return f"restart state {self._path} not saved: {exc.strerror or exc}"
+        return ""

@@ -1,0 +1,167 @@
+"""`python -m services SERVICE --variant V --bind HOST:PORT ...`: run one service in the foreground.
+
+This is what supervisord runs. Logs go to stderr, one line per event that matters; the first is
+`listening PROTO HOST:PORT` with the address actually bound (so `--bind 127.0.0.1:0` is usable).
+Exit status: 0 after TERM and a clean drain (or QUIT), 1 when the service cannot start (port in use...)
+or the drain timed out, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from services.drivers.runtime import (
+    SERVICES,
+    VARIANTS,
+    Settings,
+    bind,
+    block_stop_signals,
+    format_address,
+    make_logger,
+    raise_fd_limit,
+)
+from services.errors import BindError, ConfigError, ServiceError
+
+DRIVERS = {
+    "threaded": "services.drivers.threaded",
+    "prefork": "services.drivers.prefork",
+    "selectors": "services.drivers.selectors_loop",
+    "asyncio": "services.drivers.asyncio_loop",
+}
+
+
+def parse_bind(value: str) -> tuple:
+    """HOST:PORT with port 0-65535 (0: any free port); IPv6 as [::1]:PORT.
+
+    >>> parse_bind("0.0.0.0:8080")
+    ('0.0.0.0', 8080)
+    >>> parse_bind("[::1]:0")
+    ('::1', 0)
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not HOST:PORT with a port in 0-65535 (e.g. 0.0.0.0:8080)"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services", description="Run one sockops service in the foreground."
+    )
+    p.add_argument(
+        "service", choices=sorted(SERVICES), metavar="SERVICE", help="tcp-echo | udp-echo | transfer"
+    )
+    p.add_argument(
+        "--variant", choices=VARIANTS, default="selectors", help="concurrency model (default: selectors)"
+    )
+    p.add_argument("--bind", type=parse_bind, required=True, metavar="HOST:PORT", help="address to listen on")
+    p.add_argument(
+        "--workers", type=int, default=0, help="prefork: worker processes (default 0: one per CPU)"
+    )
+    p.add_argument("--root", default="", help="transfer: the directory to serve (required for transfer)")
+    p.add_argument(
+        "--max-conns",
+        type=int,
+        default=4096,
+        help="connection cap per process (prefork: per worker); more are refused (default 4096)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="close connections idle this long, seconds (0: never)",
+    )
+    p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
+    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: start next to a running instance")
+    p.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="TERM: seconds in-flight requests get to finish"
+    )
+    p.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="asyncio variant: event loop"
+    )
+    return p
+
+
+def _number_problems(args: argparse.Namespace) -> List[str]:
+    checks = [
+        (args.workers < 0, f"--workers {args.workers}: must be 0 (one per CPU) or more"),
+        (args.max_conns < 1, f"--max-conns {args.max_conns}: must be at least 1"),
+        (args.idle_timeout < 0, f"--idle-timeout {args.idle_timeout:g}: must be 0 (never) or more seconds"),
+        (args.backlog < 1, f"--backlog {args.backlog}: must be at least 1 (128 or more recommended)"),
+        (args.drain_timeout < 0, f"--drain-timeout {args.drain_timeout:g}: must be 0 or more seconds"),
+    ]
+    return [message for bad, message in checks if bad]
+
+
+def _other_problems(args: argparse.Namespace) -> List[str]:
+    problems = []  # type: List[str]
+    if args.service == "transfer" and not args.root:
+        problems.append("transfer needs --root DIR: the directory whose files it serves")
+    elif args.service == "transfer" and not os.path.isdir(args.root):
+        problems.append(f"--root {args.root}: not a directory; create it or point at the files to serve")
+    if args.loop == "uvloop" and args.variant != "asyncio":
+        problems.append("--loop uvloop only applies to --variant asyncio")
+    elif args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.append("--loop uvloop: uvloop is not installed (pip install uvloop) - or drop the flag")
+    return problems
+
+
+def validate(args: argparse.Namespace) -> Settings:
+    """Typed settings from parsed flags; ConfigError says which flag is wrong and what would be right."""
+    problems = _number_problems(args) + _other_problems(args)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    root = os.path.realpath(args.root) if args.service == "transfer" else ""
+    host, port = args.bind
+    return Settings(
+        service=args.service,
+        variant=args.variant,
+        host=host,
+        port=port,
+        workers=args.workers,
+        root=root,
+        max_conns=args.max_conns,
+        idle_timeout=args.idle_timeout,
+        backlog=args.backlog,
+        reuse_port=args.reuse_port,
+        drain_timeout=args.drain_timeout,
+        loop=args.loop,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = validate(args)
+    except ConfigError as exc:
+        print(f"python -m services: error: {exc}", file=sys.stderr)
+        return 2
+    log = make_logger(settings)
+    block_stop_signals()  # each driver unblocks them once its handlers are installed
+    try:
+        driver = importlib.import_module(DRIVERS[settings.variant])
+        raise_fd_limit(log, settings.max_conns)
+        sock = bind(settings)
+    except BindError as exc:
+        log.error("%s", exc)
+        return 1
+    extra = f" root {settings.root}" if settings.root else ""
+    log.info("listening %s %s%s", settings.proto, format_address(sock.getsockname()), extra)
+    try:
+        return int(driver.serve(sock, settings, log))
+    except ServiceError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the driver installed its handlers
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

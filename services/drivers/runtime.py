@@ -1,0 +1,223 @@
+"""What every driver shares: settings, listening sockets, the log, signal wake-ups and core factories."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Callable, Tuple, Union
+
+from services.errors import BindError
+from services.protocol.echo import EchoCore, UdpEchoCore
+from services.protocol.transfer import FileRoot, TransferCore
+
+SERVICES = {"tcp-echo": "tcp", "udp-echo": "udp", "transfer": "tcp"}
+VARIANTS = ("threaded", "prefork", "selectors", "asyncio")
+
+StreamCore = Union[EchoCore, TransferCore]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One service instance, as given on the command line."""
+
+    service: str  # tcp-echo | udp-echo | transfer
+    variant: str  # threaded | prefork | selectors | asyncio
+    host: str
+    port: int  # 0 = any free port (the bound one is logged)
+    workers: int = 0  # prefork: 0 = one per CPU
+    root: str = ""  # transfer: the served directory
+    max_conns: int = 4096
+    idle_timeout: float = 300.0
+    backlog: int = 1024
+    reuse_port: bool = False
+    drain_timeout: float = 10.0  # TERM: in-flight requests get this long to finish
+    loop: str = "asyncio"  # asyncio variant: asyncio | uvloop
+
+    @property
+    def proto(self) -> str:
+        return SERVICES[self.service]
+
+
+# ---- logging ---------------------------------------------------------------------------------------------
+
+
+def make_logger(settings: Settings) -> logging.Logger:
+    """One line per significant event on stderr (supervisord captures it), tagged service/variant/pid."""
+    log = logging.getLogger(f"sockops.{settings.service}")
+    log.handlers[:] = []
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s {settings.service} {settings.variant}[%(process)d] %(levelname)s %(message)s"
+        )
+    )
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
+class RateLimited:
+    """Counts a repeated event and logs it at most once per `interval` seconds (no log floods under load)."""
+
+    __slots__ = ("_count", "_interval", "_log", "_next", "_what")
+
+    def __init__(self, log: logging.Logger, what: str, interval: float = 5.0) -> None:
+        self._log, self._what, self._interval = log, what, interval
+        self._count = 0
+        self._next = 0.0
+
+    def hit(self, now: float, detail: str = "") -> None:
+        self._count += 1
+        if now >= self._next:
+            self._log.warning(
+                "%s (%d since last report)%s", self._what, self._count, f": {detail}" if detail else ""
+            )
+            self._count = 0
+            self._next = now + self._interval
+
+
+# ---- sockets ---------------------------------------------------------------------------------------------
+
+
+def format_address(addr: Tuple) -> str:
+    """'127.0.0.1:8080' or '[::1]:8080' (what the `listening` log line and the client CLI use)."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_hint(exc: OSError, proto: str, where: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {proto} {where}: address already in use; another process holds the port "
+            f"(see `ss -lnp 'sport = :{port}'`): stop it, choose another --bind, "
+            "or start both with --reuse-port"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {proto} {where}: that address is not configured on this host; use 0.0.0.0"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {proto} {where}: permission denied (ports below 1024 need root)"
+    return f"cannot listen on {proto} {where}: {exc.strerror or exc}"
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The service's listening socket (TCP: listening with the backlog; UDP: bound), blocking mode."""
+    proto = settings.proto
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    where = format_address((settings.host, settings.port))
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=kind, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot listen on {proto} {where}: cannot resolve {settings.host!r}: {exc}") from exc
+    family, _, sproto, _, addr = infos[0]
+    sock = socket.socket(family, kind, sproto)
+    try:
+        sock.set_inheritable(False)
+        if proto == "tcp":
+            # Restarts must not wait for old connections' TIME_WAIT to expire.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        if proto == "tcp":
+            sock.listen(settings.backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_hint(exc, proto, where, settings.port)) from exc
+    return sock
+
+
+def raise_fd_limit(log: logging.Logger, wanted: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: every connection costs a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            return
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted + 64:
+        log.warning("open-file limit %d is below --max-conns %d: expect accept() failures", soft, wanted)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # the peer may already be gone
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# ---- cores -----------------------------------------------------------------------------------------------
+
+
+def stream_core_factory(settings: Settings) -> Callable[[], StreamCore]:
+    """A function that makes one protocol core per connection."""
+    if settings.service == "tcp-echo":
+        echo = EchoCore()  # stateless: one instance serves every connection
+        return lambda: echo
+    if settings.service == "transfer":
+        files = FileRoot(settings.root)  # shared: its sha256 cache serves every connection
+        return lambda: TransferCore(files)
+    raise ValueError(f"{settings.service} is not a stream service")
+
+
+def udp_core(sock: socket.socket) -> UdpEchoCore:
+    host, port = sock.getsockname()[:2]
+    own = frozenset({(host, port)})  # type: FrozenSet[Tuple[str, int]]
+    return UdpEchoCore(own=own)
+
+
+# ---- signals ---------------------------------------------------------------------------------------------
+
+# Blocked from startup until a driver's handlers exist: a TERM right after the `listening` line must drain,
+# not kill the process with the default action.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+
+
+def block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def unblock_stop_signals() -> None:
+    """Call once the handlers are installed; a signal that arrived meanwhile is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Wakeup:
+    """A socketpair the signal machinery writes to, so a blocked select()/epoll returns on a signal.
+
+    Python retries select() after EINTR (PEP 475) and only runs handlers between bytecodes, so without this a
+    TERM would wait for the next tick.
+    """
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self._old = signal.set_wakeup_fd(self.writer.fileno())
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old)
+        self.reader.close()
+        self.writer.close()
+
+
+def parent_alive(expected_ppid: int) -> bool:
+    """A prefork worker whose master died is re-parented; it must then stop instead of serving orphaned."""
+    return os.getppid() == expected_ppid

@@ -1,0 +1,453 @@
+"""selectors driver: one thread, epoll (selectors.DefaultSelector), non-blocking sockets.
+
+Each connection has an output queue; EVENT_WRITE is registered only while output is pending, and a client
+that does not read its replies stops being read (backpressure) once HIGH_WATER bytes are queued for it.
+Transfer bodies go out with os.sendfile. The prefork variant's workers run this same loop on a shared socket.
+
+TERM/INT drain: accept what is already queued, stop listening, answer everything received, close each
+connection once it has nothing in flight, give up after `drain_timeout`. QUIT stops at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from services.drivers.runtime import (
+    RateLimited,
+    Settings,
+    StreamCore,
+    Wakeup,
+    format_address,
+    set_nodelay,
+    stream_core_factory,
+    udp_core,
+    unblock_stop_signals,
+)
+from services.errors import ServiceError
+from services.protocol.transfer import FileBody
+
+BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, cheap to allocate
+HIGH_WATER = 1 << 20  # queued output at which we stop reading a client
+LOW_WATER = 1 << 16  # ... and resume
+ACCEPT_BATCH = 64
+UDP_BATCH = 64
+DRAIN_TICK = 0.05
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+_WAKEUP = object()
+_AGAIN = (BlockingIOError, InterruptedError)
+
+
+class _Sending:
+    """A file body being sendfile'd: the open file and how far we got."""
+
+    __slots__ = ("file", "left", "offset")
+
+    def __init__(self, file: Any, size: int) -> None:
+        self.file, self.offset, self.left = file, 0, size
+
+
+class Conn:
+    """One client connection: its socket, protocol core and output queue."""
+
+    __slots__ = ("closed", "core", "eof", "fd", "last", "mask", "out", "pending", "reading", "sock", "srv")
+
+    def __init__(self, srv: TcpServer, sock: socket.socket, core: StreamCore) -> None:
+        self.srv, self.sock, self.fd, self.core = srv, sock, sock.fileno(), core
+        self.out = collections.deque()  # type: Deque[Any]
+        self.pending = 0
+        self.reading = True
+        self.eof = False
+        self.mask = EVENT_READ
+        self.last = srv.now
+        self.closed = False
+
+    # -- reading --
+    def on_read(self) -> None:
+        try:
+            data = self.sock.recv(BUFSIZE)
+        except _AGAIN:
+            return
+        except OSError:
+            self.close()
+            return
+        self.received(data)
+
+    def received(self, data: bytes) -> None:
+        self.last = self.srv.now
+        if not data:  # the peer finished sending: answer what is queued, then close
+            self.reading = False
+            self.eof = True
+            if self.out:
+                self.update()
+            else:
+                self.close()
+            return
+        try:
+            outs = self.core.receive_data(data)
+        except Exception:  # a core bug must cost one connection, not every connection of this process
+            self.srv.log.exception("protocol core failed; closing its connection")
+            self.close()
+            return
+        if not self.out and len(outs) == 1 and outs[0].__class__ is bytes:
+            # Fast path (every echo reply): try the send before queueing anything.
+            item = outs[0]
+            try:
+                sent = self.sock.send(item)
+            except _AGAIN:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(item) and not self.core.closing:
+                return
+            if sent < len(item):
+                self.out.append(memoryview(item)[sent:])
+                self.pending += len(item) - sent
+        else:
+            for item in outs:
+                self.out.append(item)
+                self.pending += item.size if item.__class__ is FileBody else len(item)
+            if not self.flush():
+                return
+        self.update()
+
+    # -- writing --
+    def on_write(self) -> None:
+        self.last = self.srv.now
+        if self.flush():
+            self.update()
+
+    def flush(self) -> bool:  # noqa: PLR0911 - each way out of the send loop is one early return
+        """Send queued output until the socket would block. False when the connection got closed."""
+        out, sock = self.out, self.sock
+        while out:
+            item = out[0]
+            if item.__class__ is FileBody or item.__class__ is _Sending:
+                if not self._send_body(item):
+                    return False
+                if out and out[0].__class__ is _Sending:
+                    return True  # would block
+                continue
+            try:
+                sent = sock.send(item)
+            except _AGAIN:
+                return True
+            except OSError:
+                self.close()
+                return False
+            self.pending -= sent
+            if sent < len(item):
+                out[0] = memoryview(item)[sent:]
+                return True
+            out.popleft()
+        if self.core.closing:
+            self.close()
+            return False
+        return True
+
+    def _send_body(self, item: Any) -> bool:
+        if item.__class__ is FileBody:
+            try:
+                item = self.out[0] = _Sending(item.open(), item.size)
+            except (OSError, ServiceError) as exc:
+                # The header promised `size` bytes we cannot send: the stream cannot continue.
+                self.srv.log.warning("closing a transfer connection: %s", exc)
+                self.close()
+                return False
+        while item.left:
+            try:
+                sent = os.sendfile(self.fd, item.file.fileno(), item.offset, item.left)
+            except _AGAIN:
+                return True
+            except OSError:
+                self.close()
+                return False
+            if sent == 0:
+                self.srv.log.warning("closing a transfer connection: a served file shrank while being sent")
+                self.close()
+                return False
+            item.offset += sent
+            item.left -= sent
+            self.pending -= sent
+        item.file.close()
+        self.out.popleft()
+        return True
+
+    def update(self) -> None:
+        """Register exactly the events we need: read unless backpressured/finished, write while queued."""
+        if self.core.closing or self.closed or (self.reading and self.pending > HIGH_WATER):
+            self.reading = False
+        elif not self.reading and not self.eof and self.pending <= LOW_WATER:
+            self.reading = True
+        mask = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0)
+        if mask == 0:
+            self.close()
+        elif mask != self.mask:
+            self.srv.sel.modify(self.sock, mask, self)
+            self.mask = mask
+
+    @property
+    def idle(self) -> bool:
+        return not self.out and self.core.idle
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for item in self.out:
+            if item.__class__ is _Sending:
+                item.file.close()
+        self.out.clear()
+        with contextlib.suppress(KeyError, ValueError):
+            self.srv.sel.unregister(self.sock)
+        self.sock.close()
+        self.srv.conns.discard(self)
+
+
+class _Loop:
+    """The signal handling and select loop shared by the TCP and UDP servers."""
+
+    def __init__(self, settings: Settings, log: logging.Logger, *, parent: Optional[int] = None) -> None:
+        self.settings, self.log, self.parent = settings, log, parent
+        self.sel = selectors.DefaultSelector()
+        self.now = time.monotonic()
+        self.stop = ""  # "" | "drain" | "quit"
+        self.draining = False
+        self.tick_every = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGQUIT:
+            self.stop = "quit"
+        elif signum == signal.SIGHUP:
+            self.log.info("HUP: nothing to reload in a single-process server (prefork replaces workers)")
+        elif not self.stop:
+            self.stop = "drain"
+
+    def _install(self) -> Wakeup:
+        wakeup = Wakeup()
+        self.sel.register(wakeup.reader, EVENT_READ, _WAKEUP)
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, self._on_signal)
+        # A prefork worker leaves Ctrl-C and HUP to its master (they reach the whole process group).
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN if self.parent is not None else self._on_signal)
+        unblock_stop_signals()  # blocked since startup (and in a prefork worker since the fork)
+        return wakeup
+
+    def orphaned(self) -> bool:
+        return self.parent is not None and os.getppid() != self.parent
+
+
+class TcpServer(_Loop):
+    """Serves a stream core on a listening socket until TERM (drain) or QUIT."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        new_core: Callable[[], StreamCore],
+        settings: Settings,
+        log: logging.Logger,
+        *,
+        parent: Optional[int] = None,
+    ) -> None:
+        super().__init__(settings, log, parent=parent)
+        self.listener = listener
+        self.new_core = new_core
+        self.conns = set()  # type: Set[Conn]
+        self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.accept_failed = RateLimited(log, "accept() failed")
+        self.accept_paused_until = 0.0
+        self.deadline = 0.0
+        self.next_tick = 0.0
+
+    def accept(self, limit: int = ACCEPT_BATCH) -> None:
+        for _ in range(limit):
+            try:
+                sock, _addr = self.listener.accept()
+            except _AGAIN:
+                return
+            except OSError as exc:  # EMFILE and friends: pause accepting briefly instead of spinning
+                self.accept_failed.hit(self.now, str(exc))
+                self.sel.unregister(self.listener)
+                self.accept_paused_until = self.now + 0.1
+                return
+            if len(self.conns) >= self.settings.max_conns:
+                sock.close()
+                self.rejected.hit(self.now)
+                continue
+            sock.setblocking(False)
+            set_nodelay(sock)
+            conn = Conn(self, sock, self.new_core())
+            self.sel.register(sock, EVENT_READ, conn)
+            self.conns.add(conn)
+
+    def run(self) -> int:
+        self.listener.setblocking(False)
+        wakeup = self._install()
+        self.sel.register(self.listener, EVENT_READ, None)
+        select = self.sel.select
+        self.next_tick = time.monotonic() + self.tick_every
+        try:
+            while True:
+                events = select(DRAIN_TICK if self.draining else self.tick_every)
+                self.now = time.monotonic()
+                for key, mask in events:
+                    conn = key.data
+                    if conn is None:
+                        self.accept()
+                    elif conn is _WAKEUP:
+                        wakeup.drain()
+                    else:
+                        if mask & EVENT_READ:
+                            conn.on_read()
+                        if mask & EVENT_WRITE and not conn.closed:
+                            conn.on_write()
+                code = self._between_events()
+                if code is not None:
+                    return code
+        finally:
+            for conn in list(self.conns):
+                conn.close()
+            self._close_listener()
+            wakeup.close()
+            self.sel.close()
+
+    def _between_events(self) -> Optional[int]:
+        """Signals, drain progress and the periodic tick; an exit code once the loop should end."""
+        if self.stop == "quit":
+            self.log.info("QUIT: closing %d connections now", len(self.conns))
+            return 0
+        if self.stop == "drain" and not self.draining:
+            self._start_drain()
+        if self.draining:
+            return self._drain_step()
+        if self.now >= self.next_tick:
+            self.next_tick = self.now + self.tick_every
+            self._tick(self.now)
+        return None
+
+    def _tick(self, now: float) -> None:
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.sel.register(self.listener, EVENT_READ, None)
+        timeout = self.settings.idle_timeout
+        if timeout > 0:
+            idle = [c for c in self.conns if now - c.last > timeout]
+            for conn in idle:
+                conn.close()
+            if idle:
+                self.log.info("closed %d connections idle for more than %gs", len(idle), timeout)
+        if self.orphaned():
+            self.log.warning("master process is gone: stopping")
+            self.stop = "quit"
+
+    def _close_listener(self) -> None:
+        if self.listener.fileno() >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.listener)
+            self.listener.close()
+
+    def _start_drain(self) -> None:
+        self.draining = True
+        if not self.accept_paused_until:
+            self.accept(limit=1 << 16)  # connections the kernel already completed are ours to serve
+        self._close_listener()
+        self.deadline = self.now + self.settings.drain_timeout
+        self.log.info("draining: stopped accepting; %d connections open", len(self.conns))
+
+    def _drain_step(self) -> Optional[int]:
+        for conn in [c for c in self.conns if c.idle and c.reading]:
+            # Nothing queued either way: one last non-blocking read tells "idle" from "request just arrived".
+            try:
+                data = conn.sock.recv(BUFSIZE)
+            except _AGAIN:
+                conn.close()
+                continue
+            except OSError:
+                conn.close()
+                continue
+            conn.received(data)
+        if not self.conns:
+            self.log.info("drained: all connections finished; exiting")
+            return 0
+        if self.now >= self.deadline:
+            self.log.warning(
+                "drain timeout (%gs): closing %d connections with requests in flight",
+                self.settings.drain_timeout,
+                len(self.conns),
+            )
+            return 1
+        return None
+
+
+class UdpServer(_Loop):
+    """Serves udp-echo on a bound datagram socket until TERM or QUIT."""
+
+    def __init__(
+        self, sock: socket.socket, settings: Settings, log: logging.Logger, *, parent: Optional[int] = None
+    ) -> None:
+        super().__init__(settings, log, parent=parent)
+        self.sock = sock
+        self.core = udp_core(sock)
+        self.dropped = RateLimited(log, "udp datagrams dropped")
+
+    def serve_ready(self) -> None:
+        sock, core, bufsize = self.sock, self.core, self.core.max_size + 1
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = sock.recvfrom(bufsize)
+            except _AGAIN:
+                return
+            except OSError:  # e.g. ICMP errors queued on the socket: nothing to answer
+                continue
+            reply = core.datagram_received(data, addr)
+            if reply.__class__ is bytes:
+                try:
+                    sock.sendto(reply, addr)
+                except OSError as exc:
+                    self.dropped.hit(self.now, f"reply to {format_address(addr)} not sent: {exc}")
+            else:
+                self.dropped.hit(self.now, f"{reply.reason} from {format_address(reply.addr)}")
+
+    def run(self) -> int:
+        self.sock.setblocking(False)
+        wakeup = self._install()
+        self.sel.register(self.sock, EVENT_READ, None)
+        try:
+            while not self.stop:
+                events = self.sel.select(self.tick_every)
+                self.now = time.monotonic()
+                for key, _mask in events:
+                    if key.data is None:
+                        self.serve_ready()
+                    else:
+                        wakeup.drain()
+                if self.orphaned():
+                    self.log.warning("master process is gone: stopping")
+                    return 0
+            if self.stop == "drain":
+                self.serve_ready()  # answer what already arrived
+            self.log.info("stopped (%s)", "TERM" if self.stop == "drain" else "QUIT")
+            return 0
+        finally:
+            self.sel.close()
+            self.sock.close()
+            wakeup.close()
+
+
+def serve(
+    sock: socket.socket, settings: Settings, log: logging.Logger, *, parent: Optional[int] = None
+) -> int:
+    """Run the service on an already bound socket; returns the process exit code."""
+    if settings.proto == "udp":
+        return UdpServer(sock, settings, log, parent=parent).run()
+    return TcpServer(sock, stream_core_factory(settings), settings, log, parent=parent).run()

@@ -1,0 +1,274 @@
+"""threaded driver: socketserver with one daemon thread per connection, the tutorial's model fixed.
+
+The tutorial's ThreadingTCPServer listens with a backlog of 5 (clients get dropped under load), waits for
+non-daemon threads on exit, has no limit on threads, no idle timeout and Nagle on. Here: the backlog is ours
+(>= 128), threads are daemons, a Semaphore caps connections (extra ones are closed at once), SO_RCVTIMEO /
+SO_SNDTIMEO implement the idle timeout without an extra poll() per recv, TCP_NODELAY is on, replies are
+written whole (sendall / socket.sendfile).
+
+TERM/INT drain: stop accepting, then shut down the read side of every connection that has nothing in flight
+(its thread's blocked recv() returns EOF); busy ones finish first; give up after `drain_timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import signal
+import socket
+import socketserver
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from services.drivers.runtime import (
+    RateLimited,
+    Settings,
+    StreamCore,
+    Wakeup,
+    format_address,
+    set_nodelay,
+    stream_core_factory,
+    udp_core,
+    unblock_stop_signals,
+)
+from services.errors import ServiceError
+from services.protocol.transfer import FileBody
+
+BUFSIZE = 65536
+THREAD_STACK = 512 * 1024  # a connection thread needs little stack; 8 MiB each adds up at thousands
+DRAIN_TICK = 0.05
+
+
+class _Tracked:
+    """What the main thread needs to know about a connection thread to drain it."""
+
+    __slots__ = ("busy", "shut", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.busy, self.shut = sock, False, False
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+
+
+class StreamHandler(socketserver.BaseRequestHandler):
+    server: TcpServer
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.setblocking(True)
+        set_nodelay(sock)
+        server = self.server
+        if server.settings.idle_timeout > 0:
+            tv = _timeval(server.settings.idle_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        core = server.new_core()
+        state = server.track(sock)
+        try:
+            self._serve(sock, core, state)
+        finally:
+            server.untrack(sock)
+
+    def _serve(self, sock: socket.socket, core: StreamCore, state: _Tracked) -> None:
+        recv, sendall = sock.recv, sock.sendall
+        while True:
+            try:
+                data = recv(BUFSIZE)
+            except BlockingIOError:  # SO_RCVTIMEO expired: idle
+                self.server.idle_closed.hit(time.monotonic(), format_address(self.client_address))
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            state.busy = True
+            try:
+                for item in core.receive_data(data):
+                    if item.__class__ is bytes:
+                        sendall(item)
+                    else:
+                        self._send_body(sock, item)
+            except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
+                return
+            except (OSError, ServiceError) as exc:
+                if not isinstance(exc, ConnectionError):
+                    self.server.log.warning("closing connection from %s: %s", self.client_address[0], exc)
+                return
+            state.busy = not core.idle
+            if core.closing:
+                return
+
+    @staticmethod
+    def _send_body(sock: socket.socket, body: FileBody) -> None:
+        with body.open() as f:
+            sent = sock.sendfile(f, 0, body.size)
+        if sent != body.size:
+            raise ServiceError(f"sent {sent} of {body.size} bytes of {body.path}; the file shrank")
+
+
+class TcpServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False  # exit must not wait for threads: the drain decides how long we wait
+
+    def __init__(
+        self, sock: socket.socket, new_core: Callable[[], StreamCore], settings: Settings, log: logging.Logger
+    ) -> None:
+        super().__init__(sock.getsockname(), StreamHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock  # bound and listening by runtime.bind with our backlog and options
+        self.settings, self.log, self.new_core = settings, log, new_core
+        self.slots = threading.BoundedSemaphore(settings.max_conns)
+        self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.idle_closed = RateLimited(
+            log, f"closed connections idle for more than {settings.idle_timeout:g}s"
+        )
+        self._lock = threading.Lock()
+        self.conns = {}  # type: Dict[int, _Tracked]
+
+    def track(self, sock: socket.socket) -> _Tracked:
+        state = _Tracked(sock)
+        with self._lock:
+            self.conns[id(sock)] = state
+        return state
+
+    def untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.conns.pop(id(sock), None)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            self.rejected.hit(time.monotonic())
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (e.g. out of memory): give the slot back
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.log.exception("unexpected error serving %s", client_address)
+
+    def drain(self) -> int:
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while True:
+            with self._lock:
+                states = list(self.conns.values())
+            if not states:
+                self.log.info("drained: all connections finished; exiting")
+                return 0
+            if time.monotonic() >= deadline:
+                self.log.warning(
+                    "drain timeout (%gs): closing %d connections with requests in flight",
+                    self.settings.drain_timeout,
+                    len(states),
+                )
+                return 1
+            for state in states:
+                if not state.busy and not state.shut:
+                    state.shut = True
+                    # The thread's blocked recv() returns EOF; replies can still be sent.
+                    with contextlib.suppress(OSError):
+                        state.sock.shutdown(socket.SHUT_RD)
+            time.sleep(DRAIN_TICK)
+
+
+class UdpServer(socketserver.UDPServer):
+    """udp-echo answered on the main thread: a thread per datagram would cost more than the echo itself."""
+
+    def __init__(self, sock: socket.socket, settings: Settings, log: logging.Logger) -> None:
+        super().__init__(sock.getsockname(), UdpHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.max_packet_size = udp_core(sock).max_size + 1
+        self.core = udp_core(sock)
+        self.log = log
+        self.dropped = RateLimited(log, "udp datagrams dropped")
+
+
+class UdpHandler(socketserver.BaseRequestHandler):
+    server: UdpServer
+
+    def handle(self) -> None:
+        data, sock = self.request
+        reply = self.server.core.datagram_received(data, self.client_address)
+        if reply.__class__ is bytes:
+            try:
+                sock.sendto(reply, self.client_address)
+            except OSError as exc:
+                self.server.dropped.hit(time.monotonic(), f"reply not sent: {exc}")
+        else:
+            self.server.dropped.hit(time.monotonic(), f"{reply.reason} from {format_address(reply.addr)}")
+
+
+def _run(server: socketserver.BaseServer, log: logging.Logger) -> str:
+    """Handle requests on the main thread until a signal; returns "drain" or "quit"."""
+    stop = {"mode": ""}  # type: Dict[str, str]
+
+    def on_signal(signum: int, frame: Optional[Any]) -> None:
+        if signum == signal.SIGQUIT:
+            stop["mode"] = "quit"
+        elif signum == signal.SIGHUP:
+            log.info("HUP: nothing to reload in a single-process server (prefork replaces workers)")
+        elif not stop["mode"]:
+            stop["mode"] = "drain"
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    unblock_stop_signals()
+    wakeup = Wakeup()
+    server.socket.setblocking(False)
+    server.timeout = 0  # handle_request() below only runs when the socket is ready
+    sel = selectors.DefaultSelector()
+    sel.register(server.socket, selectors.EVENT_READ, server)
+    sel.register(wakeup.reader, selectors.EVENT_READ, None)
+    try:
+        while not stop["mode"]:
+            for key, _ in sel.select(1.0):
+                if key.data is None:
+                    wakeup.drain()
+                else:
+                    server.handle_request()
+        if stop["mode"] == "drain":
+            # Connections the kernel already completed (or datagrams already queued) are ours to answer.
+            for _ in range(1 << 16):
+                ready = sel.select(0)
+                if not ready or stop["mode"] == "quit":
+                    break
+                for key, _ in ready:
+                    if key.data is not None:
+                        server.handle_request()
+                    else:
+                        wakeup.drain()
+        return stop["mode"]
+    finally:
+        sel.close()
+        wakeup.close()
+        server.server_close()
+
+
+def serve(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
+    """Run the service on an already bound socket; returns the process exit code."""
+    threading.stack_size(THREAD_STACK)
+    if settings.proto == "udp":
+        mode = _run(UdpServer(sock, settings, log), log)
+        log.info("stopped (%s)", "TERM" if mode == "drain" else "QUIT")
+        return 0
+    server = TcpServer(sock, stream_core_factory(settings), settings, log)
+    mode = _run(server, log)
+    if mode == "quit":
+        log.info("QUIT: closing %d connections now", len(server.conns))
+        return 0
+    log.info("draining: stopped accepting; %d connections open", len(server.conns))
+    return server.drain()

@@ -1,0 +1,138 @@
+"""Fixtures for the deploy tests: the CPython 3.9.2 source as Debian ships it, and ONE real build of it.
+
+`built_python` (session scope) builds CPython 3.9.2 into /usr/local/python3 on a disposable SSH test host,
+through the same code path as `invoke build-python --host testhost1 --ssh-config ...`. Every test that needs
+an interpreter on a host shares it (the CI budget is one real build):
+
+    def test_x(built_python):
+        built_python.fleet          # deploy.testhosts.Fleet (ssh_config, exec, ...)
+        built_python.host           # "bpyhost1": connect(b.host, ssh_config=b.ssh_config)
+        built_python.ssh_config     # str path of the fleet's ssh_config
+        built_python.prefix         # "/usr/local/python3"
+        built_python.python         # "/usr/local/python3/bin/python3"
+        built_python.version        # "3.9.2"
+        built_python.tarball        # local path of the verified source tarball
+        built_python.outcome        # the first build's BuildOutcome
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deploy import python_build as pb
+from deploy import testhosts as th
+
+PY_VERSION = "3.9.2"
+PY_SHA256 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
+DEBIAN_SOURCE = "python3.9"
+DEBIAN_ORIG = "python3.9_3.9.2.orig.tar.xz"
+DEBIAN_SUITE = (
+    "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+    "http://deb.debian.org/debian bullseye main"
+)
+TARBALL_CACHE = Path("~/.cache/sockops/debian").expanduser()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_debian_orig(dest_dir: Path = TARBALL_CACHE) -> Path:
+    """Debian bullseye's python3.9 orig tarball (byte-identical to python.org's Python-3.9.2.tar.xz), cached.
+
+    apt runs with its own sources list, lists and archive dirs inside a temp dir that is removed afterwards:
+    the machine's apt configuration and state are never touched.
+    """
+    target = dest_dir / DEBIAN_ORIG
+    if target.is_file() and _sha256(target) == PY_SHA256:
+        return target
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sockops-apt-src-") as tmp:
+        t = Path(tmp)
+        for d in ("lists/partial", "archives/partial", "out"):
+            (t / d).mkdir(parents=True)
+        (t / "sources.list").write_text(DEBIAN_SUITE + "\n")
+        opts = [
+            f"-oDir::Etc::sourcelist={t / 'sources.list'}",
+            "-oDir::Etc::sourceparts=-",
+            f"-oDir::State::Lists={t / 'lists'}",
+            f"-oDir::Cache::archives={t / 'archives'}",
+            "-oDir::Cache::pkgcache=",
+            "-oDir::Cache::srcpkgcache=",
+            "-oAPT::Sandbox::User=root",
+            "-qq",
+        ]
+        for argv in (
+            ["apt-get", *opts, "update"],
+            ["apt-get", *opts, "source", "--download-only", DEBIAN_SOURCE],
+        ):
+            proc = subprocess.run(
+                argv, cwd=t / "out", capture_output=True, text=True, timeout=600, check=False
+            )
+            if proc.returncode != 0:
+                pytest.fail(f"fetching the Debian source failed: {' '.join(argv)}:\n{proc.stderr[-2000:]}")
+        got = t / "out" / DEBIAN_ORIG
+        if _sha256(got) != PY_SHA256:
+            pytest.fail(f"{DEBIAN_ORIG} from Debian has SHA-256 {_sha256(got)}, expected {PY_SHA256}")
+        partial = target.with_name(target.name + f".part-{os.getpid()}")
+        shutil.copyfile(got, partial)
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def cpython_tarball() -> Path:
+    return fetch_debian_orig()
+
+
+@dataclass(frozen=True)
+class BuiltPython:
+    fleet: th.Fleet
+    host: str
+    prefix: str
+    version: str
+    tarball: Path
+    outcome: pb.BuildOutcome
+
+    @property
+    def python(self) -> str:
+        return f"{self.prefix}/bin/python3"
+
+    @property
+    def ssh_config(self) -> str:
+        return str(self.fleet.ssh_config)
+
+    def request(self, **changes: object) -> pb.BuildRequest:
+        """The request that built it (with changes), e.g. for a forced rebuild."""
+        fields = {"version": self.version, "prefix": self.prefix, "source": str(self.tarball), **changes}
+        return pb.BuildRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def built_python(cpython_tarball: Path) -> Iterator[BuiltPython]:
+    from tests.conftest import FleetFactory
+
+    factory = FleetFactory()  # skips loudly (fails with CI=true) without root/netns
+    try:
+        fleet = factory(1, prefix="bpyhost")
+        host = fleet.names[0]
+        req = pb.BuildRequest(PY_VERSION, prefix=pb.DEFAULT_PREFIX, source=str(cpython_tarball))
+        [outcome] = pb.build_python([host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter())
+        if not outcome.ok:
+            pytest.fail(f"the real CPython build failed:\n{outcome.error}", pytrace=False)
+        yield BuiltPython(fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, outcome.value)
+    finally:
+        factory.close()

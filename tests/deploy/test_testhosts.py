@@ -1,0 +1,388 @@
+"""Disposable SSH test hosts: real sshd in network + mount namespaces, reached through hosts.connect()."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from deploy import testhosts as th
+from deploy.errors import HostKeyError
+from deploy.hosts import connect
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.hosts
+
+# Directories a deploy or a CPython build writes; each must be private to a host.
+PRIVATE_PATHS = [
+    "/usr/local/python3/sockops-probe",
+    "/etc/profile.d/sockops-probe.sh",
+    "/etc/sockops/probe",
+    "/srv/sockops/probe",
+    "/var/log/sockops/probe",
+    "/run/sockops/probe",
+    "/var/lib/sockops/probe",
+    "/tmp/sockops-probe",
+    "/root/.cache/sockops-probe",
+]
+
+
+def _private_ssh_config(fleet: th.Fleet, tmp_path: Path, *, known_hosts: Path) -> Path:
+    """The fleet's ssh_config with another UserKnownHostsFile (to start from an empty one)."""
+    text = fleet.ssh_config.read_text().replace(str(fleet.known_hosts), str(known_hosts))
+    path = tmp_path / "ssh_config"
+    path.write_text(text)
+    return path
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# A daemon as a deploy starts one: detached from the SSH session; the session returns once it runs.
+START_DAEMON = (
+    "setsid sh -c 'echo $$ > /run/probe-daemon.pid; exec sleep 300' </dev/null >/dev/null 2>&1 & "
+    "for i in $(seq 2000); do [ -s /run/probe-daemon.pid ] && break; sleep 0.01; done; "
+    "cat /run/probe-daemon.pid"
+)
+
+
+@pytest.fixture(scope="module")
+def fleet3(testhosts_module):
+    return testhosts_module(3)
+
+
+def test_ssh_command_runs_on_each_host_through_connect(fleet3):
+    for host in fleet3.hosts:
+        c = connect(host.name, ssh_config=fleet3.ssh_config)
+        try:
+            out = c.run("hostname; id -u; ip -4 -o addr show dev eth0", hide=True).stdout.split("\n")
+        finally:
+            c.close()
+        assert out[0] == host.name
+        assert out[1] == "0"
+        assert f"inet {host.address}/30" in out[2]
+
+
+def test_file_written_on_one_host_is_invisible_elsewhere(fleet3):
+    first, *others = fleet3.hosts
+    c = connect(first.name, ssh_config=fleet3.ssh_config)
+    try:
+        for path in PRIVATE_PATHS:
+            c.run(f"mkdir -p {os.path.dirname(path)} && echo {first.name} > {path}", hide=True)
+        c.run("useradd --system sockopsprobe", hide=True)
+        seen = c.run("cat " + " ".join(PRIVATE_PATHS) + "; id -u sockopsprobe", hide=True).stdout.split()
+    finally:
+        c.close()
+    assert seen[: len(PRIVATE_PATHS)] == [first.name] * len(PRIVATE_PATHS)
+    for path in PRIVATE_PATHS:
+        assert not Path(path).exists(), f"{path} leaked to the real machine"
+        for other in others:
+            probe = th.exec_in(other, ["test", "-e", path], check=False)
+            assert probe.returncode == 1, f"{path} written on {first.name} is visible on {other.name}"
+    for other in others:
+        assert th.exec_in(other, ["id", "-u", "sockopsprobe"], check=False).returncode != 0
+    assert subprocess.run(["id", "-u", "sockopsprobe"], capture_output=True, check=False).returncode != 0
+
+
+def test_hosts_see_only_their_own_processes_and_link(fleet3):
+    host = fleet3.hosts[1]
+    ps = th.exec_in(host, ["ps", "-eo", "pid=,comm="]).stdout
+    comms = {line.split(None, 1)[1] for line in ps.strip().splitlines()}
+    assert "sshd" in comms
+    assert str(os.getpid()) not in ps.split()  # pid namespace: this pytest is not visible
+    routes = th.exec_in(host, ["ip", "-4", "route"]).stdout
+    assert "default" not in routes  # no way out but the veth to the root namespace
+    assert routes.split()[0] == str(ipaddress.ip_interface(f"{host.address}/30").network)
+
+
+def test_daemon_started_over_ssh_survives_the_session_inside_the_host(fleet3):
+    host = fleet3.hosts[2]
+    c = connect(host.name, ssh_config=fleet3.ssh_config)
+    try:
+        pid = c.run(START_DAEMON, hide=True).stdout.strip()
+    finally:
+        c.close()
+    assert th.exec_in(host, ["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
+    root_pids = th._netns_pids(host.netns)
+    sleeping = [p for p in root_pids if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"]
+    assert len(sleeping) == 1  # in the host's netns, as seen from the root namespace
+    assert os.readlink(f"/proc/{sleeping[0]}/ns/mnt") == os.readlink(f"/proc/{host.pid}/ns/mnt")
+
+
+def test_unknown_host_key_is_refused(fleet3, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    cfg = _private_ssh_config(fleet3, tmp_path, known_hosts=known)
+    c = connect("testhost1", ssh_config=cfg)
+    with pytest.raises(HostKeyError, match=r"host key for 198\.18\.\d+\.2 is unknown.*--accept-new-host-key"):
+        c.run("true", hide=True)
+    assert known.read_text() == ""
+
+
+def test_accept_new_records_the_key_once(fleet3, tmp_path):
+    known = tmp_path / "known_hosts"
+    cfg = _private_ssh_config(fleet3, tmp_path, known_hosts=known)
+    host = fleet3.hosts[0]
+    c = connect(host.name, ssh_config=cfg, accept_new_host_key=True)
+    assert c.run("hostname", hide=True).stdout.strip() == host.name
+    c.close()
+    recorded = known.read_text().splitlines()
+    assert recorded == [th.known_hosts_line(host).strip()]
+    again = connect(host.name, ssh_config=cfg)  # strict again: the recorded key is now known
+    assert again.run("hostname", hide=True).stdout.strip() == host.name
+    again.close()
+    assert known.read_text().splitlines() == recorded
+
+
+def test_changed_host_key_is_refused_even_with_accept_new(testhosts):
+    fleet = testhosts(1)
+    host = fleet.hosts[0]
+    old = th.fingerprint((host.state_dir / "ssh_host_ed25519_key.pub").read_text())
+    new = th.rekey(host)
+    assert new != old
+    for accept_new in (False, True):
+        c = connect(host.name, ssh_config=fleet.ssh_config, accept_new_host_key=accept_new)
+        with pytest.raises(HostKeyError) as info:
+            c.run("true", hide=True)
+        message = str(info.value)
+        assert "HOST KEY CHANGED" in message
+        assert host.name in message
+        assert old in message
+        assert new in message
+        assert f"ssh-keygen -f {fleet.known_hosts} -R {host.address}" in message
+    # OpenSSH itself agrees that the host's key changed (same files, same verification)
+    ssh = subprocess.run(
+        ["ssh", "-F", str(fleet.ssh_config), "-o", "BatchMode=yes", host.name, "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ssh.returncode == 255
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in ssh.stderr
+
+
+def test_fleets_coexist_with_distinct_subnets(testhosts):
+    a, b = testhosts(1), testhosts(1, prefix="other")
+    assert a.hosts[0].address.split(".")[2] != b.hosts[0].address.split(".")[2]
+    assert {h.netns for h in a.hosts}.isdisjoint(h.netns for h in b.hosts)
+    for fleet in (a, b):
+        c = connect(fleet.names[0], ssh_config=fleet.ssh_config)
+        assert c.run("hostname", hide=True).stdout.strip() == fleet.names[0]
+        c.close()
+
+
+def _leftovers(fleet: th.Fleet, pids: list[int]) -> list[str]:
+    found = []
+    netns = set(th._netns_list())
+    found += [f"netns {h.netns}" for h in fleet.hosts if h.netns in netns]
+    found += [f"veth {h.veth}" for h in fleet.hosts if Path(f"/sys/class/net/{h.veth}").exists()]
+    found += [f"pid {p}" for p in pids if not _gone(p)]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount of {fleet.state_dir}" for line in mounts.splitlines() if str(fleet.state_dir) in line]
+    found += [f"mount /run/netns/{h.netns}" for h in fleet.hosts if f" /run/netns/{h.netns} " in mounts]
+    found += [f"dir {fleet.state_dir}"] if fleet.state_dir.exists() else []
+    addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+    found += [
+        f"address {h.gateway}" for h in fleet.hosts if re.search(rf"inet {re.escape(h.gateway)}/", addrs)
+    ]
+    return found
+
+
+def test_down_leaves_nothing_behind(tmp_path):
+    state = th.BASE_DIR / f"test-down-{os.getpid()}"
+    fleet = th.up(2, state_dir=state, owner_pid=os.getpid())
+    try:
+        c = connect("testhost1", ssh_config=fleet.ssh_config)
+        c.run(START_DAEMON, hide=True)
+        c.close()
+        pids = [p for h in fleet.hosts for p in th._netns_pids(h.netns)]
+        assert len(pids) >= 2 * 3  # per host at least: anchor, sshd, its unshare parent; plus the sleep
+        assert _leftovers(fleet, []) != []
+    finally:
+        removed = th.down(state)
+    assert _leftovers(fleet, pids) == []
+    assert f"netns {fleet.hosts[0].netns}" in removed
+    assert th.down(state) == []  # idempotent
+
+
+def test_up_after_a_crash_cleans_up_first(tmp_path):
+    state = th.BASE_DIR / f"test-crash-{os.getpid()}"
+    crashed = th.up(1, state_dir=state, owner_pid=os.getpid())
+    old_pids = th._netns_pids(crashed.hosts[0].netns)
+    try:
+        # no down(): as if the process that made it was killed
+        fresh = th.up(1, state_dir=state, owner_pid=os.getpid())
+        assert all(_gone(p) for p in old_pids)
+        c = connect("testhost1", ssh_config=fresh.ssh_config)
+        assert c.run("hostname", hide=True).stdout.strip() == "testhost1"
+        c.close()
+    finally:
+        th.down(state)
+    assert _leftovers(crashed, old_pids) == []
+
+
+def _invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "invoke"), *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+def test_invoke_testhosts_up_list_down(tmp_path):
+    state = th.BASE_DIR / f"test-cli-{os.getpid()}"
+    up = _invoke("testhosts.up", "--count", "2", "--state-dir", str(state))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert re.search(r"testhost2\s+198\.18\.\d+\.6\s+sockops-\d+-2", up.stdout)
+        fleet = th.load(state)
+        for name in fleet.names:
+            c = connect(name, ssh_config=fleet.ssh_config)
+            assert c.run("hostname", hide=True).stdout.strip() == name
+            c.close()
+        listed = _invoke("testhosts.list", "--state-dir", str(state))
+        assert listed.returncode == 0
+        assert str(fleet.ssh_config) in listed.stdout
+    finally:
+        down = _invoke("testhosts.down", "--state-dir", str(state))
+    assert down.returncode == 0, down.stderr
+    assert "netns sockops-" in down.stdout
+    assert _leftovers(fleet, []) == []
+
+
+def test_invoke_testhosts_bad_count_is_a_clean_error():
+    bad = _invoke("testhosts.up", "--count", "0", "--state-dir", str(th.BASE_DIR / "never-made"))
+    assert bad.returncode == 1
+    assert "--count must be 1..63" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (th.BASE_DIR / "never-made").exists()
+
+
+def test_openssh_client_uses_the_same_files(fleet3):
+    host = fleet3.hosts[0]
+    ssh = subprocess.run(
+        ["ssh", "-F", str(fleet3.ssh_config), "-o", "BatchMode=yes", host.name, "hostname"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ssh.returncode == 0, ssh.stderr
+    assert ssh.stdout.strip() == host.name
+
+
+def test_hosts_cannot_see_the_fleets_keys(fleet3):
+    host = fleet3.hosts[0]
+    for secret in (fleet3.identity, host.host_key, fleet3.state_dir / "fleet.json"):
+        assert secret.exists()
+        assert th.exec_in(host, ["test", "-e", str(secret)], check=False).returncode == 1
+
+
+def test_prune_removes_fleets_whose_owner_died():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    state = th.BASE_DIR / f"test-prune-{os.getpid()}"
+    orphan = th.up(1, state_dir=state, owner_pid=gone.pid)
+    pids = th._netns_pids(orphan.hosts[0].netns)
+    try:
+        removed = th.prune()
+        assert f"dir {state}" in removed
+    finally:
+        th.down(state)
+    assert _leftovers(orphan, pids) == []
+
+
+@pytest.mark.parametrize(
+    ("ci", "code", "outcome", "says"),
+    [("true", 1, "1 error", "CI=true but this test cannot run"), ("", 0, "1 skipped", "NOT RUN")],
+    ids=["ci-fails", "dev-skips"],
+)
+def test_without_test_hosts_ci_fails_and_developers_skip(ci, code, outcome, says):
+    env = {**os.environ, "CI": ci, th.ENV_DISABLE: "simulated"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rsf",
+            "-p",
+            "no:cacheprovider",
+            f"{Path(__file__)}::test_fleets_coexist_with_distinct_subnets",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == code, run.stdout
+    assert outcome in run.stdout
+    assert says in run.stdout
+    assert "test hosts disabled by SOCKOPS_TESTHOSTS_DISABLE=simulated" in run.stdout
+
+
+def _write_and_check_private(fleet: th.Fleet) -> None:
+    host = fleet.hosts[0]
+    c = fleet.connect(host.name)
+    try:
+        c.run("mkdir -p /usr/local/python3 /etc/sockops && touch /usr/local/python3/probe /etc/sockops/probe")
+    finally:
+        c.close()
+    assert th.exec_in(host, ["ls", "/usr/local/python3/probe", "/etc/sockops/probe"]).returncode == 0
+    assert not Path("/usr/local/python3/probe").exists()
+    assert not Path("/etc/sockops/probe").exists()
+
+
+def test_memory_upper_keeps_writes_out_of_the_state_dir(testhosts):
+    fleet = testhosts(1, upper="memory")
+    assert fleet.hosts[0].upper == "memory"
+    _write_and_check_private(fleet)
+    assert not (fleet.hosts[0].state_dir / "ovl").exists()
+
+
+def test_state_dir_on_overlayfs_falls_back_to_memory():
+    # as in a container whose root filesystem is overlayfs: it cannot hold another overlay's upper dir
+    base = th.BASE_DIR / f"test-ovlfs-{os.getpid()}"
+    for d in ("lower", "up", "work", "mnt"):
+        (base / d).mkdir(parents=True)
+    opts = f"lowerdir={base}/lower,upperdir={base}/up,workdir={base}/work"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(base / "mnt")], check=True)
+    try:
+        fleet = th.up(1, state_dir=base / "mnt" / "fleet", owner_pid=os.getpid())
+        try:
+            assert fleet.hosts[0].upper == "memory"
+            _write_and_check_private(fleet)
+        finally:
+            th.down(fleet.state_dir)
+    finally:
+        subprocess.run(["umount", str(base / "mnt")], check=True)
+        subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+def test_concurrent_ups_get_distinct_subnets():
+    states = [th.BASE_DIR / f"test-concurrent-{os.getpid()}-{i}" for i in range(3)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(th.up, 1, state_dir=s, owner_pid=os.getpid()) for s in states]
+    try:
+        fleets = [f.result() for f in futures]
+        subnets = {f.hosts[0].address.rsplit(".", 1)[0] for f in fleets}
+        assert len(subnets) == 3
+        for fleet in fleets:
+            c = fleet.connect("testhost1")
+            assert (
+                c.run("ip -4 -o addr show dev eth0", hide=True).stdout.split()[3]
+                == f"{fleet.hosts[0].address}/30"
+            )
+            c.close()
+    finally:
+        for s in states:
+            th.down(s)
