@@ -151,6 +151,8 @@ def _ssh_config(c: Any, flag: str) -> str:
 
 @task(
     iterable=["host"],
+    # automatic short flags would give ssh_config a broken `--` (s and h are taken): long flags only
+    auto_shortflags=False,
     help={
         "host": _HOST_HELP,
         "python": "interpreter on the host for the services' venv (default: sockops.python config, "
@@ -165,7 +167,9 @@ def _ssh_config(c: Any, flag: str) -> str:
     },
 )
 @_user_errors
-def deploy(c, host, python="", variant="", dry_run=False, accept_new_host_key=False, serial=0, ssh_config=""):
+def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
+    c, host, python="", variant="", dry_run=False, accept_new_host_key=False, serial=0, ssh_config=""
+):
     """Deploy the services under supervisord: new release, switch, restart what changed, health gate."""
     from deploy import runner
 
@@ -190,18 +194,27 @@ def rollback(c, host, ssh_config=""):
     runner.rollback(c.config.sockops, _split(",".join(host)), ssh_config=_ssh_config(c, ssh_config))
 
 
-@task(iterable=["host"], help={"host": _HOST_HELP, "json": "print JSON instead of a table", "ssh_config": _SSH_HELP})
+@task(
+    iterable=["host"],
+    help={"host": _HOST_HELP, "json": "print JSON instead of a table", "ssh_config": _SSH_HELP},
+)
 @_user_errors
 def status(c, host, json=False, ssh_config=""):
     """Show the current release and every supervised program (state, pid, uptime) per host."""
     from deploy import runner
 
-    runner.status(c.config.sockops, _split(",".join(host)), as_json=json, ssh_config=_ssh_config(c, ssh_config))
+    runner.status(
+        c.config.sockops, _split(",".join(host)), as_json=json, ssh_config=_ssh_config(c, ssh_config)
+    )
 
 
 @task(
     iterable=["host", "program"],
-    help={"host": _HOST_HELP, "program": "program to restart (repeatable; default: all)", "ssh_config": _SSH_HELP},
+    help={
+        "host": _HOST_HELP,
+        "program": "program to restart (repeatable; default: all)",
+        "ssh_config": _SSH_HELP,
+    },
 )
 @_user_errors
 def restart(c, host, program, ssh_config=""):
@@ -215,14 +228,14 @@ def restart(c, host, program, ssh_config=""):
     iterable=["host", "program"],
     help={
         "host": _HOST_HELP,
-        "program": "program whose log to show (repeatable; 'supervisord' for the daemon; default: every service)",
+        "program": "program whose log to show (repeatable; 'supervisord' = the daemon; default: all)",
         "lines": "how many lines from the end",
         "follow": "keep printing new lines (one host only; Ctrl-C to stop)",
         "ssh_config": _SSH_HELP,
     },
 )
 @_user_errors
-def logs(c, host, program, lines=40, follow=False, ssh_config=""):
+def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0917 - signature = the CLI
     """Show the tail of the services' logs from /var/log/sockops."""
     from deploy import runner
 
@@ -238,14 +251,20 @@ def logs(c, host, program, lines=40, follow=False, ssh_config=""):
 
 @task(
     iterable=["host"],
-    help={"host": _HOST_HELP, "purge": "also remove the transfer files and the system user", "ssh_config": _SSH_HELP},
+    help={
+        "host": _HOST_HELP,
+        "purge": "also remove the transfer files and the system user",
+        "ssh_config": _SSH_HELP,
+    },
 )
 @_user_errors
 def undeploy(c, host, purge=False, ssh_config=""):
     """Stop sockops' supervisord and remove releases, config and logs from the host(s)."""
     from deploy import runner
 
-    runner.undeploy(c.config.sockops, _split(",".join(host)), purge=purge, ssh_config=_ssh_config(c, ssh_config))
+    runner.undeploy(
+        c.config.sockops, _split(",".join(host)), purge=purge, ssh_config=_ssh_config(c, ssh_config)
+    )
 
 
 for _t in (deploy, rollback, status, restart, logs, undeploy):
@@ -379,13 +398,17 @@ ns.add_task(prometheus_config)
         "modes": "TCP modes: keepalive,newconn (newconn = one connection per request, builds TIME_WAIT)",
         "duration": "measured seconds per run (default 3)",
         "runs": "runs per cell; the median is reported with the spread (default 3)",
-        "out": "directory for bench.json and bench.png (default bench-results)",
+        "out": "directory for bench.json, bench.md and bench.png (default bench-results)",
         "quick": "small grid, 1 s runs, one run each, 64 MiB transfer file",
         "python": "interpreter for the services and Python references (default: this one)",
         "client_threads": "load generator threads (default 1)",
         "transfer_mib": "transfer file size in MiB (default 1024)",
         "no_references": "skip the reference servers (ratios are then missing)",
         "monitor": "instead of the grid: time one monitoring snapshot vs ss and psutil with ~30k TIME_WAIT",
+        "build": "instead of the grid: build-python vs pyenv's python-build, same version and options (long)",
+        "build_version": "--build: CPython version (default 3.9.2)",
+        "tarball": "--build: source tarball (default: the one build-python cached)",
+        "skip_pyenv": "--build: time only build-python (plain build and no-op re-run)",
     }
 )
 @_user_errors
@@ -405,6 +428,10 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     transfer_mib=None,
     no_references=False,
     monitor=False,
+    build=False,
+    build_version="3.9.2",
+    tarball="",
+    skip_pyenv=False,
 ):
     """Measure every variant of every service side by side with reference servers (loopback only)."""
     from deploy import bench as benchmod
@@ -424,7 +451,8 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         transfer_mib=transfer_mib,
         no_references=no_references,
     )
-    benchmod.bench(opts, monitor=monitor)
+    build_req = benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv) if build else None
+    benchmod.bench(opts, monitor=monitor, build=build_req)
 
 
 ns.add_task(bench)

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "stopwaitsecs": 10,  # graceful drain before supervisord escalates to SIGKILL
         # Operator-side wheel cache (default: $XDG_CACHE_HOME/sockops or ~/.cache/sockops).
         "cache_dir": "",
-        # Tree the host wheel is built from (services/, monitoring/, deploy/hostctl.py); "" = this installation.
+        # Tree the host wheel is built from (services/, monitoring/, deploy/hostctl.py); "" = this install.
         "source_root": "",
         "exporter": {"enabled": True, "bind": "0.0.0.0:9480"},
         # `invoke health` / `monitor` thresholds (monitoring.verdict.Thresholds; any subset overrides).

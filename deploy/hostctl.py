@@ -10,12 +10,19 @@ Standard library + the supervisor package only; no 3.8+ syntax.
 from __future__ import annotations
 
 import argparse
+import configparser
+import contextlib
 import json
 import os
+import pwd
+import shlex
+import signal
 import socket
+import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Iterator
 from typing import Any
 
 # supervisord process states that will not become RUNNING without intervention
@@ -51,6 +58,78 @@ def _ignore_fault(call: Any, *args: Any) -> str | None:
         return exc.faultString
 
 
+def _program_options(conf: str, program: str) -> dict[str, str]:
+    parser = configparser.RawConfigParser()
+    parser.read(conf)
+    section = "program:" + program
+    return dict(parser.items(section)) if parser.has_section(section) else {}
+
+
+def _wait_running(proxy: Any, program: str, timeout: float) -> str:
+    """Poll until the program is RUNNING (or gave up); returns the last state name."""
+    deadline = time.monotonic() + timeout
+    state = "UNKNOWN"
+    while time.monotonic() < deadline:
+        try:
+            state = proxy.supervisor.getProcessInfo(program)["statename"]
+        except xmlrpc.client.Fault:
+            state = "MISSING"
+        if state in ("RUNNING", "FATAL", "EXITED", "STOPPED"):
+            break
+        time.sleep(0.1)
+    return state
+
+
+@contextlib.contextmanager
+def _bridge(conf: str, program: str, timeout: float) -> Iterator[None]:
+    """Zero-downtime restart: while supervisord replaces `program`, a temporary copy of its NEW command serves
+    on the same port (every service listens with SO_REUSEPORT, so both accept). Started before the old process
+    stops, stopped (TERM: graceful drain) once the new supervised process runs. Without --reuse-port in the
+    command, or when the copy does not come up, the restart simply happens without a bridge."""
+    opts = _program_options(conf, program)
+    command = opts.get("command", "")
+    if "--reuse-port" not in command:
+        yield
+        return
+    log_path = opts.get("stdout_logfile", "/dev/null") + ".bridge"
+    user = opts.get("user", "")
+
+    def demote() -> None:
+        if user and os.getuid() == 0:
+            entry = pwd.getpwnam(user)
+            os.setgid(entry.pw_gid)
+            os.setgroups([])
+            os.setuid(entry.pw_uid)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            shlex.split(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd="/",
+            preexec_fn=demote,  # noqa: PLW1509 - single-threaded; Popen(user=) needs 3.9, hosts may run 3.7
+            start_new_session=True,  # its own process group: prefork workers stop with it
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with open(log_path) as fh:
+                if "listening" in fh.read():
+                    break
+            time.sleep(0.05)
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
     """reloadConfig + add/remove groups, then restart programs whose fingerprint changed (code or section)."""
     proxy = _wait_rpc(args.socket, args.timeout)
@@ -66,9 +145,11 @@ def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
         _ignore_fault(proxy.supervisor.stopProcessGroup, name)
         proxy.supervisor.removeProcessGroup(name)
     for name in changed:
-        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
-        proxy.supervisor.removeProcessGroup(name)
-        proxy.supervisor.addProcessGroup(name)
+        with _bridge(args.conf, name, args.timeout):
+            _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+            proxy.supervisor.removeProcessGroup(name)
+            proxy.supervisor.addProcessGroup(name)
+            _wait_running(proxy, name, args.timeout)
     for name in added:
         proxy.supervisor.addProcessGroup(name)
     restarted = []
@@ -77,8 +158,10 @@ def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
         for name in sorted(want):
             if name in touched or applied.get(name) == want[name]:
                 continue
-            _ignore_fault(proxy.supervisor.stopProcessGroup, name)
-            _ignore_fault(proxy.supervisor.startProcessGroup, name, False)
+            with _bridge(args.conf, name, args.timeout):
+                _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+                _ignore_fault(proxy.supervisor.startProcessGroup, name, False)
+                _wait_running(proxy, name, args.timeout)
             restarted.append(name)
     # groups supervisord started (added/changed) are started without waiting; record what now runs
     tmp = args.applied + ".tmp"
@@ -212,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     apply = sub.add_parser("apply")
     apply.add_argument("--applied", required=True)
+    apply.add_argument(
+        "--conf", required=True, help="supervisord.conf (program commands for restart bridges)"
+    )
     apply.add_argument("--want-file", required=True, help="JSON file {program: fingerprint}")
     apply.add_argument("--fresh", action="store_true")
     health = sub.add_parser("health")

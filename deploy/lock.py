@@ -2,9 +2,9 @@
 
 The lock is a `flock` held by a command running ON the host whose stdin is our connection (the SSH channel, or
 a pipe for `local`): `flock -n` on the lock file, write who we are next to it, then `cat` until stdin closes.
-Releasing closes stdin; if the deploy process is killed, the SSH connection (or the pipe) closes and the kernel
-drops the lock with the `cat` process — a killed deploy never blocks the next one, and there is no stale-lock
-guessing. A second deploy's `flock -n` fails at once and reports the owner line written by the holder.
+Releasing closes stdin; if the deploy process is killed, the SSH connection (or the pipe) closes and the
+kernel drops the lock with the `cat` process — a killed deploy never blocks the next one, and there is no
+stale-lock guessing. A second deploy's `flock -n` fails at once and reports the owner line the holder wrote.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def lock_command(lock_path: str, owner: str) -> str:
     run_dir = shlex.quote(os.path.dirname(lock_path) or "/")
     return (
         f"mkdir -p {run_dir} && exec 9>>{lock} && "
-        f"if flock -n 9; then printf '%s\\n' {shlex.quote(owner)} > {info}; echo {ACQUIRED}; exec cat >/dev/null; "
+        f"if flock -n 9; then printf '%s\\n' {shlex.quote(owner)} > {info}; echo {ACQUIRED}; "
+        "exec cat >/dev/null; "
         f"else echo {HELD} $(cat {info} 2>/dev/null); exit {HELD_EXIT}; fi"
     )
 

@@ -872,6 +872,7 @@ def build_on(
             f"{host}: {prefix} exists and is not a Python install ({', '.join(state.entries[:5])} ...); "
             "build-python replaces its prefix whole. Pick another --prefix or move that directory away."
         )
+    source = fetcher.get(host)  # verified on the operator before anything is written to the host
     h = _HostRun(c, host, reporter, root=facts.user_id(c) == 0)
     tag = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     logdir = "/var/log/sockops-build" if h.root else "$HOME/.local/state/sockops/build-python"
@@ -885,7 +886,7 @@ def build_on(
             return _noop(host, req, prefix, state, started)
         _cleanup_leftovers(h, prefix)
         try:
-            return _build(h, req, plan=plan, fetcher=fetcher, state=state, tag=tag, started=started)
+            return _build(h, req, plan=plan, source=source, state=state, tag=tag, started=started)
         finally:
             paths = " ".join(shlex.quote(p) for p in (h.build_dir, h.stage_root) if p)
             if paths:
@@ -897,14 +898,14 @@ def _build(
     req: BuildRequest,
     *,
     plan: SourcePlan,
-    fetcher: SourceFetcher,
+    source: tuple[Path, str],
     state: InstalledState,
     tag: str,
     started: float,
 ) -> BuildOutcome:
     c, host, reporter = h.c, h.host, h.reporter
     prefix = req.prefix.rstrip("/")
-    tarball, sha = fetcher.get(host)  # verified before anything touches the host's build dir
+    tarball, sha = source
     cpus = facts.cpu_count(c)
     jobs = req.jobs or cpus
     h.build_dir = h.run("mktemp -d /var/tmp/sockops-build.XXXXXX").stdout.strip()

@@ -118,6 +118,9 @@ def measure_build_vs_pyenv(
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
+            lock = pb.lock_path(str(work / "sockops" / "python3"))
+            for leftover in (Path(lock), Path(lock + ".owner")):
+                leftover.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

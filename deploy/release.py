@@ -1,14 +1,15 @@
-"""Releases on a host: facts, plan, wheelhouse upload, venv, `current` switch, supervisord, health gate, rollback.
+"""Releases on a host: facts, plan, wheelhouse, venv, `current` switch, supervisord, health gate, rollback.
 
 pyinfra style: one probe reads the host's state (facts), `plan()` is a pure diff between that and the desired
 state, and only the differences are acted on — an unchanged re-deploy runs two commands (lock + probe) and
 reports "unchanged". Every step takes a Context and uses only run/sudo/put, so the same code deploys to this
 machine (`local`, invoke.Context) and over SSH (fabric.Connection).
 
-Host layout (contract 1): <base>/releases/<id>/{venv,supervisord.conf,services.json,fingerprints.json,KEY,CODE,
-release.json}; release.json is written last and marks a release complete — a deploy killed earlier leaves a
-directory without it, which `current` never points at and the next deploy removes. <base>/current is switched
-with rename(2). /etc/sockops/{supervisord.conf,services.json} are copies of the current release's files.
+Host layout (contract 1): <base>/releases/<id>/{venv,supervisord.conf,services.json,fingerprints.json,KEY,
+CODE,release.json}; release.json is written last and marks a release complete — a deploy killed earlier leaves
+a directory without it, which `current` never points at and the next deploy removes. <base>/current is
+switched with rename(2). /etc/sockops/{supervisord.conf,services.json} are copies of the current
+release's files.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class HealthGateError(ReleaseError):
     """The new release did not answer; the previous one was restored."""
 
 
-# --- facts ---------------------------------------------------------------------------------------------------
+# --- facts --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,13 @@ echo "arch=$(uname -m)"
 echo "osrelease=$(base64 -w0 /etc/os-release 2>/dev/null)"
 [ -d /run/systemd/system ] && echo systemd=1
 id -u {q(settings.user)} >/dev/null 2>&1 && echo user=1
-if [ -x "$P" ]; then echo "python=$("$P" -c {q(_PY_PROBE)} 2>&1 | head -c 300 | tr '\\n' ' ')"; else echo python=missing; fi
+if [ -x "$P" ]; then echo "python=$("$P" -c {q(_PY_PROBE)} 2>&1 | head -c 300 | tr '\\n' ' ')"
+else echo python=missing; fi
 echo "current=$(basename "$(readlink "$B/current" 2>/dev/null)" 2>/dev/null)"
 for d in "$B"/releases/*/; do
   [ -d "$d" ] || continue; n=$(basename "$d")
-  if [ -f "$d/release.json" ]; then echo "release=$n $(cat "$d/KEY") $(cat "$d/CODE")"; else echo "incomplete=$n"; fi
+  if [ -f "$d/release.json" ]; then echo "release=$n $(cat "$d/KEY") $(cat "$d/CODE")"
+  else echo "incomplete=$n"; fi
 done
 for d in "$B"/wheelhouse/*/; do [ -d "$d" ] && echo "wheelhouse=$(basename "$d")"; done
 pid=$(cat "$R/supervisord.pid" 2>/dev/null)
@@ -124,7 +127,7 @@ echo "applied=$(base64 -w0 "$E/applied.json" 2>/dev/null)"
 def parse_facts(text: str) -> HostFacts:
     """HostFacts from the probe's output (pure).
 
-    >>> f = parse_facts("uid=0\\narch=x86_64\\npython=missing\\ncurrent=\\nrelease=r1 k1 c1\\nincomplete=r2\\n")
+    >>> f = parse_facts("uid=0\\npython=missing\\ncurrent=\\nrelease=r1 k1 c1\\nincomplete=r2\\n")
     >>> f.uid, f.python, f.current, f.releases[0].key, f.incomplete, f.supervisord_pid
     (0, 'missing', '', 'k1', ('r2',), 0)
     """
@@ -208,7 +211,7 @@ def read_facts(c: Context, settings: DeploySettings) -> HostFacts:
     return parse_facts(out.stdout)
 
 
-# --- desired state and plan ----------------------------------------------------------------------------------
+# --- desired state and plan ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,7 @@ def plan(settings: DeploySettings, facts: HostFacts, desired: Desired, wh: wheel
     )
 
 
-# --- steps (each: Context + run/sudo/put) ---------------------------------------------------------------------
+# --- steps (each: Context + run/sudo/put) -------------------------------------------------------------------
 
 
 def _root_run(c: Context, script: str, *, uid: int, what: str, host: str, warn: bool = False) -> Any:
@@ -344,7 +347,8 @@ def _write_files_script(files: dict[str, tuple[str, str]]) -> str:
         q, tmp = shlex.quote(path), shlex.quote(path + ".sockops-tmp")
         b64 = base64.b64encode(content.encode()).decode()
         lines.append(
-            f"mkdir -p $(dirname {q}); printf %s {b64} | base64 -d > {tmp}; chmod {mode} {tmp}; mv -f {tmp} {q}"
+            f"mkdir -p $(dirname {q}); printf %s {b64} | base64 -d > {tmp}; chmod {mode} {tmp}; "
+            f"mv -f {tmp} {q}"
         )
     return "\n".join(lines)
 
@@ -384,7 +388,7 @@ def step_upload(
     _root_run(c, script, uid=facts.uid, what="unpacking the wheelhouse", host=host)
 
 
-def step_release(
+def step_release(  # noqa: PLR0917 - one positional per input a release is made of
     c: Context,
     settings: DeploySettings,
     wh: wheelhouse.Wheelhouse,
@@ -429,7 +433,8 @@ def step_release(
         f"--no-cache-dir --no-compile --find-links {q(whdir)} {reqs}\n"
         # byte-compile only what runs on the host (services run as a user that cannot write __pycache__);
         # compiling all of rich/pygments would double the venv build time
-        f"cd {q(rdir)}/venv/lib/python*/site-packages && {q(rdir + '/venv/bin/python')} -m compileall -q -j 0 "
+        f"cd {q(rdir)}/venv/lib/python*/site-packages && "
+        f"{q(rdir + '/venv/bin/python')} -m compileall -q -j 0 "
         f"{' '.join(HOST_COMPILED)} >/dev/null; cd /\n"
         + _write_files_script(files)
         + "\n"
@@ -448,7 +453,8 @@ def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostF
         f"ln -sfn releases/{q(release)} {q(tmp_link)}; mv -T {q(tmp_link)} {q(p.current)}\n"
     )
     for name, target in (("supervisord.conf", p.conf), ("services.json", p.manifest)):
-        script += f"cp {q(rdir + '/' + name)} {q(target + '.sockops-tmp')}; mv -f {q(target + '.sockops-tmp')} {q(target)}\n"
+        tmp = q(target + ".sockops-tmp")
+        script += f"cp {q(rdir + '/' + name)} {tmp}; mv -f {tmp} {q(target)}\n"
     _root_run(c, script, uid=facts.uid, what=f"switching to release {release}", host=host)
 
 
@@ -500,7 +506,8 @@ def step_apply(
     """XML-RPC: reloadConfig, add/remove groups, restart programs whose fingerprint changed."""
     p = settings.paths
     want = f"{p.releases}/{release}/fingerprints.json"
-    args = ["apply", "--applied", p.applied, "--want-file", want] + (["--fresh"] if fresh else [])
+    args = ["apply", "--applied", p.applied, "--conf", p.conf, "--want-file", want]
+    args += ["--fresh"] if fresh else []
     cmd = _hostctl(settings, release, *args)
     result = _root_run(c, cmd, uid=facts.uid, what="applying supervisord changes", host=host, warn=True)
     doc = _json_result(result, host=host, what="applying supervisord changes")
@@ -529,7 +536,7 @@ def step_health(
 def step_prune(
     c: Context, settings: DeploySettings, facts: HostFacts, keep_ids: Sequence[str], *, host: str
 ) -> list[str]:
-    """Remove releases beyond the newest N (never current or supervisord's), incomplete ones, unused wheelhouses."""
+    """Remove releases past the newest N (never current/supervisord's), incomplete ones, unused wheels."""
     doomed, keep_codes = prune_plan(facts, keep=settings.keep_releases, protect=keep_ids)
     old_wh = [w for w in facts.wheelhouses if w not in keep_codes]
     if not doomed and not old_wh:
@@ -555,7 +562,7 @@ def prune_plan(facts: HostFacts, *, keep: int, protect: Sequence[str]) -> tuple[
     return doomed, codes
 
 
-# --- orchestration -------------------------------------------------------------------------------------------
+# --- orchestration ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -586,7 +593,8 @@ def _activate(
 ) -> dict[str, Any]:
     """Switch to `release`, make supervisord run it, restart what changed. Returns the apply summary."""
     step_switch(c, settings, release, facts, host=host)
-    say(f"current -> {release}")
+    if facts.current != release:
+        say(f"current -> {release}")
     unit = desired.unit if desired is not None else ""
     fresh = step_supervisord(c, settings, release, facts, unit=unit, host=host)
     if fresh:
@@ -609,7 +617,7 @@ def _health_failure(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _gate_and_maybe_revert(
+def _gate_and_maybe_revert(  # noqa: PLR0917 - internal; the call sites read as a sentence
     c: Context,
     settings: DeploySettings,
     facts: HostFacts,
@@ -637,7 +645,8 @@ def _gate_and_maybe_revert(
         back = step_health(c, settings, previous, after, host=host)
     except DeployError as exc:
         raise HealthGateError(
-            f"{host}: release {new} failed the health gate, and switching back to {previous} failed too: {exc}\n"
+            f"{host}: release {new} failed the health gate, and switching back to {previous} failed too: "
+            f"{exc}\n"
             f"{detail}"
         ) from exc
     state = (
@@ -691,7 +700,8 @@ def _deploy_locked(
             say(f"would {change}")
         return HostResult(host, "planned", pl.release, time.monotonic() - started, pl.changes)
     say(
-        f"facts: {facts.os or 'unknown OS'}, {facts.arch}, Python {facts.python.split()[0]} at {settings.python}"
+        f"facts: {facts.os or 'unknown OS'}, {facts.arch}, "
+        f"Python {facts.python.split()[0]} at {settings.python}"
     )
     if pl.create_user or not pl.reuse:
         step_base(c, settings, facts, host=host)
@@ -826,14 +836,17 @@ def undeploy_host(
         script += (
             f"\nfind {q(p.run)} -mindepth 1 ! -name 'deploy.lock*' -exec rm -rf {{}} + 2>/dev/null || true"
         )
+        script += f"\nrmdir {q(p.etc)} 2>/dev/null || true"
         if purge:
-            script += f"\nuserdel {q(settings.user)} 2>/dev/null || true"
+            script += (
+                f"\nrmdir {q(p.base)} 2>/dev/null || true\nuserdel {q(settings.user)} 2>/dev/null || true"
+            )
         _root_run(c, script, uid=facts.uid, what="removing the deploy", host=host)
         say("removed releases, config and logs" + (", files and user" if purge else ""))
         return HostResult(host, "changed", "", time.monotonic() - started, ("undeploy",))
 
 
-# --- rendering -----------------------------------------------------------------------------------------------
+# --- rendering ----------------------------------------------------------------------------------------------
 
 
 def render_results(results: Sequence[HostResult]) -> str:
@@ -848,7 +861,7 @@ def render_results(results: Sequence[HostResult]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     errors = [f"{r.host}: {r.error}" for r in results if r.error]
-    return "\n".join(lines + ([""] + errors if errors else []))
+    return "\n".join(lines + (["", *errors] if errors else []))
 
 
 def prefixed_printer(host: str, lock: threading.Lock | None = None) -> Say:

@@ -50,9 +50,11 @@ def _one(
         message = str(exc).removeprefix(f"{host}: ") or type(exc).__name__
         say("FAILED: " + message)
         return HostResult(host, "failed", "", time.monotonic() - started, error=message.splitlines()[0][:300])
-    except Exception as exc:  # noqa: BLE001 - one host's unexpected failure must not hide the others' results
+    except Exception as exc:
         say(f"FAILED: {type(exc).__name__}: {exc}")
-        return HostResult(host, "failed", "", time.monotonic() - started, error=f"{type(exc).__name__}: {exc}")
+        return HostResult(
+            host, "failed", "", time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"
+        )
     finally:
         if c is not None:
             _close(c)
@@ -96,9 +98,13 @@ def run_on_hosts(
 
 def _finish(results: Sequence[HostResult], what: str) -> list[HostResult]:
     print(release.render_results(results), flush=True)
-    failed = [r.host for r in results if r.status in ("failed", "skipped")]
+    failed = [r.host for r in results if r.status == "failed"]
+    skipped = [r.host for r in results if r.status == "skipped"]
     if failed:
-        raise DeployError(f"{what} failed on {len(failed)} of {len(results)} host(s): {', '.join(failed)}")
+        extra = f"; not attempted after the failed batch: {', '.join(skipped)}" if skipped else ""
+        raise DeployError(
+            f"{what} failed on {len(failed)} of {len(results)} host(s): {', '.join(failed)}{extra}"
+        )
     return list(results)
 
 
@@ -138,7 +144,9 @@ def rollback(
     def op(c: Context, host: str) -> HostResult:
         return release.rollback_host(c, host, settings, say=release.prefixed_printer(host, _print_lock))
 
-    return _finish(run_on_hosts(hosts, op, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key), "rollback")
+    return _finish(
+        run_on_hosts(hosts, op, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key), "rollback"
+    )
 
 
 def undeploy(
@@ -147,7 +155,9 @@ def undeploy(
     settings = settings_from(cfg)
 
     def op(c: Context, host: str) -> HostResult:
-        return release.undeploy_host(c, host, settings, purge=purge, say=release.prefixed_printer(host, _print_lock))
+        return release.undeploy_host(
+            c, host, settings, purge=purge, say=release.prefixed_printer(host, _print_lock)
+        )
 
     return _finish(run_on_hosts(hosts, op, ssh_config=ssh_config), "undeploy")
 
@@ -155,8 +165,9 @@ def undeploy(
 def render_status(docs: Sequence[Mapping[str, Any]]) -> str:
     """Program table over hosts (pure).
 
-    >>> print(render_status([{"host": "h", "release": "r1", "programs": [
-    ...     {"name": "sockops-tcp-echo", "statename": "RUNNING", "pid": 7, "description": "pid 7, uptime 0:01:00"}]}]))
+    >>> prog = {"name": "sockops-tcp-echo", "statename": "RUNNING", "pid": 7}
+    >>> prog["description"] = "pid 7, uptime 0:01:00"
+    >>> print(render_status([{"host": "h", "release": "r1", "programs": [prog]}]))
     HOST  RELEASE  PROGRAM           STATE    PID  INFO
     h     r1       sockops-tcp-echo  RUNNING  7    pid 7, uptime 0:01:00
     """
@@ -165,7 +176,16 @@ def render_status(docs: Sequence[Mapping[str, Any]]) -> str:
         if doc.get("error") and not doc.get("programs"):
             rows.append((doc["host"], doc.get("release", "-"), "-", "ERROR", "-", str(doc["error"])[:80]))
         for p in doc.get("programs", []):
-            rows.append((doc["host"], doc["release"], p["name"], p["statename"], str(p["pid"] or "-"), p["description"]))
+            rows.append(
+                (
+                    doc["host"],
+                    doc["release"],
+                    p["name"],
+                    p["statename"],
+                    str(p["pid"] or "-"),
+                    p["description"],
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows)
 
@@ -190,17 +210,23 @@ def _per_host(
         return list(pool.map(one, hosts))
 
 
-def status(cfg: Mapping[str, Any], hosts: Sequence[str], *, as_json: bool = False, ssh_config: str = "") -> None:
+def status(
+    cfg: Mapping[str, Any], hosts: Sequence[str], *, as_json: bool = False, ssh_config: str = ""
+) -> None:
     settings = settings_from(cfg)
     out = _per_host(hosts, lambda c, h: release.status_host(c, h, settings), ssh_config=ssh_config)
-    docs = [v if v is not None else {"host": h, "release": "-", "programs": [], "error": e} for h, v, e in out]
+    docs = [
+        v if v is not None else {"host": h, "release": "-", "programs": [], "error": e} for h, v, e in out
+    ]
     print(json.dumps(docs, indent=2) if as_json else render_status(docs), flush=True)
     bad = [d["host"] for d in docs if d.get("error") or not d.get("supervisord", False)]
     if bad:
         raise DeployError(f"status: supervisord is not answering on {', '.join(bad)}")
 
 
-def restart(cfg: Mapping[str, Any], hosts: Sequence[str], programs: Sequence[str], *, ssh_config: str = "") -> None:
+def restart(
+    cfg: Mapping[str, Any], hosts: Sequence[str], programs: Sequence[str], *, ssh_config: str = ""
+) -> None:
     settings = settings_from(cfg)
     out = _per_host(hosts, lambda c, h: release.restart_host(c, h, settings, programs), ssh_config=ssh_config)
     for host, value, error in out:
@@ -222,7 +248,9 @@ def logs(
     if follow and len(hosts) != 1:
         raise DeployError("logs --follow works on one host at a time; pass a single --host")
     out = _per_host(
-        hosts, lambda c, h: release.logs_host(c, h, settings, programs, lines=lines, follow=follow), ssh_config=ssh_config
+        hosts,
+        lambda c, h: release.logs_host(c, h, settings, programs, lines=lines, follow=follow),
+        ssh_config=ssh_config,
     )
     for host, value, error in out:
         if error:

@@ -1,8 +1,8 @@
 """sockops' own supervisord: its config, manifest and systemd unit as pure renderers, plus fingerprints.
 
 Everything here is a pure function of the deploy settings, so it is unit-tested without a host. Program
-commands run `<base>/current/venv/bin/python`, so a release switch alone does not change a program section; the
-per-program fingerprint (code id + rendered section) is what tells the host which programs must restart.
+commands run `<base>/current/venv/bin/python`, so a release switch alone does not change a program section;
+the per-program fingerprint (code id + rendered section) is what tells the host which programs must restart.
 Control over XML-RPC happens on the host (deploy/hostctl.py) through the unix socket.
 """
 
@@ -38,8 +38,9 @@ def python_path(paths: Paths) -> str:
 def service_command(spec: ServiceSpec, paths: Paths) -> str:
     """The contract-2 command line for one service.
 
-    >>> service_command(ServiceSpec("transfer", "0.0.0.0", 8081, "prefork", 4, "/srv/f"), Paths())
-    '/srv/sockops/current/venv/bin/python -m services transfer --variant prefork --bind 0.0.0.0:8081 --workers 4 --root /srv/f'
+    >>> spec = ServiceSpec("transfer", "0.0.0.0", 8081, "prefork", 4, "/f")
+    >>> service_command(spec, Paths()).split(" ", 1)[1]
+    '-m services transfer --variant prefork --bind 0.0.0.0:8081 --workers 4 --root /f'
     """
     argv = [python_path(paths), "-m", "services", spec.name, "--variant", spec.variant]
     argv += ["--bind", _bind(spec.host, spec.port)]
@@ -47,6 +48,8 @@ def service_command(spec: ServiceSpec, paths: Paths) -> str:
         argv += ["--workers", str(spec.workers)]
     if spec.name == "transfer":
         argv += ["--root", spec.root or paths.files]
+    # SO_REUSEPORT: a restart starts the new process next to the old one (hostctl's bridge): none refused
+    argv += ["--reuse-port"]
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -183,7 +186,8 @@ def fingerprints(sections: Mapping[str, str], code_id: str) -> dict[str, str]:
     """{program: hash(code id + section)}: differs exactly when a program's code or config changed.
 
     >>> a = fingerprints({"p": "[program:p]\\ncommand=x\\n"}, "code1")
-    >>> a == fingerprints({"p": "[program:p]\\ncommand=x\\n"}, "code1"), a == fingerprints({"p": "[program:p]\\n"}, "code1")
+    >>> same = a == fingerprints({"p": "[program:p]\\ncommand=x\\n"}, "code1")
+    >>> same, a == fingerprints({"p": "[program:p]\\n"}, "code1")
     (True, False)
     """
     return {

@@ -664,18 +664,56 @@ def load(state_dir: Path | str = DEFAULT_STATE_DIR) -> Fleet:
 
 
 def _kill_netns(netns: str) -> None:
-    """SIGKILL every process in `netns` until none is left."""
+    """SIGKILL every process in `netns` until none is left, then wait until each has fully exited."""
     deadline = time.monotonic() + STOP_TIMEOUT
-    while True:
-        pids = [p for p in _netns_pids(netns) if _alive(p)]
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise FleetError(f"processes {pids} in {netns} survived SIGKILL for {STOP_TIMEOUT:.0f}s")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    pidfds: dict[int, int] = {}
+    try:
+        while True:
+            pids = [p for p in _netns_pids(netns) if _alive(p)]
+            if not pids:
+                break
+            if time.monotonic() > deadline:
+                raise FleetError(f"processes {pids} in {netns} survived SIGKILL for {STOP_TIMEOUT:.0f}s")
+            for pid in pids:
+                fd = _kill_if_in_netns(pid, netns)
+                if fd is not None:
+                    pidfds.setdefault(pid, fd)
+            time.sleep(0.01)
+        # a dying process leaves its namespaces before it is done exiting; its pidfd turns readable
+        # once it has (so down() returns with every process really gone)
+        waiting = list(pidfds.values())
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+            waiting = [fd for fd in waiting if fd not in ready]
+        if waiting:
+            raise FleetError(f"processes in {netns} did not exit within {STOP_TIMEOUT:.0f}s of SIGKILL")
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def _kill_if_in_netns(pid: int, netns: str) -> int | None:
+    """SIGKILL `pid` only if it is (still) in `netns`: the pid may have been reused since it was listed.
+
+    A pidfd pins the process, so the check and the kill are about the same process; the pidfd is returned
+    (caller closes it) to wait for the exit. None if there is no pidfd (kernel < 5.3) or nothing to kill.
+    """
+    try:
+        ns = os.stat(f"/run/netns/{netns}")
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):  # gone already, or no pidfd support: plain kill
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        return None
+    try:
+        mine = os.stat(f"/proc/{pid}/ns/net")
+        if (mine.st_dev, mine.st_ino) == (ns.st_dev, ns.st_ino):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            return fd
+    except (ProcessLookupError, FileNotFoundError, PermissionError):
+        pass  # exited meanwhile
+    os.close(fd)
+    return None
 
 
 def _remove_veth(veth: str) -> bool:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +35,9 @@ from deploy.errors import DeployError
 
 # What the host venv needs; versions are whatever pip resolves for the target Python (cached per target).
 REQUIREMENTS = ("psutil", "supervisor", "prometheus-client", "rich")
-# Dependencies behind environment markers (e.g. rich -> typing-extensions; python_version < "3.9"): pip download
-# evaluates markers against the operator's interpreter, not --python-version, so fetch them explicitly; on a
-# target that does not need them they sit unused in the wheelhouse.
+# Dependencies behind environment markers (e.g. rich -> typing-extensions; python_version < "3.9"): pip
+# download evaluates markers against the operator's interpreter, not --python-version, so fetch them
+# explicitly; on a target that does not need them they sit unused in the wheelhouse.
 MARKER_DEPENDENCIES = ("typing-extensions", "importlib-metadata", "zipp", "setuptools")
 
 
@@ -50,6 +51,8 @@ def install_requirements(version: tuple[int, ...]) -> tuple[str, ...]:
     """
     extra = ("setuptools",) if tuple(version[:2]) < (3, 8) else ()
     return (HOST_DIST, *REQUIREMENTS, *extra)
+
+
 HOST_DIST = "sockops_host"
 HOST_VERSION = "0.1.0"
 HOST_PACKAGES = ("services", "monitoring")
@@ -218,8 +221,24 @@ class Wheelhouse:
         return self.code_hash[:16]
 
 
+_built: dict[tuple[Target, str, str], Wheelhouse] = {}
+_built_lock = threading.Lock()
+
+
 def build(target: Target, *, cache_dir: str = "", source_root: Path | None = None) -> Wheelhouse:
-    """Dependencies (cached) + the current host wheel, bundled into one tar for upload."""
+    """Dependencies (cached) + the current host wheel, bundled into one tar for upload.
+
+    Memoised per process: N hosts with the same interpreter share one build (a deploy is one process, so the
+    host code cannot change under it).
+    """
+    key = (target, cache_dir, str(source_root or ""))
+    with _built_lock:
+        if key not in _built:
+            _built[key] = _build(target, cache_dir=cache_dir, source_root=source_root)
+        return _built[key]
+
+
+def _build(target: Target, *, cache_dir: str, source_root: Path | None) -> Wheelhouse:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     deps = fetch_dependencies(target, cache)
     root = source_root or _source_root()

@@ -15,9 +15,11 @@ supervisord XML-RPC round trip are left out: they measure the network, not the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,6 +74,7 @@ def start_pool(workers: int) -> Tuple[Any, int]:
         port = s.getsockname()[1]
     argv = [sys.executable, "-m", "services", "tcp-echo", "--variant", "prefork", "--workers", str(workers)]
     argv += ["--bind", f"127.0.0.1:{port}", "--max-conns", "100000", "--backlog", "4096"]
+    # same process group as this benchmark: a caller that kills our group (timeout, Ctrl-C) ends the pool too
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:
@@ -80,10 +83,18 @@ def start_pool(workers: int) -> Tuple[Any, int]:
             break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
+                _kill_pool(proc)
                 raise RuntimeError("tcp-echo pool did not start") from None
             time.sleep(0.05)
     return proc, port
+
+
+def _kill_pool(proc: Any, workers: Optional[List[int]] = None) -> None:
+    """SIGKILL the pool's master and its workers, by pid (they are ours: we started the master)."""
+    for pid in [proc.pid, *(processes.children(proc.pid) if workers is None else workers)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 def hold_established(port: int, pairs: int, deadline: float) -> List[socket.socket]:
@@ -163,12 +174,12 @@ def run(
             c.close()
         if lst is not None:
             lst.close()
+        workers = processes.children(pool.pid)
         pool.terminate()
         try:
             pool.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            pool.kill()
-            pool.wait(timeout=10)
+            _kill_pool(pool, workers)
 
 
 def _in_private_netns(argv: List[str]) -> int:

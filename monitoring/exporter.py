@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import socket
@@ -244,7 +245,7 @@ class Scraper:
         start = time.monotonic()
         try:
             value, problem = fn()
-        except Exception as exc:
+        except Exception as exc:  # any failure of one part must leave the others served
             value, problem = None, _describe(exc)
         parts.append(PartResult(name, not problem, round(time.monotonic() - start, 6), problem))
         if problem != self._failing.get(name, ""):  # log changes only: a scrape every 15s would flood the log
@@ -339,7 +340,8 @@ class Scraper:
         proto_of = {t.name: t.proto for t in c.targets}
         for name, program in programs.items():
             inodes = view.table(proto_of[name]).inodes if view else frozen_map({})
-            out[name] = processes.sample_group(program.pid, c.cpu, inodes, self.settings.proc_root)
+            group = processes.sample_group(program.pid, c.cpu, inodes, self.settings.proc_root)
+            out[name] = tuple(with_fd_limit(p, self.settings.proc_root) for p in group)
         c.cpu.retain((p.pid, p.started) for group in out.values() for p in group)
         denied = sorted({f"{p.pid}:{d}" for group in out.values() for p in group for d in p.denied})
         problem = f"not readable (AccessDenied; run as root): {', '.join(denied)}" if denied else ""
@@ -355,9 +357,40 @@ class Scraper:
             for name, future in futures.items():
                 try:
                     out[name] = future.result()
-                except Exception as exc:
+                except Exception as exc:  # a probe that crashes is a collector failure
                     errors.append(f"{name}: {_describe(exc)}")
         return out, "; ".join(errors)
+
+
+def parse_nofile(limits: str) -> Optional[int]:
+    """The soft 'Max open files' of a /proc/PID/limits text (None if unlimited or absent).
+
+    >>> parse_nofile("Limit          Soft  Hard  Units\\nMax open files 1024  4096  files\\n")
+    1024
+    >>> parse_nofile("Max open files unlimited unlimited files"), parse_nofile("")
+    (None, None)
+    """
+    for line in limits.splitlines():
+        if line.startswith("Max open files"):
+            soft = line[len("Max open files") :].split()[0]
+            return int(soft) if soft.isdigit() else None
+    return None
+
+
+def with_fd_limit(p: ProcessSample, proc_root: str = "/proc") -> ProcessSample:
+    """Fill an fd limit psutil could not read from /proc/PID/limits (world-readable).
+
+    psutil reads another user's limit with prlimit(), which needs CAP_SYS_RESOURCE: a root without it (in a
+    container) is denied, yet the limits file tells the same.
+    """
+    if "fd_limit" not in p.denied:
+        return p
+    try:
+        with open(os.path.join(proc_root, str(p.pid), "limits")) as f:
+            limit = parse_nofile(f.read())
+    except OSError:
+        return p
+    return dataclasses.replace(p, fd_limit=limit, denied=tuple(d for d in p.denied if d != "fd_limit"))
 
 
 def _unknown_port(t: Target) -> PortSample:
@@ -393,7 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             try:
                 body, ctype, code = self.server.render(), CONTENT_TYPE, 200
-            except Exception as exc:
+            except Exception as exc:  # report the bug to the scraper, keep serving
                 self.server.log(f"scrape failed: {_describe(exc)}")
                 body, ctype, code = f"scrape failed: {_describe(exc)}\n".encode(), "text/plain", 500
         elif path == "/":
@@ -420,6 +453,10 @@ class _Server(ThreadingHTTPServer):
         self.render = render
         self.log = log
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a scraper that gave up mid-response (BrokenPipe, reset): one log line, not a traceback
+        self.log(f"connection from {client_address[0]}: {sys.exc_info()[1]!r}")
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves its own name (getfqdn): a reverse DNS lookup that can hang for

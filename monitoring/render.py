@@ -90,12 +90,22 @@ def system_line(snap: Snapshot) -> str:
     )
 
 
+ALWAYS_SHOWN = ("ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT")
+
+
+def state_columns(snap: Snapshot) -> List[Tuple[str, str]]:
+    """The state columns worth a terminal's width: the usual three, plus any state some service has now."""
+    return [
+        (head, state)
+        for head, state in STATE_COLUMNS
+        if state in ALWAYS_SHOWN
+        or any(svc.port.count(state) for svc in snap.services if svc.port.proto == "tcp")
+    ]
+
+
 def service_rows(snap: Snapshot, verdict: Optional[Verdict] = None) -> Tuple[List[str], List[List[str]]]:
-    head = (
-        ["SERVICE", "PROGRAM", "PORT", "LISTEN q/backlog"]
-        + [h for h, _ in STATE_COLUMNS]
-        + ["PROBE", "STATUS"]
-    )
+    columns = state_columns(snap)
+    head = ["SERVICE", "PROGRAM", "PORT", "LISTEN q/backlog"] + [h for h, _ in columns] + ["PROBE", "STATUS"]
     rows = []
     for svc in snap.services:
         port = svc.port
@@ -111,7 +121,7 @@ def service_rows(snap: Snapshot, verdict: Optional[Verdict] = None) -> Tuple[Lis
         else:
             probe_text = "FAIL"
         status = verdict.service_status(svc.target.name) if verdict else ""
-        counts = [str(port.count(s)) if svc.target.proto == "tcp" else "-" for _, s in STATE_COLUMNS]
+        counts = [str(port.count(s)) if svc.target.proto == "tcp" else "-" for _, s in columns]
         if svc.target.proto == "udp":
             counts[0] = str(port.count("ESTABLISHED"))
         rows.append(

@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: start next to a running instance")
     p.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="TERM: seconds in-flight requests get to finish"
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        help="TERM: seconds in-flight requests get to finish (default 5; prefork master: +2)",
     )
     p.add_argument(
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="asyncio variant: event loop"

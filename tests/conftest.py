@@ -9,6 +9,10 @@ Usage in any test module:
         c.run("hostname")
         fleet.exec("testhost1", ["cat", "/etc/hostname"])          # inside the host without SSH
 
+    fleet = testhosts_module(3)   # module-scoped variant: shared by the module's tests, down at module end
+    testhosts(1, upper="memory")  # host writes in RAM instead of the state dir (faster, little data)
+    env = fleet_env(fleet)        # os.environ + SOCKOPS_SSH_CONFIG for `invoke ...` subprocesses
+
 Without root/netns support, `hosts`/`root` tests skip with a loud reason; with CI=true they fail instead.
 """
 

@@ -6,7 +6,9 @@ compiled with the system's cc at bench time (deploy.bench.native). See docs/BENC
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -14,15 +16,68 @@ from rich.console import Console
 from deploy.bench.errors import BenchError
 from deploy.bench.runner import BenchOptions, from_flags, resolve, run_bench, write_outputs
 
-__all__ = ["BenchError", "BenchOptions", "bench", "from_flags", "resolve", "run_bench"]
+__all__ = [
+    "BenchError",
+    "BenchOptions",
+    "BuildBenchRequest",
+    "bench",
+    "build_bench",
+    "from_flags",
+    "resolve",
+    "run_bench",
+]
+
+
+@dataclass(frozen=True)
+class BuildBenchRequest:
+    version: str = "3.9.2"
+    tarball: str = ""  # "" = the source cached by `invoke build-python` (~/.cache/sockops/sources)
+    skip_pyenv: bool = False
+
+
+def find_tarball(req: BuildBenchRequest, cache: Path = Path("~/.cache/sockops/sources")) -> Path:
+    """The source tarball to build: --tarball, or the one build-python cached for this version."""
+    if req.tarball:
+        path = Path(req.tarball).expanduser()
+        if not path.is_file():
+            raise BenchError(f"--tarball {req.tarball}: no such file")
+        return path
+    for name in (f"Python-{req.version}.tar.xz", f"Python-{req.version}.tgz"):
+        path = cache.expanduser() / name
+        if path.is_file():
+            return path
+    raise BenchError(
+        f"--build: no cached source for Python {req.version} in {cache}; pass --tarball PATH "
+        f"or run `invoke build-python --version {req.version}` once to cache it"
+    )
+
+
+def build_bench(req: BuildBenchRequest) -> dict[str, object]:
+    """build-python vs pyenv's python-build, same version and options (two full builds: long)."""
+    try:
+        from deploy.python_build_bench import measure_build_vs_pyenv
+    except ImportError as exc:
+        raise BenchError(f"--build: deploy.python_build_bench is not available ({exc})") from exc
+    tarball = find_tarball(req)
+    try:
+        result = measure_build_vs_pyenv(version=req.version, tarball=tarball, skip_pyenv=req.skip_pyenv)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"--build: the build benchmark failed: {exc}") from exc
+    return {"tarball": str(tarball), **result.as_dict()}
 
 
 def bench(
-    opts: BenchOptions, *, monitor: bool = False, command: str = "", console: Console | None = None
+    opts: BenchOptions,
+    *,
+    monitor: bool = False,
+    build: BuildBenchRequest | None = None,
+    command: str = "",
+    console: Console | None = None,
 ) -> Path:
     """Run the bench, print the table, write bench.json (+ bench.png); returns the JSON path.
 
-    monitor=True measures the monitoring snapshot instead of the services grid.
+    monitor=True measures the monitoring snapshot, build=... build-python against pyenv's python-build,
+    instead of the services grid.
     """
     from dataclasses import replace
 
@@ -34,9 +89,13 @@ def bench(
         out_console = Console(width=180)
     extra: list[tuple[str, Callable[[], object]]] = []
     if monitor:
-        from deploy.bench.monitor import snapshot_bench
+        from deploy.bench.monitor import monitor_bench
 
-        extra.append(("monitor", lambda: snapshot_bench(opts.python)))
+        extra.append(("monitor", lambda: monitor_bench(opts.python)))
+    if build is not None:
+        find_tarball(build)  # a wrong --tarball fails now, not after the machine survey
+        extra.append(("build", lambda: build_bench(build)))
+    if extra:
         opts = replace(opts, services=())
     report = run_bench(opts, command=command, console=console or Console(stderr=True), extra_sections=extra)
     print_report(report, out_console)

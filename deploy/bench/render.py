@@ -124,6 +124,63 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"note: {note}")
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The services table as Markdown, from bench.json data (so docs can be updated from any saved run)."""
+    lines = [
+        "| cell | target | req/s (median) | min - max | xC | xtut | xaio | p50 / p99 / p99.9 ms | errors "
+        "| loss | CPU client / server | flags |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for cell in data["cells"]:
+        label = f"{cell['service']} {cell['mode']} c={cell['conns']} s={cell['size']}"
+        for i, t in enumerate(cell["targets"]):
+            r = t["ratios"]
+            flags = []
+            if t["valid_runs"] < t["runs"]:
+                flags.append(f"INVALID {t['runs'] - t['valid_runs']}/{t['runs']}: {t['first_error']}")
+            if t["client_saturated"]:
+                flags.append("client saturated")
+            p = [t["p50_us"], t["p99_us"], t["p999_us"]]
+            cols = [
+                label if i == 0 else "",
+                t["target"],
+                f"{t['rps']:,.0f}",
+                f"{t['rps_min']:,.0f} - {t['rps_max']:,.0f}",
+                _ratio(r, REF_C),
+                _ratio(r, REF_TUTORIAL),
+                _ratio(r, REF_ASYNCIO),
+                " / ".join(f"{v / 1000:.2f}" for v in p),
+                str(t["errors"]),
+                f"{t['lost']:.1%}" if cell["service"] == "udp-echo" else "-",
+                f"{t['client_cpu']:.0%} / {t['server_cpu']:.0%}",
+                "; ".join(flags),
+            ]
+            lines.append("| " + " | ".join(cols) + " |")
+    if data.get("transfer"):
+        ref = next(
+            (t["mib_s"] for t in data["transfer"] if t["target"].startswith("ref:") and t["mib_s"]), 0.0
+        )
+        lines += [
+            "",
+            "| transfer target | file | MiB/s (median) | min - max | vs sendfile | CPU client / server "
+            "| error |",
+            "|---|--:|--:|--:|--:|--:|---|",
+        ]
+        for t in data["transfer"]:
+            vs = f"{t['mib_s'] / ref:.2f}x" if ref else "-"
+            cols = [
+                t["target"],
+                f"{t['size'] / 2**20:.0f} MiB",
+                f"{t['mib_s']:,.0f}",
+                f"{t['mib_s_min']:,.0f} - {t['mib_s_max']:,.0f}",
+                vs,
+                f"{t['client_cpu']:.0%} / {t['server_cpu']:.0%}",
+                t["error"],
+            ]
+            lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(report: Report, path: Path) -> None:
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(to_json(report), indent=2) + "\n")

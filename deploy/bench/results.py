@@ -196,7 +196,7 @@ def to_json(report: Report) -> dict[str, Any]:
                         **asdict(s),
                         "spread": s.spread,
                         "ratios": ratios(cr.summaries).get(s.target, {}),
-                        "runs": [
+                        "run_results": [
                             {
                                 **asdict(r),
                                 "rps": r.rps,

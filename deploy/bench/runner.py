@@ -7,6 +7,7 @@ processes, thermal) spreads over all of them instead of favouring whoever ran fi
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import subprocess
 import sys
@@ -409,7 +410,7 @@ def run_bench(
 
 def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
     """bench.json and bench.png in `out` (created); the chart is skipped without matplotlib."""
-    from deploy.bench.render import write_chart, write_json
+    from deploy.bench.render import markdown, write_chart, write_json
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +418,8 @@ def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
         raise BenchError(f"--out {out}: cannot create it ({exc})") from exc
     json_path = out / "bench.json"
     write_json(report, json_path)
+    if report.cells or report.transfer:
+        (out / "bench.md").write_text(markdown(json.loads(json_path.read_text())))
     png = out / "bench.png"
     if report.cells and write_chart(report, png):
         return json_path, png

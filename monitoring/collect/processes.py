@@ -93,6 +93,28 @@ def socket_inodes(pid: int, proc_root: str = "/proc") -> List[int]:
     return fd_table(pid, proc_root)[1]
 
 
+def parse_soft_nofile(text: str) -> Optional[int]:
+    """Soft 'Max open files' from /proc/PID/limits (None when unlimited or absent).
+
+    >>> parse_soft_nofile("Limit                     Soft Limit           Hard Limit           Units\\n"
+    ...                   "Max open files            1024                 524288               files\\n")
+    1024
+    """
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            value = line[len("Max open files") :].split()[0]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def soft_nofile(pid: int, proc_root: str = "/proc") -> Optional[int]:
+    try:
+        with open(os.path.join(proc_root, str(pid), "limits")) as f:
+            return parse_soft_nofile(f.read())
+    except OSError:
+        return None
+
+
 def cpu_key(pid: int) -> Optional[Key]:
     try:
         return (pid, psutil.Process(pid).create_time())
@@ -155,7 +177,10 @@ def sample_process(
             try:
                 fd_limit = proc.rlimit(psutil.RLIMIT_NOFILE)[0]
             except (psutil.AccessDenied, AttributeError):
-                denied.append("fd_limit")
+                # prlimit() needs CAP_SYS_RESOURCE over the target; /proc/PID/limits is world-readable
+                fd_limit = soft_nofile(pid, proc_root)
+                if fd_limit is None:
+                    denied.append("fd_limit")
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:

@@ -32,6 +32,7 @@ from services.protocol.transfer import FileBody
 
 DRAIN_TICK = 0.05
 READ_BUFFER = 65536
+SENDFILE_SLICE = 4 << 20
 _FALLBACK_CHUNK = 256 * 1024
 
 
@@ -134,7 +135,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         try:
             with body.open() as f:
                 if self.state.native_sendfile:
-                    sent = await self.state.loop.sendfile(transport, f, 0, body.size)
+                    sent = await self._sendfile(f, body.size)
                 else:  # uvloop's loop.sendfile raises NotImplementedError: copy with backpressure
                     sent = await self._copy(f, body.size)
             if sent != body.size:
@@ -157,6 +158,18 @@ class StreamProtocol(asyncio.BufferedProtocol):
         elif not self.paused:
             transport.resume_reading()
 
+    async def _sendfile(self, f: Any, size: int) -> int:
+        # In slices, so progress is visible to the idle sweep: a client that stops reading mid-body is
+        # closed after --idle-timeout instead of holding the connection forever.
+        sent = 0
+        while sent < size:
+            n = await self.state.loop.sendfile(self.transport, f, sent, min(SENDFILE_SLICE, size - sent))
+            if n == 0:
+                break
+            sent += n
+            self.last = self.state.clock
+        return sent
+
     async def _copy(self, f: Any, size: int) -> int:
         sent = 0
         while sent < size:
@@ -165,10 +178,24 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 break
             self.transport.write(chunk)
             sent += len(chunk)
+            self.last = self.state.clock
             if self.paused:
                 self._writable = self.state.loop.create_future()
                 await self._writable
         return sent
+
+    def kill(self) -> None:
+        """Abort the connection now; a body in flight is cancelled first.
+
+        Aborting a transport under a running loop.sendfile leaves asyncio (3.7 at least) holding the dead
+        transport's fd, which then breaks the next connection that gets the same fd number.
+        """
+        sending = self.sending
+        if sending is not None and not sending.done():
+            sending.add_done_callback(lambda _: self.transport.abort())
+            sending.cancel()
+        else:
+            self.transport.abort()
 
     @property
     def idle(self) -> bool:
@@ -234,14 +261,14 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
         if settings.idle_timeout > 0:
             idle = [c for c in state.conns if now - c.last > settings.idle_timeout]
             for conn in idle:
-                conn.transport.abort()  # close() would wait for a client that never reads
+                conn.kill()  # close() would wait for a client that never reads
             if idle:
                 log.info("closed %d connections idle for more than %gs", len(idle), settings.idle_timeout)
     server.close()
     if stop.result() == "quit":
         log.info("QUIT: closing %d connections now", len(state.conns))
         for conn in list(state.conns):
-            conn.transport.abort()
+            conn.kill()
         return 0
     log.info("draining: stopped accepting; %d connections open", len(state.conns))
     deadline = loop.time() + settings.drain_timeout
@@ -253,7 +280,7 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
                 len(state.conns),
             )
             for conn in list(state.conns):
-                conn.transport.abort()
+                conn.kill()
             await asyncio.sleep(0)
             return 1
         for conn in [c for c in state.conns if c.idle]:

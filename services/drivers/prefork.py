@@ -107,7 +107,12 @@ class Arbiter:
         if time.monotonic() < self.next_spawn:
             return
         for _ in range(self.count - self.current()):
-            self.spawn()
+            try:
+                self.spawn()
+            except OSError as exc:  # EAGAIN/ENOMEM: out of processes or memory; retry after a pause
+                self.log.error("cannot fork a worker: %s; retrying in %gs", exc, MAX_BACKOFF)
+                self.next_spawn = time.monotonic() + MAX_BACKOFF
+                return
 
     def signal_workers(self, sig: int, generation: Optional[int] = None) -> None:
         for pid, (gen, _) in list(self.workers.items()):

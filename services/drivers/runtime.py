@@ -37,7 +37,7 @@ class Settings:
     idle_timeout: float = 300.0
     backlog: int = 1024
     reuse_port: bool = False
-    drain_timeout: float = 10.0  # TERM: in-flight requests get this long to finish
+    drain_timeout: float = 5.0  # TERM: in-flight requests get this long; below supervisord stopwaitsecs (10)
     loop: str = "asyncio"  # asyncio variant: asyncio | uvloop
 
     @property

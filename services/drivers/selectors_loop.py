@@ -38,6 +38,9 @@ BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, ch
 HIGH_WATER = 1 << 20  # queued output at which we stop reading a client
 LOW_WATER = 1 << 16  # ... and resume
 ACCEPT_BATCH = 64
+# Prefork workers share one listening socket and all wake for it: taking one connection per wake-up lets
+# the others take theirs, instead of the first worker to wake swallowing the whole accept queue.
+SHARED_ACCEPT_BATCH = 1
 UDP_BATCH = 64
 DRAIN_TICK = 0.05
 EVENT_READ = selectors.EVENT_READ
@@ -268,9 +271,10 @@ class TcpServer(_Loop):
         self.accept_paused_until = 0.0
         self.deadline = 0.0
         self.next_tick = 0.0
+        self.accept_batch = ACCEPT_BATCH if parent is None else SHARED_ACCEPT_BATCH
 
-    def accept(self, limit: int = ACCEPT_BATCH) -> None:
-        for _ in range(limit):
+    def accept(self, limit: int = 0) -> None:
+        for _ in range(limit or self.accept_batch):
             try:
                 sock, _addr = self.listener.accept()
             except _AGAIN:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -105,10 +106,15 @@ class StreamHandler(socketserver.BaseRequestHandler):
 
     @staticmethod
     def _send_body(sock: socket.socket, body: FileBody) -> None:
+        # os.sendfile directly, not socket.sendfile: that one waits for writability without a bound, which
+        # would let a client that stopped reading pin this thread past the SO_SNDTIMEO idle timeout.
+        sent, fd = 0, sock.fileno()
         with body.open() as f:
-            sent = sock.sendfile(f, 0, body.size)
-        if sent != body.size:
-            raise ServiceError(f"sent {sent} of {body.size} bytes of {body.path}; the file shrank")
+            while sent < body.size:
+                n = os.sendfile(fd, f.fileno(), sent, body.size - sent)  # EAGAIN after SO_SNDTIMEO
+                if n == 0:
+                    raise ServiceError(f"sent {sent} of {body.size} bytes of {body.path}; the file shrank")
+                sent += n
 
 
 class TcpServer(socketserver.ThreadingTCPServer):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import doctest
 import json
+import re
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -456,8 +456,10 @@ def test_tiny_run_produces_well_formed_results(tmp_path: Path) -> None:
         "client_saturated",
         "ratios",
         "runs",
+        "run_results",
     }
-    assert len(first["runs"]) == 2
+    assert first["runs"] == 2
+    assert len(first["run_results"]) == 2
     assert [t["target"] for t in data["cells"][0]["targets"]][-1] == "selectors"
     assert png is not None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -482,58 +484,17 @@ def _capture(messages: list[str]):  # type: ignore[no-untyped-def]
     return _Capture()
 
 
-# --- --monitor's pieces, small ------------------------------------------------------------------------------
+# --- --monitor, small ------------------------------------------------------------------------------------
 
 
-def test_time_wait_maker_leaves_client_side_time_wait(bins: native.Binaries, tmp_path: Path) -> None:
-    (target,) = [
-        t
-        for t in servers.reference_targets(
-            "tcp-echo", python=servers.default_python(), echo_server=bins.echo_server
-        )
-        if t.name == servers.REF_C
-    ]
-    with servers.running([target], tmp_path) as fleet:
-        port = fleet.started[0].port
-        made = monitor.make_time_wait([port], 40, deadline=time.monotonic() + 30)
-        ss = subprocess.run(
-            ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    assert made == 40
-    assert len(ss.stdout.splitlines()) >= 30  # a few may be recycled by tcp_tw_reuse on loopback
-
-
-def test_monitoring_snapshot_of_a_prefork_pool(tmp_path: Path) -> None:
-    target = servers.Target(
-        "prefork",
-        (
-            servers.default_python(),
-            "-m",
-            "services",
-            "tcp-echo",
-            "--variant",
-            "prefork",
-            "--bind",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ),
-        "tcp",
-        (("PYTHONPATH", str(servers.repo_root())),),
-    )
-    with servers.running([target], tmp_path) as fleet:
-        assert fleet.failed == ()
-        pool = fleet.started[0]
-        with monitor.established(pool.port, 5, deadline=time.monotonic() + 10) as held:
-            snap, how = monitor.snapshot_function(pool.port, pool.pid)
-            parts = snap()
-    assert len(held) == 5
-    assert "sample_group" in how
-    assert all(parts[k] >= 0 for k in ("ports", "system", "pool"))
+def test_monitor_wraps_the_monitoring_benchmark() -> None:
+    # tiny sizes, current namespace: checks the contract (JSON with the three timings), not the speed
+    out = monitor.monitor_bench(time_wait=200, established=20, workers=1, repeats=1)
+    assert out["where"] in ("private network namespace", "current network namespace")
+    for key in ("snapshot", "ss_time_wait_wc", "psutil_net_connections"):
+        assert out[key]["median_s"] > 0
+    assert out["snapshot_vs_ss"] > 0
+    assert out["load"]["pool_processes"] == 2
 
 
 # --- pure parts ---------------------------------------------------------------------------------------------
@@ -564,8 +525,20 @@ def test_quick_is_overridden_by_explicit_flags() -> None:
     assert opts.transfer_mib == 64
 
 
-@pytest.mark.parametrize("module", [load, results, runner])
+@pytest.mark.parametrize("module", [load, monitor, results, runner])
 def test_docstring_examples(module: object) -> None:
     failed, attempted = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]
     assert attempted > 0
     assert failed == 0
+
+
+def test_build_mode_finds_the_cached_source_or_says_what_to_do(tmp_path: Path) -> None:
+    import deploy.bench as benchmod
+
+    (tmp_path / "Python-3.9.2.tar.xz").write_bytes(b"not really a tarball")
+    found = benchmod.find_tarball(benchmod.BuildBenchRequest("3.9.2"), cache=tmp_path)
+    assert found == tmp_path / "Python-3.9.2.tar.xz"
+    with pytest.raises(BenchError, match=re.escape("invoke build-python --version 3.8.0")):
+        benchmod.find_tarball(benchmod.BuildBenchRequest("3.8.0"), cache=tmp_path)
+    with pytest.raises(BenchError, match=re.escape("--tarball /nonexistent/x.tgz: no such file")):
+        benchmod.find_tarball(benchmod.BuildBenchRequest("3.9.2", "/nonexistent/x.tgz"), cache=tmp_path)

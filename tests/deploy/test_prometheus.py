@@ -433,6 +433,10 @@ def _ss(fleet, host: str, state: str, port: int) -> int:
     return len(out.splitlines())
 
 
+def _prom_states(p: Prometheus) -> dict[tuple[str, ...], float]:
+    return p.by_host("sockops_connections", "service", "state")
+
+
 def _health_states(cfg_file: Path, fleet) -> tuple[dict[tuple[str, str, str], float], dict[str, dict]]:
     proc = _sockops(
         cfg_file, "health", "--json", "--host", ",".join(fleet.names), "--ssh-config", str(fleet.ssh_config)
@@ -485,28 +489,18 @@ def test_prometheus_agrees_with_health_on_held_connections(fleet_with_prometheus
 
         # Every service's counts by state, per host: Prometheus (latest scrape) == `invoke health --json`.
         # A probe's socket lives for a millisecond; if one fell between the two looks, look again (bounded).
-        for _attempt in range(3):
+        for attempt in range(1, 4):
             health, snaps = _health_states(cfg_file, fleet)
-            ours = {k: v for k, v in health.items() if k[1] != "exporter" or k[2] != "TIME_WAIT"}
             try:
-                wait_for(
-                    "Prometheus == invoke health",
-                    lambda ours=ours: (
-                        {
-                            k: v
-                            for k, v in p.by_host("sockops_connections", "service", "state").items()
-                            if k in ours
-                        }
-                        == ours
-                    ),
-                    5,
-                )
+                wait_for("Prometheus == invoke health", lambda health=health: _prom_states(p) == health, 5)
                 break
             except AssertionError:
-                continue
+                print(f"look {attempt}: Prometheus and health differed, looking again")
         else:
-            prom_now = p.by_host("sockops_connections", "service", "state")
-            raise AssertionError({k: (v, prom_now.get(k)) for k, v in ours.items() if prom_now.get(k) != v})
+            now = _prom_states(p)
+            raise AssertionError(
+                {k: (health.get(k), now.get(k)) for k in {*health, *now} if health.get(k) != now.get(k)}
+            )
     finally:
         for c in held:
             c.close()
@@ -520,7 +514,19 @@ def test_prometheus_agrees_with_health_on_held_connections(fleet_with_prometheus
     for h in fleet.hosts:
         assert system_tw[(h.name,)] >= want[h.name][1]
         assert snaps[h.name]["system"]["time_wait"] >= want[h.name][1]
-    assert p.by_host("sockops_collector_up == 0") == {}  # every part of both exporters works
+    # per-program load from both hosts, fd limits included (from /proc/PID/limits where prlimit is denied)
+    fds = p.by_host("sockops_program_fd_usage_ratio", "program")
+    programs = ("sockops-tcp-echo", "sockops-udp-echo", "sockops-transfer", "sockops-exporter")
+    assert sorted(fds) == sorted((h, prog) for h in fleet.names for prog in programs)
+    assert all(0 < v < 0.5 for v in fds.values()), fds
+    assert p.by_host('sockops_program_processes{program="sockops-tcp-echo"}') == {
+        (h,): 3.0 for h in fleet.names
+    }
+    failing = p.by_host("sockops_collector_up == 0", "collector")  # every part of both exporters works
+    logs = {
+        h: fleet.exec(h, ["tail", "-5", "/var/log/sockops/sockops-exporter.log"]).stdout for h, _ in failing
+    }
+    assert failing == {}, logs
 
 
 def test_alert_fires_for_a_stopped_service_on_that_host_only(fleet_with_prometheus) -> None:

@@ -8,6 +8,7 @@ is a no-op, a tampered tarball is refused, a build killed during compile leaves 
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -248,8 +249,6 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str, list[str]]]:
 def _fake_release(root: Path, version: str, payload: bytes) -> str:
     (root / version).mkdir(parents=True, exist_ok=True)
     (root / version / f"Python-{version}.tar.xz").write_bytes(payload)
-    import hashlib
-
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -302,6 +301,34 @@ def test_local_source_checked_against_catalog(tmp_path: Path) -> None:
     missing = pb.resolve_source(pb.BuildRequest("3.9.2", source=str(tmp_path / "nope.tgz")), load_catalog())
     with pytest.raises(pb.SourceError, match="no such file"):
         pb.SourceFetcher(missing, tmp_path, pb.LineReporter(io.StringIO())).get("h1")
+
+
+def test_a_second_build_into_the_same_prefix_is_refused(tmp_path: Path) -> None:
+    from invoke import Context
+
+    from deploy.lock import HostLock, LockHeldError
+
+    prefix = str(tmp_path / "python3")
+    tarball = tmp_path / "Python-3.99.3.tar.xz"
+    tarball.write_bytes(b"stand-in: the lock is refused before the source is unpacked")
+    sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    req = pb.BuildRequest("3.99.3", prefix=prefix, source=str(tarball), sha256=sha)
+    plan = pb.resolve_source(req, load_catalog())
+    lines = io.StringIO()
+    reporter = pb.LineReporter(lines)
+    lock = pb.lock_path(prefix)
+    try:
+        running = HostLock(Context(), "local", lock, command="build-python")  # a build already running
+        with running, pytest.raises(LockHeldError, match=r"holds the lock .*\(build-python\)"):
+            pb.build_on(
+                Context(), "local", req, plan=plan, fetcher=pb.SourceFetcher(plan, tmp_path, reporter),
+                reporter=reporter,
+            )  # fmt: skip
+        assert "upload" not in lines.getvalue()
+        assert not Path(prefix).exists()
+    finally:
+        for leftover in (lock, lock + ".owner"):
+            Path(leftover).unlink(missing_ok=True)
 
 
 # --- the host-side swap (real renames on real directories) ----------------------------------------------

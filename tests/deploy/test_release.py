@@ -1,7 +1,7 @@
 """`sockops deploy` end to end on real SSH test hosts (netns + sshd) with real supervisord, through the CLI.
 
-One module-wide fleet of two hosts; every test first brings the hosts to the baseline config (a no-op when they
-already run it), so tests do not depend on each other's leftovers.
+One module-wide fleet of two hosts; every test first brings the hosts to the baseline config (a no-op when
+they already run it), so tests do not depend on each other's leftovers.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ TCP, TRANSFER = 8080, 8081
 CLI_TIMEOUT = 300
 
 
-SNAPSHOT: list[str] = []  # host code copied once per session: edits to the tree mid-run must not restart programs
+SNAPSHOT: list[
+    str
+] = []  # host code copied once per session: edits to the tree mid-run must not restart programs
 
 
 def _source_snapshot(tmp_root: Path) -> str:
@@ -43,10 +45,12 @@ def _source_snapshot(tmp_root: Path) -> str:
     return SNAPSHOT[0]
 
 
-def write_cfg(path: Path, *, services: dict | None = None, **extra: object) -> Path:
+def write_cfg(
+    path: Path, *, services: dict | None = None, python: str | None = "/usr/bin/python3", **extra: object
+) -> Path:
+    """Config file for one CLI run; python=None keeps the default (/usr/local/python3: build-python's)."""
     cfg = {
         "source_root": _source_snapshot(path.parent.parent),
-        "python": "/usr/bin/python3",
         "health_timeout": 15,
         "stopwaitsecs": 3,
         "services": services
@@ -55,6 +59,7 @@ def write_cfg(path: Path, *, services: dict | None = None, **extra: object) -> P
             "udp-echo": {"bind": f"0.0.0.0:{TCP}", "variant": "selectors"},
             "transfer": {"bind": f"0.0.0.0:{TRANSFER}", "variant": "threaded"},
         },
+        **({"python": python} if python else {}),
         **extra,
     }
     path.write_text(json.dumps({"sockops": cfg}))  # JSON is YAML
@@ -110,13 +115,18 @@ def baseline(fleet, tmp_path) -> Path:
 def test_two_hosts_in_parallel_then_unchanged_with_same_pids(fleet, baseline):
     for h in fleet.hosts:
         answers(h.address)
-        assert fleet.exec(h.name, ["stat", "-c", "%a", "/run/sockops/supervisor.sock"]).stdout.strip() == "700"
+        assert (
+            fleet.exec(h.name, ["stat", "-c", "%a", "/run/sockops/supervisor.sock"]).stdout.strip() == "700"
+        )
         manifest = json.loads(host_file(fleet, h.name, "/etc/sockops/services.json"))
         assert manifest["release"] == os.path.basename(
             fleet.exec(h.name, ["readlink", "/srv/sockops/current"]).stdout.strip()
         )
         # services run as the unprivileged system user, supervisord as root
-        procs = [ln.split(None, 1) for ln in fleet.exec(h.name, ["ps", "-ww", "-eo", "user=,args="]).stdout.splitlines()]
+        procs = [
+            ln.split(None, 1)
+            for ln in fleet.exec(h.name, ["ps", "-ww", "-eo", "user=,args="]).stdout.splitlines()
+        ]
         assert {u for u, args in procs if " -m services " in args} == {"sockops"}
         assert {u for u, args in procs if "supervisord" in args} == {"root"}
     before = {h: pids(baseline, h, fleet.ssh_config) for h in fleet.names}
@@ -143,7 +153,10 @@ def test_variant_change_restarts_only_that_program_and_rollback_restores_it(flee
         n: p for n, p in before.items() if n != "sockops-tcp-echo"
     }
     answers(address)
-    assert "--variant asyncio" in fleet.exec(host, ["ps", "-ww", "-o", "args=", "-p", str(after["sockops-tcp-echo"])]).stdout
+    assert (
+        "--variant asyncio"
+        in fleet.exec(host, ["ps", "-ww", "-o", "args=", "-p", str(after["sockops-tcp-echo"])]).stdout
+    )
 
     ok(sockops(changed, "rollback", "--host", host, ssh_config=fleet.ssh_config))
     back = status(changed, host, fleet.ssh_config)
@@ -157,18 +170,29 @@ def test_variant_change_restarts_only_that_program_and_rollback_restores_it(flee
 
 def test_release_that_cannot_start_is_rolled_back_with_log_tail(fleet, baseline, tmp_path):
     host, address = fleet.names[1], fleet.hosts[1].address
+    other = fleet.names[0]
     good = status(baseline, host, fleet.ssh_config)["@release"]
+    other_good = status(baseline, other, fleet.ssh_config)["@release"]
     services = json.loads(baseline.read_text())["sockops"]["services"]
     services["transfer"]["bind"] = "0.0.0.0:22"  # sshd holds this port on the host: the service cannot bind
     bad = write_cfg(tmp_path / "bad.yaml", services=services)
-    proc = sockops(bad, "deploy", "--host", host, ssh_config=fleet.ssh_config)
+    # --serial 1: the first batch (this host) fails, so the second batch (the other host) is never touched
+    proc = sockops(bad, "deploy", "--host", f"{host},{other}", "--serial", "1", ssh_config=fleet.ssh_config)
     assert proc.returncode != 0
     assert "failed the health gate" in proc.stdout
     assert f"switched back to {good}" in proc.stdout
     assert "log tail of sockops-transfer" in proc.stdout
     assert "22" in proc.stdout.split("log tail of sockops-transfer", 1)[1]  # the bind failure, from the log
-    assert "deploy failed on 1 of 1 host(s)" in proc.stderr
+    assert (
+        f"deploy failed on 1 of 2 host(s): {host}; not attempted after the failed batch: {other}"
+        in proc.stderr
+    )
+    assert [ln.split()[:2] for ln in proc.stdout.splitlines() if ln.startswith(f"{other} ")] == [
+        [other, "skipped"]
+    ]
+    assert f"[{other}]" not in proc.stdout
     assert status(baseline, host, fleet.ssh_config)["@release"] == good
+    assert status(baseline, other, fleet.ssh_config)["@release"] == other_good
     answers(address)
 
 
@@ -176,7 +200,9 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 180.0) 
     """Read proc's stdout until a line contains needle (bounded in time); a thread reads so no line waits in
     a buffer that select() cannot see."""
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in iter(proc.stdout.readline, "")], daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(ln) for ln in iter(proc.stdout.readline, "")], daemon=True
+    ).start()
     seen = ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -266,7 +292,12 @@ def test_local_deploy_on_python37_then_311_then_undeploy(tmp_path):
         answers("127.0.0.1", tcp=tcp, transfer=transfer)
         manifest = json.loads((base / "etc/services.json").read_text())
         venv_py = base / "srv/current/venv/bin/python"
-        version = subprocess.run([str(venv_py), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True, check=True)
+        version = subprocess.run(
+            [str(venv_py), "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert version.stdout.strip() == "(3, 7)"
         assert "unchanged" in ok(sockops(cfg, "deploy", "--host", "local", "--python", py37))
         out = ok(sockops(cfg, "deploy", "--host", "local", "--python", "/usr/bin/python3"))
@@ -281,7 +312,15 @@ def test_local_deploy_on_python37_then_311_then_undeploy(tmp_path):
 
 
 def test_missing_python_points_at_build_python(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", paths={"base": f"{tmp_path}/srv", "etc": f"{tmp_path}/etc", "run": f"{tmp_path}/run", "log": f"{tmp_path}/log"})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        paths={
+            "base": f"{tmp_path}/srv",
+            "etc": f"{tmp_path}/etc",
+            "run": f"{tmp_path}/run",
+            "log": f"{tmp_path}/log",
+        },
+    )
     proc = sockops(cfg, "deploy", "--host", "local", "--python", "/nonexistent/bin/python3")
     assert proc.returncode == 1
     assert "no Python at /nonexistent/bin/python3; run `invoke build-python --host local`" in proc.stdout

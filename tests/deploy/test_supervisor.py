@@ -1,12 +1,11 @@
-"""Pure parts of the deploy: supervisord config rendering, fingerprints, manifest, facts parsing, plan, pruning,
-and the host wheel (built for real and installed into a real Python 3.7 venv)."""
+"""Pure parts of the deploy: supervisord config rendering, fingerprints, manifest, facts parsing, plan,
+pruning, and the host wheel (built for real and installed into a real Python 3.7 venv)."""
 
 from __future__ import annotations
 
 import configparser
 import json
 import subprocess
-import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -44,12 +43,14 @@ def test_conf_has_private_unix_socket_and_no_http_server():
 
 
 def test_program_sections_are_chosen_with_care():
-    s = settings(services={"transfer": {"bind": "0.0.0.0:9000", "variant": "prefork", "workers": 3, "root": "/d"}})
+    s = settings(
+        services={"transfer": {"bind": "0.0.0.0:9000", "variant": "prefork", "workers": 3, "root": "/d"}}
+    )
     conf = parsed(supervisor.render_conf(s, with_exporter=False))
     sec = "program:sockops-transfer"
     assert conf.get(sec, "command") == (
         "/srv/sockops/current/venv/bin/python -m services transfer --variant prefork --bind 0.0.0.0:9000"
-        " --workers 3 --root /d"
+        " --workers 3 --root /d --reuse-port"  # the restart bridge serves next to it (zero-downtime restart)
     )
     assert conf.get(sec, "user") == "sockops"
     for option, value in [("stopasgroup", "true"), ("killasgroup", "true"), ("autorestart", "true")]:
@@ -66,9 +67,13 @@ def test_exporter_rendered_only_when_wanted():
     assert with_exp.get("program:sockops-exporter", "command").endswith(
         "-m monitoring.exporter --bind 0.0.0.0:9480 --manifest /etc/sockops/services.json"
     )
-    assert not parsed(supervisor.render_conf(settings(), with_exporter=False)).has_section("program:sockops-exporter")
+    assert not parsed(supervisor.render_conf(settings(), with_exporter=False)).has_section(
+        "program:sockops-exporter"
+    )
     disabled = settings(exporter={"enabled": False})
-    assert not parsed(supervisor.render_conf(disabled, with_exporter=True)).has_section("program:sockops-exporter")
+    assert not parsed(supervisor.render_conf(disabled, with_exporter=True)).has_section(
+        "program:sockops-exporter"
+    )
 
 
 def test_ipv6_bind_is_bracketed():
@@ -95,12 +100,20 @@ def test_manifest_follows_contract_1():
         "root": "",
     }
     assert by_name["transfer"]["root"] == "/srv/sockops/files"
-    assert json.loads(supervisor.render_manifest(settings(), release="r1", with_exporter=False))["exporter"] is None
+    assert (
+        json.loads(supervisor.render_manifest(settings(), release="r1", with_exporter=False))["exporter"]
+        is None
+    )
 
 
 def test_fingerprint_changes_only_for_the_changed_program():
     base = settings()
-    changed = settings(services={**DEFAULTS["sockops"]["services"], "udp-echo": {"bind": "0.0.0.0:8080", "variant": "asyncio"}})
+    changed = settings(
+        services={
+            **DEFAULTS["sockops"]["services"],
+            "udp-echo": {"bind": "0.0.0.0:8080", "variant": "asyncio"},
+        }
+    )
     a = supervisor.fingerprints(supervisor.program_sections(base, with_exporter=False), "code1")
     b = supervisor.fingerprints(supervisor.program_sections(changed, with_exporter=False), "code1")
     assert [n for n in a if a[n] != b[n]] == ["sockops-udp-echo"]
@@ -118,7 +131,10 @@ def test_paths_override_moves_everything():
 
 def test_systemd_unit_runs_supervisord_in_foreground():
     unit = supervisor.render_systemd_unit(Paths(), stopwaitsecs=10)
-    assert "ExecStart=/srv/sockops/current/venv/bin/python -m supervisor.supervisord -n -c /etc/sockops/supervisord.conf" in unit
+    assert (
+        "ExecStart=/srv/sockops/current/venv/bin/python -m supervisor.supervisord -n"
+        " -c /etc/sockops/supervisord.conf" in unit
+    )
     assert "KillMode=process" in unit
     assert "TimeoutStopSec=25" in unit
 
@@ -129,7 +145,10 @@ def test_systemd_unit_runs_supervisord_in_foreground():
         ({"variant": "forking"}, "not one of threaded"),
         ({"paths": {"base": "relative"}}, "sockops.paths.base"),
         ({"keep_releases": 1}, "at least 2"),
-        ({"services": {"tcp-echo": {"bind": "0.0.0.0:8080"}, "transfer": {"bind": "0.0.0.0:8080"}}}, "share a port"),
+        (
+            {"services": {"tcp-echo": {"bind": "0.0.0.0:8080"}, "transfer": {"bind": "0.0.0.0:8080"}}},
+            "share a port",
+        ),
         ({"services": {"tcp-echo": {"bind": "0.0.0.0"}}}, "HOST:PORT"),
     ],
 )
@@ -170,9 +189,11 @@ def test_parse_facts():
 def test_parse_target_and_clear_python_errors():
     t = parse_target("web1", "/p", "3.7.16 cpython-37m-x86_64-linux-gnu x86_64 glibc-2.36")
     assert (t.version, t.abi, t.glibc) == ((3, 7, 16), "cp37m", (2, 36))
-    with pytest.raises(release.PythonMissingError, match=r"web1: no Python at /p; run `invoke build-python --host web1`"):
+    with pytest.raises(
+        release.PythonMissingError, match=r"web1: no Python at /p; run `invoke build-python --host web1`"
+    ):
         parse_target("web1", "/p", "missing")
-    with pytest.raises(release.PythonMissingError, match="Python 3.6.15, sockops needs 3.7 or newer"):
+    with pytest.raises(release.PythonMissingError, match=r"Python 3\.6\.15, sockops needs 3\.7 or newer"):
         parse_target("web1", "/p", "3.6.15 cpython-36m-x86_64-linux-gnu x86_64 glibc-2.36")
     with pytest.raises(release.PythonMissingError, match="does not run"):
         parse_target("web1", "/p", "/p: cannot execute binary file")
@@ -225,7 +246,15 @@ def test_plan_variant_change_makes_new_release_restarting_one_program():
     s, wh = settings(), _wh()
     desired = release.desired_state(s, wh, python_probe="3.11.2 x", systemd=False)
     facts = _converged(s, wh, desired)
-    s2 = deploy_settings({**DEFAULTS["sockops"], "services": {**DEFAULTS["sockops"]["services"], "transfer": {"bind": "0.0.0.0:8081", "variant": "threaded"}}})
+    s2 = deploy_settings(
+        {
+            **DEFAULTS["sockops"],
+            "services": {
+                **DEFAULTS["sockops"]["services"],
+                "transfer": {"bind": "0.0.0.0:8081", "variant": "threaded"},
+            },
+        }
+    )
     d2 = release.desired_state(s2, wh, python_probe="3.11.2 x", systemd=False)
     p = plan(s2, facts, d2, wh)
     assert not p.reuse
@@ -266,20 +295,41 @@ def test_host_wheel_is_deterministic_and_complete():
 def test_host_code_installs_and_runs_on_python_37(tmp_path):
     """The host wheel + hostctl install into a real 3.7 venv (the sockops distribution itself needs 3.9)."""
     if not PY37.exists():
-        pytest.fail(f"{PY37} is missing; install Python 3.7 with pyenv (it is the oldest supported host Python)")
+        pytest.fail(
+            f"{PY37} is missing; install Python 3.7 with pyenv (it is the oldest supported host Python)"
+        )
     name, data = wheelhouse.host_wheel()
     (tmp_path / name).write_bytes(data)
     venv = tmp_path / "venv"
-    subprocess.run([str(PY37), "-m", "venv", str(venv)], check=True)  # with 3.7's own pip (pip 24.1+ needs 3.8)
+    subprocess.run(
+        [str(PY37), "-m", "venv", str(venv)], check=True
+    )  # with 3.7's own pip (pip 24.1+ needs 3.8)
     pip = subprocess.run(
-        [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-         "--disable-pip-version-check", str(tmp_path / name)],
-        capture_output=True, text=True, check=False,
+        [
+            str(venv / "bin/python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            str(tmp_path / name),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert pip.returncode == 0, pip.stderr
     out = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import services.client, sockops_hostctl, sys; print(sys.version_info[:2])"],
-        capture_output=True, text=True, check=False,
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import services.client, sockops_hostctl, sys; print(sys.version_info[:2])",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(3, 7)"

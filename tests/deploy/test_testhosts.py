@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -41,12 +42,14 @@ def _private_ssh_config(fleet: th.Fleet, tmp_path: Path, *, known_hosts: Path) -
     return path
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
+def _procs(netns: str) -> list[tuple[int, str]]:
+    """(pid, start time) of every process in `netns`: a pid alone may be reused once the process is gone."""
+    return [(pid, th._proc_start(pid)) for pid in th._netns_pids(netns)]
+
+
+def _gone(proc: tuple[int, str]) -> bool:
+    pid, start = proc
+    return not th._alive(pid) or th._proc_start(pid) != start
 
 
 # A daemon as a deploy starts one: detached from the SSH session; the session returns once it runs.
@@ -114,10 +117,19 @@ def test_daemon_started_over_ssh_survives_the_session_inside_the_host(fleet3):
     finally:
         c.close()
     assert th.exec_in(host, ["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
-    root_pids = th._netns_pids(host.netns)
-    sleeping = [p for p in root_pids if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"]
-    assert len(sleeping) == 1  # in the host's netns, as seen from the root namespace
-    assert os.readlink(f"/proc/{sleeping[0]}/ns/mnt") == os.readlink(f"/proc/{host.pid}/ns/mnt")
+    # the same process seen from the root namespace: in the host's netns, and in its mount namespace
+    daemon = [p for p in th._netns_pids(host.netns) if _nspid(p) == pid]
+    assert len(daemon) == 1
+    assert os.readlink(f"/proc/{daemon[0]}/ns/mnt") == os.readlink(f"/proc/{host.pid}/ns/mnt")
+
+
+def _nspid(pid: int) -> str:
+    """The pid a process has inside its own PID namespace ('' if it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ""
+    return next((line.split()[-1] for line in status.splitlines() if line.startswith("NSpid:")), "")
 
 
 def test_unknown_host_key_is_refused(fleet3, tmp_path):
@@ -182,21 +194,36 @@ def test_fleets_coexist_with_distinct_subnets(testhosts):
         c.close()
 
 
-def _leftovers(fleet: th.Fleet, pids: list[int]) -> list[str]:
-    found = []
-    netns = set(th._netns_list())
-    found += [f"netns {h.netns}" for h in fleet.hosts if h.netns in netns]
-    found += [f"veth {h.veth}" for h in fleet.hosts if Path(f"/sys/class/net/{h.veth}").exists()]
-    found += [f"pid {p}" for p in pids if not _gone(p)]
+def _sockops_links() -> set[str]:
+    netns = {f"netns {ns}" for ns in th._netns_list() if th.NETNS_RE.match(ns)}
+    return netns | {f"veth {p.name}" for p in Path("/sys/class/net").iterdir() if p.name.startswith("skops")}
+
+
+def _unaccounted() -> list[str]:
+    """sockops namespaces/veths that no fleet record lists: leaks. Other test runs may be making or removing
+    fleets right now; a record is written before its namespaces exist and removed after they are gone, and
+    holding the registry lock stops new fleets, so: list, read records, then keep what still exists."""
+    with th._registry_lock() as slots:
+        seen = _sockops_links()
+        listed = set()
+        for claim in slots.iterdir():
+            try:
+                record = json.loads((Path(claim.read_text().strip()) / "fleet.json").read_text())
+            except (OSError, ValueError):
+                continue
+            listed |= {f"netns {h['netns']}" for h in record["hosts"]}
+            listed |= {f"veth {h['veth']}" for h in record["hosts"]}
+        return sorted((seen - listed) & _sockops_links())
+
+
+def _leftovers(fleet: th.Fleet, procs: list[tuple[int, str]]) -> list[str]:
+    """What of `fleet` is still there. Its names (netns, veth, subnet) may already belong to a newer fleet,
+    so those are checked as "not listed by any live fleet" instead of by name."""
+    found = [f"pid {p[0]}" for p in procs if not _gone(p)]
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount of {fleet.state_dir}" for line in mounts.splitlines() if str(fleet.state_dir) in line]
-    found += [f"mount /run/netns/{h.netns}" for h in fleet.hosts if f" /run/netns/{h.netns} " in mounts]
     found += [f"dir {fleet.state_dir}"] if fleet.state_dir.exists() else []
-    addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
-    found += [
-        f"address {h.gateway}" for h in fleet.hosts if re.search(rf"inet {re.escape(h.gateway)}/", addrs)
-    ]
-    return found
+    return found + _unaccounted()
 
 
 def test_down_leaves_nothing_behind(tmp_path):
@@ -206,9 +233,10 @@ def test_down_leaves_nothing_behind(tmp_path):
         c = connect("testhost1", ssh_config=fleet.ssh_config)
         c.run(START_DAEMON, hide=True)
         c.close()
-        pids = [p for h in fleet.hosts for p in th._netns_pids(h.netns)]
+        pids = [p for h in fleet.hosts for p in _procs(h.netns)]
         assert len(pids) >= 2 * 3  # per host at least: anchor, sshd, its unshare parent; plus the sleep
-        assert _leftovers(fleet, []) != []
+        assert f"dir {state}" in _leftovers(fleet, [])
+        assert {f"netns {h.netns}" for h in fleet.hosts} <= _sockops_links()
     finally:
         removed = th.down(state)
     assert _leftovers(fleet, pids) == []
@@ -219,7 +247,7 @@ def test_down_leaves_nothing_behind(tmp_path):
 def test_up_after_a_crash_cleans_up_first(tmp_path):
     state = th.BASE_DIR / f"test-crash-{os.getpid()}"
     crashed = th.up(1, state_dir=state, owner_pid=os.getpid())
-    old_pids = th._netns_pids(crashed.hosts[0].netns)
+    old_pids = _procs(crashed.hosts[0].netns)
     try:
         # no down(): as if the process that made it was killed
         fresh = th.up(1, state_dir=state, owner_pid=os.getpid())
@@ -291,7 +319,7 @@ def test_prune_removes_fleets_whose_owner_died():
     gone.wait()
     state = th.BASE_DIR / f"test-prune-{os.getpid()}"
     orphan = th.up(1, state_dir=state, owner_pid=gone.pid)
-    pids = th._netns_pids(orphan.hosts[0].netns)
+    pids = _procs(orphan.hosts[0].netns)
     try:
         removed = th.prune()
         assert f"dir {state}" in removed
@@ -386,3 +414,13 @@ def test_concurrent_ups_get_distinct_subnets():
     finally:
         for s in states:
             th.down(s)
+
+
+def test_failed_up_removes_what_it_made(monkeypatch):
+    # a host whose sshd cannot start: up() must fail with the reason and undo the hosts it already made
+    monkeypatch.setattr(th, "SSHD", "/bin/false")
+    state = th.BASE_DIR / f"test-failed-{os.getpid()}"
+    with pytest.raises(th.FleetError, match=r"/bin/false -f /run/testhost/sshd_config .* failed \(1\)"):
+        th.up(2, state_dir=state, owner_pid=os.getpid())
+    assert not state.exists()
+    assert _unaccounted() == []

@@ -158,3 +158,38 @@ def supervised_services(d: Path) -> Iterator[Supervised]:
 def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
     with supervised_services(tmp_path_factory.mktemp("supervised")) as sup:
         yield sup
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def private_netns() -> Iterator[None]:
+    """Run the block in a fresh network namespace (loopback up), then return to the original one.
+
+    /proc/net/* is read in pieces and the kernel re-seeks between them: while other processes on a shared
+    machine open and close sockets, a reader can skip or repeat lines. Exact /proc comparisons therefore
+    run where only the test's own sockets live. Needs root (CAP_SYS_ADMIN); child processes (ss) inherit it.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            pytest.fail(f"unshare(CLONE_NEWNET) failed: {os.strerror(err)} (needs root)")
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=30)
+            yield
+        finally:
+            if libc.setns(original, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the original network namespace failed")
+    finally:
+        os.close(original)
+
+
+@pytest.fixture
+def netns() -> Iterator[None]:
+    with private_netns():
+        yield

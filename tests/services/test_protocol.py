@@ -407,3 +407,22 @@ def test_a_huge_directory_listing_is_truncated_not_fatal(tmp_path: Path) -> None
     assert 0 < len(header["entries"]) < 1500
     assert header["entries"][0]["name"].startswith("0000-")
     assert not core.closing
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "services.protocol.echo",
+        "services.protocol.transfer",
+        "services.client",
+        "services.__main__",
+        "services.drivers.prefork",
+    ],
+)
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -6,6 +6,7 @@ Servers listen on 127.0.0.1 port 0 and are started/stopped by pid. Nothing here 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import selectors
@@ -299,27 +300,34 @@ def test_partial_reads_and_writes(running: Service, tree: tuple) -> None:
             )
 
 
+def push_until_backpressure(sock: socket.socket, chunk: bytes, limit: int = 256 << 20) -> int:
+    """Send without ever reading until the server stops reading us (no progress for 0.5 s); bytes sent."""
+    sock.setblocking(False)
+    pushed, deadline = 0, time.monotonic() + BOUND
+    watch = selectors.DefaultSelector()
+    watch.register(sock, selectors.EVENT_WRITE)
+    try:
+        while pushed < limit and time.monotonic() < deadline and watch.select(0.5):
+            try:
+                pushed += sock.send(chunk)
+            except BlockingIOError:
+                continue
+            except ConnectionError:  # the server gave up on us (an idle timeout): it stopped reading too
+                break
+    finally:
+        watch.close()
+    return pushed
+
+
 @pytest.mark.parametrize("running", STREAM, ids=ids(STREAM), indirect=True)
 def test_client_that_never_reads(running: Service, tree: tuple) -> None:
     """A client that sends without reading fills the buffers; the server must keep serving everyone else."""
     with connect(running) as stuck:
-        stuck.setblocking(False)
         if running.name == "tcp-echo":
             chunk = b"x" * 65536
         else:
             chunk = encode_frame({"op": "get", "path": "bin/big.bin"}) * 64
-        pushed, deadline = 0, time.monotonic() + BOUND
-        while pushed < (256 << 20) and time.monotonic() < deadline:
-            ready = selectors.DefaultSelector()
-            ready.register(stuck, selectors.EVENT_WRITE)
-            writable = ready.select(0.5)
-            ready.close()
-            if not writable:
-                break  # the server stopped reading us: backpressure reached the client
-            try:
-                pushed += stuck.send(chunk)
-            except BlockingIOError:
-                continue
+        pushed = push_until_backpressure(stuck, chunk)
         assert pushed < (256 << 20), "the server kept reading a client that never reads"
         for _ in range(20):
             round_trip(running, tree)
@@ -457,6 +465,31 @@ def test_idle_timeout(services, tree: tuple, variant: str, name: str) -> None:
     round_trip(svc, tree)
 
 
+def server_peers(svc: Service) -> set:
+    """Client ports of the ESTABLISHED connections the server (master and workers) holds."""
+    master = psutil.Process(svc.pid)
+    peers = set()
+    for proc in [master, *master.children()]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            conns = proc.net_connections("tcp")
+            peers |= {c.raddr.port for c in conns if c.raddr and c.status == "ESTABLISHED"}
+    return peers
+
+
+@pytest.mark.parametrize(("variant", "name"), STREAM, ids=ids(STREAM))
+def test_idle_timeout_closes_a_stalled_reader(services, tree: tuple, variant: str, name: str) -> None:
+    """Replies stuck behind a client that never reads are no progress: the idle timeout still applies."""
+    svc = start(services, variant, name, tree, "--idle-timeout", "0.5")
+    with connect(svc) as stuck:
+        port = stuck.getsockname()[1]
+        if name == "tcp-echo":
+            push_until_backpressure(stuck, b"z" * 65536)
+        else:  # bodies far larger than every socket buffer on the way
+            stuck.sendall(encode_frame({"op": "get", "path": "bin/big.bin"}) * 8)
+        wait_for(lambda: port not in server_peers(svc), "the server to drop the stalled client")
+    round_trip(svc, tree)
+
+
 @pytest.mark.parametrize(("variant", "name"), STREAM, ids=ids(STREAM))
 def test_connection_cap(services, tree: tuple, variant: str, name: str) -> None:
     cap = 3
@@ -502,7 +535,8 @@ def test_connection_cap(services, tree: tuple, variant: str, name: str) -> None:
 
 @pytest.mark.parametrize(("variant", "name"), ALL, ids=ids(ALL))
 def test_term_answers_requests_in_flight(services, tree: tuple, variant: str, name: str) -> None:
-    svc = start(services, variant, name, tree)
+    # A generous drain bound: this checks that in-flight requests are answered, on however busy a machine.
+    svc = start(services, variant, name, tree, "--drain-timeout", "30")
     if name == "udp-echo":
         socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(20)]
         for i, s in enumerate(socks):
@@ -540,6 +574,19 @@ def test_term_answers_requests_in_flight(services, tree: tuple, variant: str, na
             s.close()
     assert svc.wait() == 0, svc.log_text()
     assert "drained" in svc.log_text() or "stopped (TERM)" in svc.log_text()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_term_drain_is_bounded(services, tree: tuple, variant: str) -> None:
+    """A client that never reads its replies cannot hold a stopping server past --drain-timeout."""
+    svc = start(services, variant, "tcp-echo", tree, "--drain-timeout", "1")
+    with connect(svc) as stuck:
+        stuck.sendall(b"x")
+        assert recv_exact(stuck, 1) == b"X"
+        push_until_backpressure(stuck, b"y" * 65536)
+        svc.send_signal(signal.SIGTERM)
+        assert svc.wait() == 1  # not a clean drain: said so by the exit status
+    assert "drain timeout (1s): closing 1 connections with requests in flight" in svc.log_text()
 
 
 def read_reply_header_only(sock: socket.socket) -> tuple[dict, bytes]:
