@@ -77,6 +77,7 @@ def fleet_list(c, state_dir=""):
 ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fleet_list))
 # --- end testhosts ---
 
+
 # --- build-python (deploy/python_build.py) ---------------------------------------------------------------
 @task(
     name="build-python",
@@ -93,7 +94,7 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "optimize": "PGO + LTO with a bounded profile run (slower build, faster interpreter)",
         "no_install_deps": "do not install missing -dev packages; only warn about them",
         "force": "rebuild even if the prefix already holds this exact build",
-        "ssh_config": "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` shows",
+        "ssh_config": "extra ssh_config file (besides ~/.ssh/config), e.g. from `invoke testhosts.up`",
         "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
     },
 )
@@ -387,6 +388,7 @@ def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
 
 ns.add_task(prometheus_config)
 # --- end prometheus ---
+
 
 # --- bench (deploy/bench/) -------------------------------------------------------------------------------
 @task(

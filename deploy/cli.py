@@ -17,5 +17,7 @@ def _version() -> str:
 def main() -> None:
     import tasks  # the top-level tasks.py, installed as a module next to the packages
 
-    program = Program(namespace=Collection.from_module(tasks), name="sockops", binary="sockops", version=_version())
+    program = Program(
+        namespace=Collection.from_module(tasks), name="sockops", binary="sockops", version=_version()
+    )
     program.run()

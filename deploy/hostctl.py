@@ -22,8 +22,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, Dict, Iterator, List, Optional
 
 # supervisord process states that will not become RUNNING without intervention
 _DEAD_STATES = ("FATAL", "EXITED", "STOPPED", "UNKNOWN")
@@ -50,7 +49,7 @@ def _wait_rpc(sock: str, timeout: float) -> Any:
             time.sleep(0.1)
 
 
-def _ignore_fault(call: Any, *args: Any) -> str | None:
+def _ignore_fault(call: Any, *args: Any) -> Optional[str]:
     try:
         call(*args)
         return None
@@ -58,7 +57,7 @@ def _ignore_fault(call: Any, *args: Any) -> str | None:
         return exc.faultString
 
 
-def _program_options(conf: str, program: str) -> dict[str, str]:
+def _program_options(conf: str, program: str) -> Dict[str, str]:
     parser = configparser.RawConfigParser()
     parser.read(conf)
     section = "program:" + program
@@ -130,7 +129,7 @@ def _bridge(conf: str, program: str, timeout: float) -> Iterator[None]:
                 proc.wait()
 
 
-def cmd_apply(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_apply(args: argparse.Namespace) -> Dict[str, Any]:
     """reloadConfig + add/remove groups, then restart programs whose fingerprint changed (code or section)."""
     proxy = _wait_rpc(args.socket, args.timeout)
     with open(args.want_file) as fh:
@@ -181,7 +180,7 @@ def _probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
-def _probe(service: dict[str, Any], timeout: float) -> None:
+def _probe(service: Dict[str, Any], timeout: float) -> None:
     """One real request; raises on any failure."""
     from services import client
 
@@ -198,7 +197,7 @@ def _probe(service: dict[str, Any], timeout: float) -> None:
         raise RuntimeError(f"echo reply {reply[:60]!r} is not {payload.upper()!r}")
 
 
-def _states(proxy: Any) -> dict[str, dict[str, Any]]:
+def _states(proxy: Any) -> Dict[str, Dict[str, Any]]:
     return {p["name"]: p for p in proxy.supervisor.getAllProcessInfo()}
 
 
@@ -211,7 +210,7 @@ def _tail(proxy: Any, program: str, size: int = 3000) -> str:
     return "\n".join(lines)
 
 
-def cmd_health(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_health(args: argparse.Namespace) -> Dict[str, Any]:
     """Every service in the manifest answers a real request before the deadline (or its program is dead)."""
     with open(args.manifest) as fh:
         manifest = json.load(fh)
@@ -243,7 +242,7 @@ def cmd_health(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": not failed, "services": result, "logs": logs}
 
 
-def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_status(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         proxy = _wait_rpc(args.socket, 0.0)
     except (OSError, xmlrpc.client.Fault) as exc:
@@ -255,7 +254,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": True, "running": True, "programs": programs}
 
 
-def cmd_restart(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_restart(args: argparse.Namespace) -> Dict[str, Any]:
     proxy = _wait_rpc(args.socket, args.timeout)
     names = args.programs or sorted(_states(proxy))
     errors = {}
@@ -267,7 +266,7 @@ def cmd_restart(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": not errors, "restarted": names, "errors": errors}
 
 
-def cmd_shutdown(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_shutdown(args: argparse.Namespace) -> Dict[str, Any]:
     """Stop every program (graceful drain) and supervisord itself; wait until the socket is gone."""
     try:
         proxy = _wait_rpc(args.socket, 0.0)
@@ -288,7 +287,7 @@ def cmd_shutdown(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": True, "was_running": True}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="sockops_hostctl")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--timeout", type=float, default=20.0)

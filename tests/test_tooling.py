@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST_SIDE = ("services", "monitoring")  # shipped to hosts, run on the interpreter built there (3.7+)
-PY37_CANDIDATES = ("/root/.pyenv/versions/3.7.16/bin/python3", "/usr/local/bin/python3.7", "/usr/bin/python3.7")
+# Shipped to hosts and run on the interpreter built there (3.7+).
+HOST_SIDE = ("services", "monitoring")
+HOST_SIDE_FILES = ("deploy/hostctl.py",)
+PY37_CANDIDATES = (
+    "/root/.pyenv/versions/3.7.16/bin/python3",
+    "/usr/local/bin/python3.7",
+    "/usr/bin/python3.7",
+)
 
 
 def _tool(name: str) -> str:
@@ -34,7 +39,7 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("package", HOST_SIDE)
+@pytest.mark.parametrize("package", HOST_SIDE + HOST_SIDE_FILES)
 def test_host_side_needs_at_most_python_3_7(package: str) -> None:
     """vermin reads the syntax and library calls; a 3.8+ construct fails this test."""
     result = _run([_tool("vermin"), "-t=3.7-", "--no-tips", "--violations", "--eval-annotations", package])
@@ -56,13 +61,14 @@ def _modules(package: str) -> list[str]:
 
 @pytest.mark.parametrize("package", HOST_SIDE)
 def test_host_side_compiles_on_a_real_python_3_7(package: str) -> None:
-    """A real 3.7 compiler catches syntax a static checker may miss; services must also import (stdlib only)."""
+    """A real 3.7 compiler catches what a static checker may miss; services must import too (stdlib only)."""
     python = _python37()
     if python is None:
         pytest.skip("no Python 3.7 interpreter on this machine (vermin above still checks the floor)")
     result = _run([python, "-m", "compileall", "-q", "-f", package])
     assert result.returncode == 0, result.stdout + result.stderr
-    if package == "services":  # monitoring needs psutil, which a bare 3.7 lacks; the deploy tests import it there
+    # monitoring needs psutil, which a bare 3.7 lacks; the deploy tests install and run it there
+    if package == "services":
         code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
         result = _run([python, "-c", code, *_modules(package)])
         assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -327,7 +328,8 @@ def test_a_second_build_into_the_same_prefix_is_refused(tmp_path: Path) -> None:
         assert "upload" not in lines.getvalue()
         assert not Path(prefix).exists()
     finally:
-        for leftover in (lock, lock + ".owner"):
+        logs = re.findall(r"building \(log (\S+)\)", lines.getvalue())
+        for leftover in (lock, lock + ".owner", *logs):
             Path(leftover).unlink(missing_ok=True)
 
 
