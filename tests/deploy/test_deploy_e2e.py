@@ -3,9 +3,14 @@ test host (the default interpreter path, /usr/local/python3/bin/python3), then `
 
 from __future__ import annotations
 
+import pytest
+
 from tests.deploy.test_release import answers, ok, sockops, write_cfg
 
 
+@pytest.mark.build
+@pytest.mark.hosts
+@pytest.mark.timeout(2400)  # the one real CPython build may run in this setup; pytest-timeout counts it
 def test_deploy_onto_built_python_then_health_passes(built_python, tmp_path):
     host = built_python.host
     address = built_python.fleet.host(host).address
