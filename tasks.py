@@ -38,6 +38,15 @@ def _split(value: str | None) -> list[str]:
     return [h.strip() for h in (value or "").split(",") if h.strip()] or ["local"]
 
 
+def _ssh_config(c: Any, flag: str) -> str:
+    """The --ssh-config flag, else the `sockops.ssh_config` config value ('' = only ~/.ssh/config)."""
+    return flag or str(c.config.sockops.get("ssh_config") or "")
+
+
+_HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
+_SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
+_KEY_HELP = "record the key of a host not yet in known_hosts (like ssh accept-new); a changed key is refused"
+
 ns = Collection()
 ns.configure(DEFAULTS)
 
@@ -85,7 +94,7 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
     auto_shortflags=False,
     help={
         "version": "CPython release X.Y.Z to build (verified against the catalog's SHA-256, e.g. 3.9.2)",
-        "host": "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)",
+        "host": _HOST_HELP,
         "prefix": "dedicated install prefix (default: sockops.prefix config, /usr/local/python3)",
         "source": "tarball URL or local path instead of python.org (checked against the catalog / --sha256)",
         "mirror": "base URL laid out like https://www.python.org/ftp/python (<mirror>/<version>/<file>)",
@@ -94,8 +103,8 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "optimize": "PGO + LTO with a bounded profile run (slower build, faster interpreter)",
         "no_install_deps": "do not install missing -dev packages; only warn about them",
         "force": "rebuild even if the prefix already holds this exact build",
-        "ssh_config": "extra ssh_config file (besides ~/.ssh/config), e.g. from `invoke testhosts.up`",
-        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+        "ssh_config": _SSH_HELP,
+        "accept_new_host_key": _KEY_HELP,
     },
 )
 @_user_errors
@@ -133,7 +142,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
     python_build.run_task(
         _split(",".join(host or [])),
         request,
-        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
     )
 
@@ -141,15 +150,8 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
 ns.add_task(build_python)
 # --- end build-python ---
 
+
 # --- deploy, rollback, status, restart, logs, undeploy (deploy/release.py, deploy/supervisor.py) ---------
-_HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
-_SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
-
-
-def _ssh_config(c: Any, flag: str) -> str:
-    return flag or str(c.config.sockops.get("ssh_config") or "")
-
-
 @task(
     iterable=["host"],
     # automatic short flags would give ssh_config a broken `--` (s and h are taken): long flags only
@@ -161,8 +163,7 @@ def _ssh_config(c: Any, flag: str) -> str:
         "variant": "concurrency variant for every service: threaded, prefork, selectors or asyncio "
         "(default: per-service config, else sockops.variant)",
         "dry_run": "print what would change on each host and change nothing",
-        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new); "
-        "a changed key is still refused",
+        "accept_new_host_key": _KEY_HELP,
         "serial": "deploy N hosts at a time and stop after the first batch with a failure (0 = all at once)",
         "ssh_config": _SSH_HELP,
     },
@@ -272,18 +273,15 @@ for _t in (deploy, rollback, status, restart, logs, undeploy):
     ns.add_task(_t)
 # --- end deploy ---
 
+
 # --- health, monitor (deploy/health.py over monitoring/) -------------------------------------------------
-_HEALTH_HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
-_HEALTH_SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
-
-
 @task(
     iterable=["host"],
     help={
-        "host": _HEALTH_HOST_HELP,
+        "host": _HOST_HELP,
         "json": "print JSON (snapshots + verdicts) instead of one line per service",
-        "ssh_config": _HEALTH_SSH_HELP,
-        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+        "ssh_config": _SSH_HELP,
+        "accept_new_host_key": _KEY_HELP,
     },
 )
 @_user_errors
@@ -298,7 +296,7 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
         c.config.sockops,
         _split(",".join(host)),
         as_json=json,
-        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
     )
     if code:
@@ -311,8 +309,8 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
         "watch": "refresh in place until Ctrl-C",
         "interval": "seconds between refreshes (default 2)",
         "count": "with --watch: stop after N refreshes (0 = until Ctrl-C)",
-        "ssh_config": _HEALTH_SSH_HELP,
-        "accept_new_host_key": "record the key of a host not yet in known_hosts (like ssh accept-new)",
+        "ssh_config": _SSH_HELP,
+        "accept_new_host_key": _KEY_HELP,
     },
 )
 @_user_errors
@@ -328,7 +326,7 @@ def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signa
         watch=watch,
         interval=float(interval),
         count=int(count),
-        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
     )
     if code:
@@ -339,29 +337,8 @@ ns.add_task(health)
 ns.add_task(monitor)
 # --- end health ---
 
+
 # --- prometheus-config (deploy/prometheus.py) ------------------------------------------------------------
-# `sockops.prometheus`: job name, scrape/evaluation intervals, alert `for:` durations, rate window.
-ns.configure(
-    {
-        "sockops": {
-            "prometheus": {
-                "job": "sockops",
-                "scrape_interval": "15s",
-                "evaluation_interval": "15s",
-                "for_down": "1m",
-                "for_probe": "2m",
-                "for_time_wait": "5m",
-                "for_close_wait": "15m",
-                "for_listen": "5m",
-                "for_fds": "5m",
-                "for_collector": "5m",
-                "window": "10m",
-            }
-        }
-    }
-)
-
-
 @task(
     iterable=["host"],
     help={
@@ -382,7 +359,7 @@ def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
         _split(",".join(host)),
         out=out,
         port=int(port),
-        ssh_config=ssh_config or str(c.config.sockops.get("ssh_config") or ""),
+        ssh_config=_ssh_config(c, ssh_config),
     )
 
 
@@ -411,6 +388,9 @@ ns.add_task(prometheus_config)
         "build_version": "--build: CPython version (default 3.9.2)",
         "tarball": "--build: source tarball (default: the one build-python cached)",
         "skip_pyenv": "--build: time only build-python (plain build and no-op re-run)",
+        "deploy": "instead of the grid: unchanged re-deploy time, 1 vs N test hosts in parallel (root)",
+        "deploy_hosts": "--deploy: test hosts deployed to in parallel (default 8; --python = their "
+        "interpreter, default /usr/bin/python3)",
     }
 )
 @_user_errors
@@ -434,6 +414,8 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     build_version="3.9.2",
     tarball="",
     skip_pyenv=False,
+    deploy=False,
+    deploy_hosts=8,
 ):
     """Measure every variant of every service side by side with reference servers (loopback only)."""
     from deploy import bench as benchmod
@@ -454,7 +436,8 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         no_references=no_references,
     )
     build_req = benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv) if build else None
-    benchmod.bench(opts, monitor=monitor, build=build_req)
+    deploy_req = benchmod.DeployBenchRequest(hosts=int(deploy_hosts)) if deploy else None
+    benchmod.bench(opts, monitor=monitor, build=build_req, deploy=deploy_req)
 
 
 ns.add_task(bench)

@@ -54,6 +54,20 @@ DEFAULTS: dict[str, Any] = {
             "accept_queue_warning": 0.8,  # accept queue as a share of the listen backlog
             "probe_timeout": 2.0,
         },
+        # `invoke prometheus-config`: job name, intervals, alert `for:` durations, rate window.
+        "prometheus": {
+            "job": "sockops",
+            "scrape_interval": "15s",
+            "evaluation_interval": "15s",
+            "for_down": "1m",
+            "for_probe": "2m",
+            "for_time_wait": "5m",
+            "for_close_wait": "15m",
+            "for_listen": "5m",
+            "for_fds": "5m",
+            "for_collector": "5m",
+            "window": "10m",
+        },
         "services": {
             # The classic tutorial used 8080 for everything; TCP and UDP can share it, transfer cannot.
             "tcp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},

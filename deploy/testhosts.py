@@ -5,7 +5,7 @@ Each host is
   198.18.<slot>.0/24 (RFC 2544 benchmarking range, never routed anywhere; no default route inside);
 - a PID + mount + UTS + IPC namespace whose init is a tiny reaper ("anchor"); inside it /etc, /usr, /var,
   /srv, /root, /home, /opt are overlays on the real directories (writes stay private, reads see the machine),
-  /run, /dev/shm are fresh tmpfs and /tmp is a private directory;
+  /run, /dev/shm are fresh tmpfs and /tmp is an overlay with a RAM upper;
 - a real OpenSSH sshd with a fresh ed25519 host key, root login by key only.
 
 The fleet's ssh_config / known_hosts / identity live in its state directory, so
@@ -220,7 +220,15 @@ for d in OVERLAID; do
   mkdir -p "$o/up" "$o/work"
   mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/up,workdir=$o/work" "$d"
 done
-mount --bind /run/testhost/tmp /tmp
+# /tmp: an overlay with its upper in RAM, so the operator's files there (a venv or checkout under /tmp, as
+# in CI) stay readable while the host's writes stay its own; a private directory where overlay fails.
+mkdir -p /run/testhost-tmp
+mount -t tmpfs -o mode=0755 tmpfs /run/testhost-tmp
+T=/run/testhost-tmp
+mkdir -p $T/up $T/work
+if ! mount -t overlay overlay -o "lowerdir=/tmp,upperdir=$T/up,workdir=$T/work" /tmp 2>/dev/null; then
+  mount --bind /run/testhost/tmp /tmp
+fi
 # the fleet's keys (client identity included) are the operator's, not the host's
 for hide in "$4" "$5"; do
   if [ -d "$hide" ]; then mount -t tmpfs -o size=1m,mode=0700 tmpfs "$hide"; fi

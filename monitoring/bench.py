@@ -133,9 +133,11 @@ def run(
         cpu = processes.CpuTracker()
 
         def snapshot() -> Any:
-            view = collector.sockets()
+            # as Collector.snapshot() does on every look after the first: the pool's fds are scanned while
+            # the kernel dumps the sockets, then matched to the port table
+            view, groups = collector.sockets_and_groups([pool.pid])
             system = collector.system(view, [])
-            group = processes.sample_group(pool.pid, cpu, view.tcp.inodes)
+            group = processes.attribute_group(groups.get(pool.pid, ()), view.tcp.inodes)
             return view, system, group
 
         snapshot()  # primes the CPU tracker, like the first look of --watch or the exporter

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from deploy.bench.deploy_bench import DeployBenchRequest
 from deploy.bench.errors import BenchError
 from deploy.bench.runner import BenchOptions, from_flags, resolve, run_bench, write_outputs
 
@@ -20,6 +21,7 @@ __all__ = [
     "BenchError",
     "BenchOptions",
     "BuildBenchRequest",
+    "DeployBenchRequest",
     "bench",
     "build_bench",
     "from_flags",
@@ -71,13 +73,14 @@ def bench(
     *,
     monitor: bool = False,
     build: BuildBenchRequest | None = None,
+    deploy: DeployBenchRequest | None = None,
     command: str = "",
     console: Console | None = None,
 ) -> Path:
     """Run the bench, print the table, write bench.json (+ bench.png); returns the JSON path.
 
     monitor=True measures the monitoring snapshot, build=... build-python against pyenv's python-build,
-    instead of the services grid.
+    deploy=... unchanged re-deploys to 1 vs N test hosts, instead of the services grid.
     """
     from dataclasses import replace
 
@@ -95,6 +98,15 @@ def bench(
     if build is not None:
         find_tarball(build)  # a wrong --tarball fails now, not after the machine survey
         extra.append(("build", lambda: build_bench(build)))
+    if deploy is not None:
+        from deploy.bench.deploy_bench import deploy_bench, validate
+
+        # --runs and --python (the test hosts' interpreter) are the bench's own flags
+        req = validate(replace(deploy, runs=opts.runs, python=opts.python or deploy.python))
+        if not monitor:  # the machine line names the interpreter the services ran on: the hosts'
+            opts = replace(opts, python=req.python)
+        say = console or Console(stderr=True)
+        extra.append(("deploy", lambda: deploy_bench(req, lambda msg: say.print(msg, highlight=False))))
     if extra:
         opts = replace(opts, services=())
     report = run_bench(opts, command=command, console=console or Console(stderr=True), extra_sections=extra)

@@ -7,8 +7,10 @@ Anything a non-root user may not read is reported in `denied`, never raised.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.model import PoolTotals, ProcessSample
@@ -150,6 +152,25 @@ def sample_process(
     now: Optional[float] = None,
 ) -> Optional[ProcessSample]:
     """One process's figures (None if it is gone); an unreadable figure is None + named in `denied`."""
+    scanned = scan_process(pid, role, tracker, proc_root=proc_root, now=now)
+    return attribute(scanned, inodes) if scanned is not None else None
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """A process's figures before its sockets are matched to a port table (`attribute` does that).
+
+    Split so the /proc/PID/fd scan can run while the kernel dumps the socket tables: neither needs the other.
+    """
+
+    sample: ProcessSample  # connections=None until attributed
+    sockets: Optional[Tuple[int, ...]]  # socket inodes it holds; None when /proc/PID/fd was not readable
+
+
+def scan_process(
+    pid: int, role: str, tracker: CpuTracker, *, proc_root: str = "/proc", now: Optional[float] = None
+) -> Optional[Scanned]:
+    """Everything about one process but its connection count (None if it is gone)."""
     if psutil is None:
         return None
     now = time.time() if now is None else now
@@ -159,7 +180,7 @@ def sample_process(
         with proc.oneshot():
             started = proc.create_time()
             status = proc.status()
-            cpu_seconds = cpu_percent = rss = threads = fds = fd_limit = connections = None
+            cpu_seconds = cpu_percent = rss = threads = fds = fd_limit = None
             try:
                 times = proc.cpu_times()
                 cpu_seconds = times.user + times.system
@@ -184,16 +205,18 @@ def sample_process(
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:
-        return ProcessSample(pid, role, "?", 0.0, 0.0, None, None, None, None, None, None, None, ("all",))
+        sample = ProcessSample(pid, role, "?", 0.0, 0.0, None, None, None, None, None, None, None, ("all",))
+        return Scanned(sample, None)
+    socks: Optional[Tuple[int, ...]] = None
     try:
         # one pass over /proc/PID/fd gives both the fd count and the sockets (psutil would list it twice)
-        fds, socks = fd_table(pid, proc_root)
-        connections = sum(1 for ino in socks if ino in inodes)
+        fds, found = fd_table(pid, proc_root)
+        socks = tuple(found)
     except PermissionError:
         denied.extend(("fds", "connections"))
     except FileNotFoundError:
         return None
-    return ProcessSample(
+    sample = ProcessSample(
         pid=pid,
         role=role,
         status=status,
@@ -205,9 +228,19 @@ def sample_process(
         threads=threads,
         fds=fds,
         fd_limit=fd_limit,
-        connections=connections,
+        connections=None,
         denied=tuple(denied),
     )
+    return Scanned(sample, socks)
+
+
+def attribute(scanned: Scanned, inodes: Mapping[int, int]) -> ProcessSample:
+    """The sample with its connections: the sockets it holds that are in the port table (by inode)."""
+    if scanned.sockets is None:
+        return scanned.sample
+    # map() keeps the per-socket test in C; a socket dup'ed into two fds counts twice, as before
+    held = sum(map(inodes.__contains__, scanned.sockets))
+    return dataclasses.replace(scanned.sample, connections=held)
 
 
 def children(pid: int, proc_root: str = "/proc") -> List[int]:
@@ -236,21 +269,30 @@ def children(pid: int, proc_root: str = "/proc") -> List[int]:
         return []
 
 
+def scan_group(main_pid: int, tracker: CpuTracker, proc_root: str = "/proc") -> Tuple[Scanned, ...]:
+    """A program's main process and its direct children (prefork workers), before attribution."""
+    if not main_pid or psutil is None:
+        return ()
+    out = []
+    main = scan_process(main_pid, "main", tracker, proc_root=proc_root)
+    if main is not None:
+        out.append(main)
+    for pid in children(main_pid, proc_root):
+        worker = scan_process(pid, "worker", tracker, proc_root=proc_root)
+        if worker is not None:
+            out.append(worker)
+    return tuple(out)
+
+
+def attribute_group(group: Sequence[Scanned], inodes: Mapping[int, int]) -> Tuple[ProcessSample, ...]:
+    return tuple(attribute(s, inodes) for s in group)
+
+
 def sample_group(
     main_pid: int, tracker: CpuTracker, inodes: Mapping[int, int], proc_root: str = "/proc"
 ) -> Tuple[ProcessSample, ...]:
     """A program's main process and its direct children (prefork workers), as they are right now."""
-    if not main_pid or psutil is None:
-        return ()
-    out = []
-    main = sample_process(main_pid, "main", tracker, inodes, proc_root=proc_root)
-    if main is not None:
-        out.append(main)
-    for pid in children(main_pid, proc_root):
-        worker = sample_process(pid, "worker", tracker, inodes, proc_root=proc_root)
-        if worker is not None:
-            out.append(worker)
-    return tuple(out)
+    return attribute_group(scan_group(main_pid, tracker, proc_root), inodes)
 
 
 def _total(values: Sequence[Optional[float]]) -> Optional[float]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
+from monitoring.collect.overlap import concurrently
 from monitoring.collect.sockets import PortTable
 from monitoring.errors import SupervisorError
 from monitoring.model import ProbeResult, ProcessSample, ServiceSample, Snapshot, SystemSample, Target
@@ -83,6 +84,24 @@ class Collector:
         udp, _ = sockets.read_ports("udp", udp_ports, "proc", self.proc_root)
         return SocketView(tcp, udp, "proc", sum(1 for s in tcp_all if s.state == "TIME_WAIT"))
 
+    def sockets_and_groups(
+        self, main_pids: Sequence[int]
+    ) -> Tuple[SocketView, Dict[int, Tuple[processes.Scanned, ...]]]:
+        """sockets() and, at the same time, a scan of each program's processes (main pid -> its group).
+
+        The fd scans don't need the socket tables, only their attribution does (processes.attribute_group),
+        so the readlink() calls overlap with the kernel's socket walks instead of following them.
+        """
+        pids = sorted({p for p in main_pids if p})
+
+        def scan() -> Dict[int, Tuple[processes.Scanned, ...]]:
+            return {pid: processes.scan_group(pid, self.cpu, self.proc_root) for pid in pids}
+
+        if not pids or not processes.available():
+            return self.sockets(), {}
+        view, groups = concurrently(self.sockets, scan)
+        return view, groups
+
     def system(self, view: SocketView, notes: List[str]) -> SystemSample:
         """System figures; the exact TIME_WAIT total comes from the socket view (no second kernel walk)."""
         return system.system_sample(lambda: view.time_wait, self.proc_root, notes)
@@ -114,15 +133,22 @@ class Collector:
         all_pids = [p for pid in main_pids.values() if pid for p in [pid, *processes.children(pid)]]
         oldest = processes.prime(all_pids, self.cpu)
 
-        view = self.sockets()
+        # CPU% needs a real window. When the previous look's samples are old enough (--watch, the exporter),
+        # the processes are scanned while the kernel dumps the sockets; a first look primes, counts sockets,
+        # probes, waits out what's left of the window and only then scans.
+        groups: Optional[Dict[int, Tuple[processes.Scanned, ...]]] = None
+        if all_pids and self.cpu_window - (time.monotonic() - oldest) <= 0:
+            view, groups = self.sockets_and_groups(list(main_pids.values()))
+        else:
+            view = self.sockets()
         used = view.source
         sys_sample = self.system(view, notes)
         probes = {t.name: self.probe(t) if self.probe else None for t in self.targets}
 
-        # CPU% needs a real window: wait out what's left of it if a process was primed just now.
         wait = self.cpu_window - (time.monotonic() - oldest)
-        if all_pids and wait > 0:
+        if all_pids and groups is None and wait > 0:
             time.sleep(wait)
+        groups = {} if groups is None else groups
 
         services = []
         seen_keys = []
@@ -139,7 +165,7 @@ class Collector:
                     program = supervisor.program_sample(
                         info, self.restarts.observe(t.program, float(info["start"]))
                     )
-                    procs = self._processes(program.pid, table)
+                    procs = self._processes(program.pid, table, groups)
                     denied_any = denied_any or any(p.denied for p in procs)
                     seen_keys.extend((p.pid, p.started) for p in procs)
             services.append(
@@ -170,5 +196,11 @@ class Collector:
             release=self.release,
         )
 
-    def _processes(self, main_pid: int, table: PortTable) -> Tuple[ProcessSample, ...]:
-        return processes.sample_group(main_pid, self.cpu, table.inodes, self.proc_root)
+    def _processes(
+        self, main_pid: int, table: PortTable, groups: Dict[int, Tuple[processes.Scanned, ...]]
+    ) -> Tuple[ProcessSample, ...]:
+        """The program's processes with connections; scanned here unless sockets_and_groups already did."""
+        scanned = groups.get(main_pid)
+        if scanned is None:
+            scanned = groups[main_pid] = processes.scan_group(main_pid, self.cpu, self.proc_root)
+        return processes.attribute_group(scanned, table.inodes)

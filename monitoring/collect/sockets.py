@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from monitoring.collect import netlink, procnet
+from monitoring.collect.overlap import concurrently
 from monitoring.errors import CollectError
 from monitoring.model import (
     TCP_STATE_NAMES,
@@ -166,10 +167,14 @@ def tcp_table_and_time_wait(ports: Sequence[int]) -> Tuple[PortTable, int]:
 
     TIME_WAIT sockets (the bulk on a busy server) come from one unfiltered TIME_WAIT-only dump, counted per
     port in C (netlink.time_wait_by_port); every other state comes from a port-filtered dump that skips
-    TIME_WAIT. Raises NetlinkUnavailable when there is no sock_diag.
+    TIME_WAIT. The two dumps run at once: each is mostly the kernel walking the whole established hash,
+    with the GIL released. Raises NetlinkUnavailable when there is no sock_diag.
     """
-    total, tw_ports = netlink.time_wait_by_port()
-    raws = list(netlink.dump_raw("tcp", states=netlink.TCPF_NOT_TIME_WAIT, ports=ports)) if ports else []
+
+    def others() -> List[netlink.RawDiag]:
+        return list(netlink.dump_raw("tcp", states=netlink.TCPF_NOT_TIME_WAIT, ports=ports)) if ports else []
+
+    (total, tw_ports), raws = concurrently(netlink.time_wait_by_port, others)
     table = count_raw("tcp", ports, raws)
     samples = {}
     for port, sample in table.ports.items():

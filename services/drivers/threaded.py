@@ -12,6 +12,7 @@ TERM/INT drain: stop accepting, then shut down the read side of every connection
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -22,7 +23,7 @@ import socketserver
 import struct
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from services.drivers.runtime import (
     RateLimited,
@@ -40,6 +41,8 @@ from services.protocol.transfer import FileBody
 
 BUFSIZE = 65536
 THREAD_STACK = 512 * 1024  # a connection thread needs little stack; 8 MiB each adds up at thousands
+ACCEPT_BATCH = 1024  # accept()s (or datagrams) per wake-up before the stop flag is looked at again
+ACCEPT_RETRY = 0.05  # after EMFILE & co the connection stays queued: retry soon, without spinning
 DRAIN_TICK = 0.05
 
 
@@ -61,7 +64,8 @@ class StreamHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock = self.request
-        sock.setblocking(True)
+        if sock.gettimeout() is not None:  # accept4() returns a blocking fd; only a default timeout differs
+            sock.settimeout(None)
         set_nodelay(sock)
         server = self.server
         if server.settings.idle_timeout > 0:
@@ -133,8 +137,31 @@ class TcpServer(socketserver.ThreadingTCPServer):
         self.idle_closed = RateLimited(
             log, f"closed connections idle for more than {settings.idle_timeout:g}s"
         )
+        self.accept_failed = RateLimited(log, "accept() failed; the connection stays queued")
+        self.thread_failed = RateLimited(log, "cannot start a connection thread: closed the connection")
         self._lock = threading.Lock()
         self.conns = {}  # type: Dict[int, _Tracked]
+
+    def service_ready(self) -> None:
+        """Accept every connection the kernel has queued (up to ACCEPT_BATCH), one thread each.
+
+        One wake-up, one GIL acquisition for the whole batch: a non-blocking accept() returns so fast that
+        this thread gets the GIL straight back, whereas each trip through select() means waiting for the GIL
+        behind every busy connection thread (see the module docstring).
+        """
+        accept = self.socket.accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                request, client_address = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # the client reset it while it was queued
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...
+                self.accept_failed.hit(time.monotonic(), str(exc))
+                time.sleep(ACCEPT_RETRY)
+                return
+            self.process_request(request, client_address)
 
     def track(self, sock: socket.socket) -> _Tracked:
         state = _Tracked(sock)
@@ -152,10 +179,14 @@ class TcpServer(socketserver.ThreadingTCPServer):
             self.rejected.hit(time.monotonic())
             return
         try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread started (e.g. out of memory): give the slot back
+            # Not threading.Thread: its start() waits until the new thread has run, i.e. has won the GIL,
+            # which behind hundreds of busy connection threads takes up to seconds per connection. A bare
+            # thread is a daemon thread (exit does not wait for it), all the drain needs is `conns`.
+            _thread.start_new_thread(self.process_request_thread, (request, client_address))
+        except Exception as exc:  # no thread (RuntimeError: can't start new thread): give the slot back
             self.slots.release()
-            raise
+            self.shutdown_request(request)
+            self.thread_failed.hit(time.monotonic(), str(exc))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -202,6 +233,22 @@ class UdpServer(socketserver.UDPServer):
         self.log = log
         self.dropped = RateLimited(log, "udp datagrams dropped")
 
+    def service_ready(self) -> None:
+        """Answer every queued datagram (up to ACCEPT_BATCH): one wake-up and no new selector per datagram."""
+        recvfrom, size = self.socket.recvfrom, self.max_packet_size
+        for _ in range(ACCEPT_BATCH):
+            try:
+                data, client_address = recvfrom(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.dropped.hit(time.monotonic(), f"recvfrom failed: {exc}")
+                return
+            try:
+                self.finish_request((data, self.socket), client_address)
+            except Exception:  # what socketserver's handle_request() would do: log it, keep serving
+                self.handle_error((data, self.socket), client_address)
+
 
 class UdpHandler(socketserver.BaseRequestHandler):
     server: UdpServer
@@ -218,7 +265,7 @@ class UdpHandler(socketserver.BaseRequestHandler):
             self.server.dropped.hit(time.monotonic(), f"{reply.reason} from {format_address(reply.addr)}")
 
 
-def _run(server: socketserver.BaseServer, log: logging.Logger) -> str:
+def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
     """Handle requests on the main thread until a signal; returns "drain" or "quit"."""
     stop = {"mode": ""}  # type: Dict[str, str]
 
@@ -235,7 +282,6 @@ def _run(server: socketserver.BaseServer, log: logging.Logger) -> str:
     unblock_stop_signals()
     wakeup = Wakeup()
     server.socket.setblocking(False)
-    server.timeout = 0  # handle_request() below only runs when the socket is ready
     sel = selectors.DefaultSelector()
     sel.register(server.socket, selectors.EVENT_READ, server)
     sel.register(wakeup.reader, selectors.EVENT_READ, None)
@@ -245,7 +291,7 @@ def _run(server: socketserver.BaseServer, log: logging.Logger) -> str:
                 if key.data is None:
                     wakeup.drain()
                 else:
-                    server.handle_request()
+                    server.service_ready()
         if stop["mode"] == "drain":
             # Connections the kernel already completed (or datagrams already queued) are ours to answer.
             for _ in range(1 << 16):
@@ -254,7 +300,7 @@ def _run(server: socketserver.BaseServer, log: logging.Logger) -> str:
                     break
                 for key, _ in ready:
                     if key.data is not None:
-                        server.handle_request()
+                        server.service_ready()
                     else:
                         wakeup.drain()
         return stop["mode"]

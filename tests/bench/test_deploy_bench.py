@@ -1,0 +1,96 @@
+"""`invoke bench --deploy` end to end with tiny settings: a private 2-host fleet, real `sockops deploy` runs.
+
+No timed assertions: only the shape of the result, that every re-deploy was really "unchanged", and that the
+fleet is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+import deploy.bench as benchmod
+from deploy import testhosts as th
+from deploy.bench import deploy_bench
+from deploy.bench.errors import BenchError
+
+
+def test_docstring_examples() -> None:
+    failed, attempted = doctest.testmod(deploy_bench, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert attempted > 0
+    assert failed == 0
+
+
+@pytest.mark.parametrize(
+    ("req", "message"),
+    [
+        (deploy_bench.DeployBenchRequest(hosts=0), "--deploy-hosts: 0 is outside 1..32"),
+        (deploy_bench.DeployBenchRequest(runs=0), "--runs: 0 is outside 1..50"),
+        (deploy_bench.DeployBenchRequest(python="python3"), "--python 'python3': give the absolute path"),
+    ],
+)
+def test_bad_deploy_settings_name_the_flag(req: deploy_bench.DeployBenchRequest, message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        deploy_bench.validate(req)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(text in arg for arg in p.info["cmdline"] or ()):
+            found.append(p.info["pid"])
+    return found
+
+
+@pytest.mark.hosts
+def test_tiny_deploy_bench_is_well_formed_and_removes_its_fleet(tmp_path: Path) -> None:
+    state_dir = th.BASE_DIR / f"pytest-bench-deploy-{os.getpid()}"
+    opts = benchmod.from_flags(runs="1", out=str(tmp_path / "out"))
+    req = benchmod.DeployBenchRequest(hosts=2, prefix="sbtest", state_dir=str(state_dir))
+    json_path = benchmod.bench(opts, deploy=req, command="invoke bench --deploy --tiny")
+
+    data = json.loads(json_path.read_text())
+    assert data["command"] == "invoke bench --deploy --tiny"
+    assert data["cells"] == []  # the services grid is not run in this mode
+    out = data["extra"]["deploy"]
+    assert (out["hosts"], out["runs"]) == (2, 1)
+    assert out["config"]["python"] == "/usr/bin/python3"
+    assert out["first_deploy"]["wall_s"] > 0
+    assert out["first_deploy"]["per_host"]["min_s"] <= out["first_deploy"]["per_host"]["max_s"]
+    for key in ("unchanged_one_host", "unchanged_all_hosts"):
+        wall = out[key]["wall"]
+        assert 0 < wall["min_s"] <= wall["median_s"] <= wall["max_s"]
+    # the parallel run reports one time per host, from the deploy's own result table
+    assert [len(row) for row in out["samples"]["all_per_host_s"]] == [2]
+    assert len(out["samples"]["one_wall_s"]) == 1
+    assert out["ratio_all_vs_one"] == pytest.approx(
+        out["unchanged_all_hosts"]["wall"]["median_s"] / out["unchanged_one_host"]["wall"]["median_s"],
+        rel=1e-2,
+    )
+    goals = out["goals"]
+    assert (goals["unchanged_per_host_s"], goals["parallel_ratio"]) == (2.0, 1.5)
+    assert isinstance(goals["unchanged_per_host_met"], bool)
+    assert isinstance(goals["parallel_ratio_met"], bool)
+    # the fleet is gone: state dir, and every process that ran the hosts (anchors carry the state dir)
+    assert out["fleet"]["state_dir"] == str(state_dir)
+    assert len(out["fleet"]["netns"]) == 2
+    assert not state_dir.exists()
+    assert _processes_mentioning(str(state_dir)) == []
+    assert psutil.Process().children(recursive=True) == []
+
+
+@pytest.mark.hosts
+def test_a_failing_deploy_fails_the_bench_and_still_removes_the_fleet() -> None:
+    state_dir = th.BASE_DIR / f"pytest-bench-deploy-fail-{os.getpid()}"
+    req = deploy_bench.DeployBenchRequest(
+        hosts=1, runs=1, python="/nonexistent/bin/python3", prefix="sbfail", state_dir=str(state_dir)
+    )
+    with pytest.raises(BenchError, match=r"sbfail1.*/nonexistent/bin/python3"):
+        deploy_bench.deploy_bench(req, progress=lambda msg: None)
+    assert not state_dir.exists()
+    assert _processes_mentioning(str(state_dir)) == []
