@@ -197,6 +197,11 @@ def test_system_time_wait_total_is_exact_in_a_private_namespace() -> None:
     assert proc.stdout.strip() == "ok"
 
 
+def _identity(raw: netlink.RawDiag) -> tuple:
+    fam, st, sport, dport, src, dst, _rq, _wq, uid, ino = raw
+    return (fam, st, sport, dport, src, dst, uid, ino)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bulk_counting_paths_agree(family: int) -> None:
     """The fast paths (bulk count_raw, TIME_WAIT from its own walk, v1 one-walk dumps) = the plain counter."""
@@ -213,7 +218,8 @@ def test_bulk_counting_paths_agree(family: int) -> None:
                 ["ss", "-tanH", "state", "time-wait"], capture_output=True, text=True, check=True
             ).stdout.splitlines()
         )
-    assert sorted(raws) == sorted(per_family)
+    # queue sizes (fields 6, 7) of FIN_WAIT1/LAST_ACK sockets move between two dumps; identity must not
+    assert sorted(_identity(r) for r in raws) == sorted(_identity(r) for r in per_family)
     assert dict(plain.states) == dict(bulk.states) == dict(combined.sample(held.port).states)
     assert plain.listeners == bulk.listeners == combined.sample(held.port).listeners
     assert total >= PLAN["TIME_WAIT"]
