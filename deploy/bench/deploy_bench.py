@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -25,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deploy.bench.errors import BenchError
 
@@ -127,8 +130,32 @@ def write_config(path: Path, *, source_root: Path, python: str) -> Path:
     return path  # JSON is YAML: `-f` reads it
 
 
-def _run_cli(argv: Sequence[str], timeout: float) -> tuple[float, str]:
-    """(wall seconds, stdout) of one deploy command; its own session, ended by pid on timeout or Ctrl-C."""
+def _busy_seconds() -> float:
+    """CPU seconds all cores of this machine spent busy so far (steal and idle/iowait excluded)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class Timed:
+    wall: float
+    operator_cpu: float  # user+system of the deploy command (the operator side: SSH, facts, wheelhouse)
+    machine_cpu: float  # every core of this machine: operator + the test hosts' sshd/probes + anything else
+    stdout: str
+
+
+def _run_cli(argv: Sequence[str], timeout: float) -> Timed:
+    """One deploy command, timed; its own session, ended by pid on timeout or Ctrl-C.
+
+    The test hosts share this machine's cores, so their side of the work shows in machine_cpu: with N hosts
+    on 2 cores the N-host figure also measures the hosts, which a real fleet spreads over N machines.
+    """
+    cpu0, busy0 = _children_cpu(), _busy_seconds()
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -144,18 +171,21 @@ def _run_cli(argv: Sequence[str], timeout: float) -> tuple[float, str]:
         proc.wait(timeout=10)
         raise
     wall = time.monotonic() - started
+    timed = Timed(wall, _children_cpu() - cpu0, _busy_seconds() - busy0, out)
     if proc.returncode != 0:
         raise BenchError(
             f"--deploy: `{' '.join(argv)}` failed (exit {proc.returncode}):\n"
             + (out.strip()[-1500:] + "\n" + err.strip()[-1500:]).strip()
         )
-    return wall, out
+    return timed
 
 
 @dataclass(frozen=True)
 class Deployed:
     wall: float
     rows: dict[str, HostRow]
+    operator_cpu: float = 0.0
+    machine_cpu: float = 0.0
 
     @property
     def per_host(self) -> list[float]:
@@ -164,7 +194,8 @@ class Deployed:
 
 def _deploy(base: Sequence[str], hosts: Sequence[str], *, expect: str, timeout: float) -> Deployed:
     argv = [*base, "--host", ",".join(hosts)]
-    wall, out = _run_cli(argv, timeout)
+    timed = _run_cli(argv, timeout)
+    out = timed.stdout
     rows = parse_table(out, hosts)
     wrong = {
         h: rows[h].status if h in rows else "missing"
@@ -176,7 +207,7 @@ def _deploy(base: Sequence[str], hosts: Sequence[str], *, expect: str, timeout: 
         raise BenchError(
             f"--deploy: expected every host {expect}, got {wrong} from `{' '.join(argv)}`:\n{out[-1500:]}"
         )
-    return Deployed(wall, rows)
+    return Deployed(timed.wall, rows, timed.operator_cpu, timed.machine_cpu)
 
 
 def deploy_bench(req: DeployBenchRequest, progress: Progress = print) -> dict[str, Any]:
@@ -230,10 +261,19 @@ def _measure(base: Sequence[str], names: Sequence[str], req: DeployBenchRequest,
             d = _deploy(base, hosts, expect="unchanged", timeout=REDEPLOY_TIMEOUT)
             (one if kind == "one" else every).append(d)
             progress(
-                f"deploy: run {run + 1}/{req.runs} unchanged {kind} ({len(hosts)} host(s)): {d.wall:.2f}s "
-                f"wall, per host {max(d.per_host):.1f}s max"
+                f"deploy: unchanged {run + 1}/{req.runs}, {len(hosts)} host(s): {d.wall:.2f}s, slowest "
+                f"{max(d.per_host):.1f}s, CPU {d.operator_cpu:.2f}s cmd/{d.machine_cpu:.2f}s all"
             )
     return summarize(first, one, every)
+
+
+def _cpu(runs: Sequence[Deployed]) -> dict[str, float]:
+    """Median CPU seconds of the deploy command and of the whole machine, and the machine's busy cores."""
+    return {
+        "operator_cpu_s": float(statistics.median(d.operator_cpu for d in runs)),
+        "machine_cpu_s": float(statistics.median(d.machine_cpu for d in runs)),
+        "machine_busy_cores": float(statistics.median(d.machine_cpu / d.wall for d in runs if d.wall)),
+    }
 
 
 def summarize(first: Deployed, one: Sequence[Deployed], every: Sequence[Deployed]) -> dict[str, Any]:
@@ -254,11 +294,12 @@ def summarize(first: Deployed, one: Sequence[Deployed], every: Sequence[Deployed
     ratio = round(all_wall["median_s"] / one_wall["median_s"], 3) if one_wall["median_s"] else 0.0
     return {
         "first_deploy": {"wall_s": first.wall, "per_host": spread(first.per_host)},
-        "unchanged_one_host": {"wall": one_wall, "per_host": one_host},
+        "unchanged_one_host": {"wall": one_wall, "per_host": one_host, **_cpu(one)},
         "unchanged_all_hosts": {
             "wall": all_wall,
             "per_host": spread([s for d in every for s in d.per_host]),
             "slowest_host_s": slowest,
+            **_cpu(every),
         },
         "ratio_all_vs_one": ratio,
         # the same without process start-up and SSH set-up: the deploy work on the hosts alone

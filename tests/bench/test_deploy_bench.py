@@ -65,6 +65,8 @@ def test_tiny_deploy_bench_is_well_formed_and_removes_its_fleet(tmp_path: Path) 
     for key in ("unchanged_one_host", "unchanged_all_hosts"):
         wall = out[key]["wall"]
         assert 0 < wall["min_s"] <= wall["median_s"] <= wall["max_s"]
+        # the deploy command is a child of the bench: its CPU is counted, and the machine's covers it
+        assert 0 < out[key]["operator_cpu_s"] <= out[key]["machine_cpu_s"] + 0.05
     # the parallel run reports one time per host, from the deploy's own result table
     assert [len(row) for row in out["samples"]["all_per_host_s"]] == [2]
     assert len(out["samples"]["one_wall_s"]) == 1
