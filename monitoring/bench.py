@@ -7,8 +7,9 @@ figures nor is disturbed): ~30k server-side TIME_WAIT sockets on a monitored por
     sudo python -m monitoring.bench [--time-wait 30000] [--established 10000] [--repeats 5] [--json]
 
 "full snapshot" = socket counts for the service ports (netlink, kernel-filtered), the system figures (exact
-TIME_WAIT count, sockstat, netstat, sysctls) and the load of every pool process (psutil + /proc fd scan),
-with a CPU tracker that already holds a previous sample, as in `--watch` and the exporter. Probes and the
+TIME_WAIT count, sockstat, netstat, sysctls) and the load of every pool process (psutil + /proc fd scan,
+overlapping the kernel's socket walks as Collector.snapshot() does), with a CPU tracker that already holds a
+previous sample, as in `--watch` and the exporter. Probes and the
 supervisord XML-RPC round trip are left out: they measure the network, not the counting.
 """
 

@@ -8,6 +8,8 @@ The pieces are public so other consumers (the Prometheus exporter) reuse them in
     Collector.system(view, notes) -> SystemSample;  Collector.programs(notes) -> {name: info} | None
     sockets.read_ports(proto, ports, source) -> (PortTable, source);  sockets.time_wait_total(source) -> int
     processes.sample_group(main_pid, CpuTracker(), inodes) -> (ProcessSample, ...)
+    Collector.sockets_and_groups(main_pids) -> (SocketView, {pid: scanned group}): the fd scans overlap the
+    kernel's socket walks; processes.attribute_group(scanned, inodes) then counts each process's connections
 """
 
 from monitoring.collect.snapshot import Collector, SocketView

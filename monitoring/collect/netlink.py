@@ -46,6 +46,10 @@ _BC_OP = struct.Struct("=BBH")  # code, yes, no
 # expires, rqueue, wqueue, uid, inode.
 _DIAG_MSG = struct.Struct("=BB2xHH16s16s4x8x4xIIII")
 _ERRNO = struct.Struct("=i")
+# Offsets into a sock_diag message (netlink header included), as 16- and 32-bit word indexes for strided
+# memoryview reads: idiag_sport (network order) at byte 20, idiag_inode (host order) at byte 84.
+_SPORT_WORD16 = 20 // 2
+_INODE_WORD32 = 84 // 4
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
@@ -120,6 +124,19 @@ def uniform_prefix(chunk: bytes) -> Tuple[int, int]:
     >>> uniform_prefix(one * 3), uniform_prefix(one * 3 + b"x" * 20), uniform_prefix(b"")
     ((3, 96), (3, 96), (0, 0))
     """
+    memo = _last_prefix[0]  # one atomic read: dumps may run in two threads at once
+    if memo[0] is chunk:
+        return memo[1]
+    result = _uniform_prefix(chunk)
+    _last_prefix[0] = (chunk, result)
+    return result
+
+
+# The last datagram's answer: dump_chunks looks for NLMSG_DONE in it, then its consumer asks again.
+_last_prefix: List[Tuple[Optional[bytes], Tuple[int, int]]] = [(None, (0, 0))]
+
+
+def _uniform_prefix(chunk: bytes) -> Tuple[int, int]:
     if len(chunk) < _NLMSGHDR.size + _DIAG_MSG.size:
         return 0, 0
     length, mtype = struct.unpack_from("=IH", chunk, 0)
@@ -251,9 +268,10 @@ def dump_chunks(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.sendto(build_request(family, proto, states, ports, compat=compat), (0, 0))
             buf = bytearray(1 << 16)
+            view = memoryview(buf)
             while True:
                 n = sock.recv_into(buf)
-                chunk = bytes(buf[:n])
+                chunk = bytes(view[:n])  # one copy (buf[:n] would copy twice)
                 yield chunk
                 if _is_done(chunk):
                     return
@@ -322,28 +340,28 @@ def sockets(proto: str, ports: Sequence[int] = (), states: int = ALL_STATES) -> 
 
 def count_time_wait() -> int:
     """Exact machine-wide TIME_WAIT count (v4 + v6): the kernel sends only those, we count."""
-    return time_wait_by_port()[0]
+    return time_wait_by_port(())[0]
 
 
-def time_wait_by_port() -> Tuple[int, Dict[int, int]]:
-    """(total, {local port: count}) of TIME_WAIT sockets (v4 + v6), from one TIME_WAIT-only dump per family.
+def time_wait_by_port(wanted: Optional[Sequence[int]] = None) -> Tuple[int, Dict[int, int]]:
+    """(total, {local port: count}) of TIME_WAIT sockets (v4 + v6), from one TIME_WAIT-only dump per family;
+    every port, or only the `wanted` ones (counted with list.count: cheaper than hashing every socket's port).
 
-    TIME_WAIT messages are uniform, so local ports are read with two strided byte slices per datagram
+    TIME_WAIT messages are uniform, so local ports are read with one strided 16-bit memoryview per datagram
     (the big-endian sport at offset 20 of each message) and counted in C: no Python step per socket.
     """
-    total = 0
-    ports: Counter = Counter()
+    ports: List[int] = []  # network byte order: converted once per distinct port, not per socket
     for chunk in tcp_chunks(TCPF_TIME_WAIT):
         n, size = uniform_prefix(chunk)
-        end = n * size
-        if n:
-            ports.update(zip(chunk[20:end:size], chunk[21:end:size]))
-            total += n
-        for _mtype, raw in iter_raw(chunk[end:]):
+        end = n * size if size % 2 == 0 else 0
+        if end:
+            ports.extend(memoryview(chunk)[:end].cast("H")[_SPORT_WORD16 :: size // 2].tolist())
+        for _mtype, raw in iter_raw(chunk[end:] if end else chunk):
             if raw is not None and raw[1] == 6:
-                total += 1
-                ports[(raw[2] >> 8, raw[2] & 0xFF)] += 1
-    return total, {(h << 8) | low: c for (h, low), c in ports.items()}
+                ports.append(socket.htons(raw[2]))
+    if wanted is not None:
+        return len(ports), {p: ports.count(socket.htons(p)) for p in wanted}
+    return len(ports), {socket.ntohs(p): c for p, c in Counter(ports).items()}
 
 
 def count_messages(chunk: bytes) -> int:
@@ -351,3 +369,55 @@ def count_messages(chunk: bytes) -> int:
     n, size = uniform_prefix(chunk)
     rest = chunk[n * size :]
     return n + sum(1 for _mtype, raw in iter_raw(rest) if raw is not None)
+
+
+class Columns:
+    """A dump as columns, one entry per socket in the same order: state numbers, local ports, inodes, plus
+    the whole raw tuple of every socket in state `keep` (listeners: their queues and addresses are needed).
+
+    Filled per datagram by `add`; uniform runs are read with strided memoryviews (C loops), so a socket
+    costs no Python bytecode unless it is kept or sits in a non-uniform tail.
+    """
+
+    def __init__(self, keep: int = 10) -> None:
+        self.keep = keep
+        self.states = bytearray()
+        self.ports: List[int] = []
+        self.inodes: List[int] = []
+        self.kept: List[RawDiag] = []
+
+    def add(self, chunk: bytes) -> None:
+        n, size = uniform_prefix(chunk)
+        end = n * size if size % 4 == 0 else 0  # 32-bit views need 4-byte strides (NLMSG_ALIGN gives them)
+        if end:
+            states = chunk[17:end:size]
+            self.states += states
+            view = memoryview(chunk)[:end]
+            self.ports.extend(map(socket.ntohs, view.cast("H")[_SPORT_WORD16 :: size // 2]))
+            self.inodes.extend(view.cast("I")[_INODE_WORD32 :: size // 4].tolist())
+            i = states.find(self.keep)
+            while i >= 0:
+                fam, st, sport, dport, src, dst, rq, wq, uid, ino = _DIAG_MSG.unpack_from(
+                    chunk, i * size + 16
+                )
+                sport, dport = socket.ntohs(sport), socket.ntohs(dport)
+                self.kept.append((fam, st, sport, dport, src, dst, rq, wq, uid, ino))
+                i = states.find(self.keep, i + 1)
+        for _mtype, raw in iter_raw(chunk[end:] if end else chunk):
+            if raw is not None:
+                self.add_raw(raw)
+
+    def add_raw(self, raw: RawDiag) -> None:
+        self.states.append(raw[1])
+        self.ports.append(raw[2])
+        self.inodes.append(raw[9])
+        if raw[1] == self.keep:
+            self.kept.append(raw)
+
+
+def dump_columns(states: int, ports: Sequence[int], keep: int = 10) -> Columns:
+    """A TCP dump (v4 + v6) as Columns (I/O)."""
+    cols = Columns(keep)
+    for chunk in tcp_chunks(states, ports):
+        cols.add(chunk)
+    return cols

@@ -8,6 +8,7 @@ measured against uses two processes the same way).
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, List, Optional
 
@@ -19,7 +20,12 @@ def concurrently(*fns: Callable[[], Any]) -> List[Any]:
 
     >>> concurrently(lambda: 1, lambda: 2)
     [1, 2]
+    >>> concurrently(lambda: 1, lambda: 1 // 0)
+    Traceback (most recent call last):
+    ZeroDivisionError: integer division or modulo by zero
     """
+    if _cpus() < 2:  # one usable CPU: threads would only add switches
+        return [fn() for fn in fns]
     results: List[Any] = [None] * len(fns)
     errors: List[Optional[BaseException]] = [None] * len(fns)
 
@@ -42,3 +48,10 @@ def concurrently(*fns: Callable[[], Any]) -> List[Any]:
         if exc is not None:
             raise exc
     return results
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on (cgroups, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -107,31 +107,46 @@ def count_raw(proto: str, ports: Sequence[int], raws: Sequence[netlink.RawDiag])
 
     Same result as `count_ports(proto, ports, rows_from_raw(proto, raws))` (the tests check both against ss).
     """
-    names = TCP_STATE_NAMES if proto == "tcp" else UDP_STATE_NAMES
-    by_number = Counter((r[2], r[1]) for r in raws)  # (port, state number)
-    rows: List[Row] = []
-    for r in raws:
-        if (proto == "tcp" and r[1] == 10) or proto == "udp":  # listeners / UDP sockets: few, keep whole
-            rows.append((r[2], names.get(r[1]) or f"UNKNOWN_{r[1]}", r[6], r[7], r[9], _family(r[0]), r[4]))
-    detail = count_ports(proto, ports, rows)
-    inodes = {r[9]: r[2] for r in raws if r[9]}
+    if proto == "tcp":
+        cols = netlink.Columns()
+        for raw in raws:
+            cols.add_raw(raw)
+        return count_columns(ports, cols)
+    rows = rows_from_raw(proto, raws)  # UDP: few sockets, and every one's receive queue counts
+    return count_ports(proto, ports, rows)
+
+
+def count_columns(ports: Sequence[int], cols: netlink.Columns) -> PortTable:
+    """TCP counts per (port, state) from a dump's columns; listeners (the kept tuples) in detail."""
+    names = TCP_STATE_NAMES
+    by_number = Counter(zip(cols.ports, cols.states))  # (port, state number), counted in C
+    rows = [
+        (r[2], names.get(r[1]) or f"UNKNOWN_{r[1]}", r[6], r[7], r[9], _family(r[0]), r[4])
+        for r in cols.kept
+        if r[1] == 10
+    ]
+    detail = count_ports("tcp", ports, rows)
     wanted = set(ports)
     samples = {}
     for port, sample in detail.ports.items():
         full = dict(sample.states)
         for (p, st), n in by_number.items():
-            if p == port and not (proto == "tcp" and st == 10) and proto != "udp":
+            if p == port and st != 10:
                 name = names.get(st) or f"UNKNOWN_{st}"
                 full[name] = full.get(name, 0) + n
         samples[port] = PortSample(
-            proto=proto,
+            proto="tcp",
             port=port,
             states=frozen_map(full),
             listeners=sample.listeners,
             recv_queue=sample.recv_queue,
             sockets=sum(n for (p, _st), n in by_number.items() if p == port),
         )
-    return PortTable(proto, frozen_map(samples), frozen_map({i: p for i, p in inodes.items() if p in wanted}))
+    inodes = dict(zip(cols.inodes, cols.ports))
+    inodes.pop(0, None)  # TIME_WAIT and request sockets belong to no process
+    if not all(p in wanted for p in set(inodes.values())):
+        inodes = {i: p for i, p in inodes.items() if p in wanted}
+    return PortTable("tcp", frozen_map(samples), frozen_map(inodes))
 
 
 def _family(af: int) -> int:
@@ -171,11 +186,11 @@ def tcp_table_and_time_wait(ports: Sequence[int]) -> Tuple[PortTable, int]:
     with the GIL released. Raises NetlinkUnavailable when there is no sock_diag.
     """
 
-    def others() -> List[netlink.RawDiag]:
-        return list(netlink.dump_raw("tcp", states=netlink.TCPF_NOT_TIME_WAIT, ports=ports)) if ports else []
+    def others() -> netlink.Columns:
+        return netlink.dump_columns(netlink.TCPF_NOT_TIME_WAIT, ports) if ports else netlink.Columns()
 
-    (total, tw_ports), raws = concurrently(netlink.time_wait_by_port, others)
-    table = count_raw("tcp", ports, raws)
+    (total, tw_ports), cols = concurrently(lambda: netlink.time_wait_by_port(ports), others)
+    table = count_columns(ports, cols)
     samples = {}
     for port, sample in table.ports.items():
         states = dict(sample.states)

@@ -26,6 +26,7 @@ MODULES = [
     "monitoring.collect.sockets",
     "monitoring.collect.supervisor",
     "monitoring.collect.processes",
+    "monitoring.collect.overlap",
     "monitoring.targets",
     "monitoring.probes",
     "monitoring.render",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
+import pytest
+
 from monitoring import probes
-from monitoring.collect import Collector, supervisor
+from monitoring.collect import Collector, processes, supervisor
 from monitoring.model import Snapshot
 from monitoring.targets import read_manifest
 from tests.monitoring.conftest import Supervised
@@ -135,3 +139,39 @@ def test_supervisord_socket_errors_name_the_fix(tmp_path) -> None:
     s.close()
     with pytest.raises(SupervisorError, match="connection refused"):
         supervisor.all_process_info(str(stale))
+
+
+_FD_HOLDER = """
+import os, socket, sys
+socks = [socket.socket() for _ in range(40)]
+for s in socks[5:15]:
+    s.close()  # a gap in the middle of the table
+if sys.argv[1] == "far":
+    os.dup2(socks[20].fileno(), 3000)  # a gap far larger than the table: the scan must list the directory
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _truth(pid: int) -> tuple[int, list[int]]:
+    names = os.listdir(f"/proc/{pid}/fd")
+    targets = [os.readlink(f"/proc/{pid}/fd/{n}") for n in names]
+    return len(names), sorted(int(t[8:-1]) for t in targets if t.startswith("socket:["))
+
+
+@pytest.mark.parametrize("layout", ["gaps", "far"])
+def test_fd_table_equals_a_directory_listing(layout: str) -> None:
+    """The dense fd scan (no directory listing) and its fallback both see exactly what /proc lists."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FD_HOLDER, layout], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        fds, inodes = processes.fd_table(proc.pid)
+        assert (fds, sorted(inodes)) == _truth(proc.pid)
+        assert len(inodes) == (31 if layout == "far" else 30)  # 40 sockets - 10 closed (+ 1 dup)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)

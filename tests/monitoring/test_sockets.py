@@ -149,6 +149,28 @@ def test_parse_dump_on_recorded_bytes() -> None:
     assert netlink.count_messages(chunk + done) == 2
 
 
+def test_columns_fast_path_equals_message_by_message_decode() -> None:
+    """Strided reads of a uniform run (listeners inside it) + a mixed tail = decoding each message."""
+    done = struct.pack("=IHHIIi", 20, netlink.NLMSG_DONE, netlink.NLM_F_MULTI, 1, 0, 0)
+    run = [_diag_msg(st, 8080 + i % 3, 40000 + i, 100 + i) for i, st in enumerate([1, 1, 10, 8, 1, 10, 4])]
+    # a full socket's message carries attributes (here INET_DIAG_SHUTDOWN): a different size ends the run
+    full = _diag_msg(1, 8081, 41001, 300)
+    full = struct.pack("=I", len(full) + 8) + full[4:] + struct.pack("=HHB3x", 5, 8, 0)
+    tail = full + _diag_msg(6, 8081, 41000, 0, socket.AF_INET6) + _diag_msg(10, 443, 0, 7, socket.AF_INET6)
+    chunk = b"".join(run) + tail + done
+    assert netlink.uniform_prefix(chunk)[0] == len(run)
+    cols = netlink.Columns()
+    cols.add(chunk)
+    raws = [raw for _mtype, raw in netlink.iter_raw(chunk) if raw is not None]
+    assert list(cols.states) == [r[1] for r in raws]
+    assert cols.ports == [r[2] for r in raws]
+    assert cols.inodes == [r[9] for r in raws]
+    assert cols.kept == [r for r in raws if r[1] == 10]
+    table = sockets.count_columns([8080, 8081, 443], cols)
+    plain = sockets.count_ports("tcp", [8080, 8081, 443], sockets.rows_from_raw("tcp", raws))
+    assert table == plain
+
+
 def test_kernel_error_message_names_the_fix() -> None:
     error = struct.pack("=IHHIIi", 36, netlink.NLMSG_ERROR, 0, 1, 0, -22) + b"\0" * 16
     with pytest.raises(netlink.CollectError, match="EINVAL"):
