@@ -464,6 +464,15 @@ def _hostctl(settings: DeploySettings, release: str, *args: str) -> str:
     return " ".join([q(py), "-m", wheelhouse.HOSTCTL_MODULE, "--socket", q(p.socket), *[q(a) for a in args]])
 
 
+def _hostctl_json(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *args: str, what: str, host: str
+) -> dict[str, Any]:
+    """Run a hostctl command as root; its last stdout line is its JSON document, even on exit 1."""
+    cmd = _hostctl(settings, release, *args)
+    result = _root_run(c, cmd, uid=facts.uid, what=what, host=host, warn=True)
+    return _json_result(result, host=host, what=what)
+
+
 def _json_result(result: Any, *, host: str, what: str) -> dict[str, Any]:
     try:
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -508,9 +517,7 @@ def step_apply(
     want = f"{p.releases}/{release}/fingerprints.json"
     args = ["apply", "--applied", p.applied, "--conf", p.conf, "--want-file", want]
     args += ["--fresh"] if fresh else []
-    cmd = _hostctl(settings, release, *args)
-    result = _root_run(c, cmd, uid=facts.uid, what="applying supervisord changes", host=host, warn=True)
-    doc = _json_result(result, host=host, what="applying supervisord changes")
+    doc = _hostctl_json(c, settings, release, facts, *args, what="applying supervisord changes", host=host)
     if not doc.get("ok"):
         raise ReleaseError(f"{host}: applying supervisord changes failed: {doc.get('error')}")
     return doc
@@ -520,17 +527,8 @@ def step_health(
     c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str
 ) -> dict[str, Any]:
     """Every service in the manifest answers a real request within the health timeout."""
-    cmd = _hostctl(
-        settings,
-        release,
-        "--timeout",
-        str(settings.health_timeout),
-        "health",
-        "--manifest",
-        settings.paths.manifest,
-    )
-    result = _root_run(c, cmd, uid=facts.uid, what="health gate", host=host, warn=True)
-    return _json_result(result, host=host, what="health gate")
+    args = ("--timeout", str(settings.health_timeout), "health", "--manifest", settings.paths.manifest)
+    return _hostctl_json(c, settings, release, facts, *args, what="health gate", host=host)
 
 
 def step_prune(
@@ -775,9 +773,8 @@ def status_host(c: Context, host: str, settings: DeploySettings) -> dict[str, An
 def restart_host(c: Context, host: str, settings: DeploySettings, programs: Sequence[str]) -> dict[str, Any]:
     facts = read_facts(c, settings)
     current = _require_deployed(facts, host)
-    cmd = _hostctl(settings, current, "restart", *programs)
-    result = _root_run(c, cmd, uid=facts.uid, what="restarting programs", host=host, warn=True)
-    doc = _json_result(result, host=host, what="restarting programs")
+    args = ("restart", *programs)
+    doc = _hostctl_json(c, settings, current, facts, *args, what="restarting programs", host=host)
     if not doc.get("ok"):
         raise ReleaseError(f"{host}: restart failed: {doc.get('error') or doc.get('errors')}")
     return doc
