@@ -388,6 +388,7 @@ ns.add_task(prometheus_config)
         "build_version": "--build: CPython version (default 3.9.2)",
         "tarball": "--build: source tarball (default: the one build-python cached)",
         "skip_pyenv": "--build: time only build-python (plain build and no-op re-run)",
+        "build_optimize": "--build: also time an --optimize (PGO + LTO) build; reports it / the plain one",
         "deploy": "instead of the grid: unchanged re-deploy time, 1 vs N test hosts in parallel (root)",
         "deploy_hosts": "--deploy: test hosts deployed to in parallel (default 8; --python = their "
         "interpreter, default /usr/bin/python3)",
@@ -414,6 +415,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     build_version="3.9.2",
     tarball="",
     skip_pyenv=False,
+    build_optimize=False,
     deploy=False,
     deploy_hosts=8,
 ):
@@ -435,7 +437,9 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         transfer_mib=transfer_mib,
         no_references=no_references,
     )
-    build_req = benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv) if build else None
+    build_req = (
+        benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv, build_optimize) if build else None
+    )
     deploy_req = benchmod.DeployBenchRequest(hosts=int(deploy_hosts)) if deploy else None
     benchmod.bench(opts, monitor=monitor, build=build_req, deploy=deploy_req)
 

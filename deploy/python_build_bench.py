@@ -9,12 +9,14 @@ comparing a shared build with a static one would not be the same options).
     result = measure_build_vs_pyenv(tarball=Path("~/.cache/sockops/sources/Python-3.9.2.tar.xz"))
     print(result.as_dict())
 
-CLI: `.venv/bin/python -m deploy.python_build_bench --version 3.9.2 --tarball PATH [--skip-pyenv]`.
+CLI: `.venv/bin/python -m deploy.python_build_bench --version 3.9.2 --tarball PATH [--skip-pyenv]
+[--optimize]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -43,6 +45,8 @@ class BuildBench:
     sockops_noop_s: float
     pyenv_build_s: float | None  # None when skipped or pyenv is missing
     ratio: float | None  # sockops / pyenv; the issue's target is <= 1.0
+    optimize_build_s: float | None = None  # --optimize (PGO + LTO) build, when asked for
+    optimize_ratio: float | None = None  # optimize / plain; the issue's target is <= 2.5
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -83,9 +87,11 @@ def measure_build_vs_pyenv(
     workdir: Path | None = None,
     jobs: int = 0,
     skip_pyenv: bool = False,
+    optimize: bool = False,
 ) -> BuildBench:
-    """Build `version` from `tarball` with build-python (local, temp prefix), re-run it (no-op), then with
-    pyenv's python-build; returns the wall times. Takes two full builds' time."""
+    """Build `version` from `tarball` with build-python (local, temp prefix), re-run it (no-op), with
+    --optimize when asked (another temp prefix), then with pyenv's python-build; returns the wall times.
+    Takes two full builds' time, plus ~3 for --optimize."""
     tarball = tarball.expanduser()
     jobs = jobs or len(os.sched_getaffinity(0))
     owned = workdir is None
@@ -104,6 +110,12 @@ def measure_build_vs_pyenv(
         noop_s, again = _sockops_build(req)
         if again.changed:
             raise RuntimeError("the second run rebuilt; it should have been a no-op")
+        optimize_s = None
+        if optimize:
+            opt_req = dataclasses.replace(req, prefix=str(work / "sockops-pgo" / "python3"), optimize=True)
+            optimize_s, opt = _sockops_build(opt_req)
+            if not opt.changed:
+                raise RuntimeError(f"expected a fresh --optimize build in {opt_req.prefix}: {opt.message}")
         pyenv_s = None
         if not skip_pyenv and PYTHON_BUILD.exists():
             pyenv_s = _pyenv_build(version, tarball, work / "pyenv" / version, jobs, work)
@@ -114,13 +126,16 @@ def measure_build_vs_pyenv(
             sockops_noop_s=round(noop_s, 3),
             pyenv_build_s=None if pyenv_s is None else round(pyenv_s, 1),
             ratio=None if pyenv_s is None else round(build_s / pyenv_s, 3),
+            optimize_build_s=None if optimize_s is None else round(optimize_s, 1),
+            optimize_ratio=None if optimize_s is None else round(optimize_s / build_s, 3),
         )
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
-            lock = pb.lock_path(str(work / "sockops" / "python3"))
-            for leftover in (Path(lock), Path(lock + ".owner")):
-                leftover.unlink(missing_ok=True)
+            for prefix in (work / "sockops" / "python3", work / "sockops-pgo" / "python3"):
+                lock = pb.lock_path(str(prefix))
+                for leftover in (Path(lock), Path(lock + ".owner")):
+                    leftover.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:
@@ -129,9 +144,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tarball", required=True, type=Path)
     ap.add_argument("--jobs", type=int, default=0)
     ap.add_argument("--skip-pyenv", action="store_true")
+    ap.add_argument("--optimize", action="store_true", help="also time an --optimize build")
     args = ap.parse_args(argv)
     result = measure_build_vs_pyenv(
-        version=args.version, tarball=args.tarball, jobs=args.jobs, skip_pyenv=args.skip_pyenv
+        version=args.version,
+        tarball=args.tarball,
+        jobs=args.jobs,
+        skip_pyenv=args.skip_pyenv,
+        optimize=args.optimize,
     )
     print(json.dumps(result.as_dict(), indent=1))
     return 0

@@ -35,6 +35,7 @@ class BuildBenchRequest:
     version: str = "3.9.2"
     tarball: str = ""  # "" = the source cached by `invoke build-python` (~/.cache/sockops/sources)
     skip_pyenv: bool = False
+    optimize: bool = False  # also time an --optimize (PGO + LTO) build against the plain one
 
 
 def find_tarball(req: BuildBenchRequest, cache: Path = Path("~/.cache/sockops/sources")) -> Path:
@@ -62,7 +63,9 @@ def build_bench(req: BuildBenchRequest) -> dict[str, object]:
         raise BenchError(f"--build: deploy.python_build_bench is not available ({exc})") from exc
     tarball = find_tarball(req)
     try:
-        result = measure_build_vs_pyenv(version=req.version, tarball=tarball, skip_pyenv=req.skip_pyenv)
+        result = measure_build_vs_pyenv(
+            version=req.version, tarball=tarball, skip_pyenv=req.skip_pyenv, optimize=req.optimize
+        )
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         raise BenchError(f"--build: the build benchmark failed: {exc}") from exc
     return {"tarball": str(tarball), **result.as_dict()}

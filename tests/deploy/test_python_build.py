@@ -7,12 +7,14 @@ is a no-op, a tampered tarball is refused, a build killed during compile leaves 
 
 from __future__ import annotations
 
+import doctest
 import functools
 import hashlib
 import http.server
 import io
 import json
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -164,12 +166,46 @@ def test_configure_and_make_args() -> None:
     assert "LDFLAGS=-Wl,-rpath,/opt/py/lib -Wl,--enable-new-dtags" in plain
     assert "--enable-optimizations" not in plain
     opt = pb.configure_args("/opt/py", optimize=True)
-    assert {"--enable-optimizations", "--with-lto"} <= set(opt)
-    make = pb.make_args(2, optimize=True)
-    assert make[0] == "-j2"
-    assert make[1].startswith("PROFILE_TASK=-m test --pgo --timeout=")
-    assert "test_json" in make[1]
+    assert "--enable-optimizations" in opt
+    assert "--with-lto" not in opt  # LTO goes into the final pass only (optimize_make_command)
     assert len(pb.PROFILE_TESTS) < 50
+
+
+def _optimize_argv(jobs: int, cc: str) -> tuple[list[list[str]], str]:
+    makefile = {  # as 3.9's Makefile has them
+        "CC": cc,
+        "OPT": "-DNDEBUG -g -fwrapv -O3 -Wall",
+        "PY_CORE_CFLAGS": "$(PY_STDMODULE_CFLAGS) -DPy_BUILD_CORE",
+        "PY_BUILTIN_MODULE_CFLAGS": "$(PY_STDMODULE_CFLAGS) -DPy_BUILD_CORE_BUILTIN",
+    }
+    cmd, note = pb.optimize_make_command(jobs, makefile)
+    return [shlex.split(part) for part in cmd.split(" && ")], note
+
+
+def test_optimize_is_an_instrumented_build_without_debug_info_then_a_final_build_with_parallel_lto() -> None:
+    (first, second), note = _optimize_argv(2, "gcc -pthread")
+    assert note == ""
+    assert first[:3] == ["make", "-j2", "profile-run-stamp"]
+    task = next(a for a in first if a.startswith("PROFILE_TASK="))
+    assert task.startswith("PROFILE_TASK=-m test --pgo --timeout=")
+    assert "test_json" in task
+    assert "OPT=-DNDEBUG -fwrapv -O3 -Wall" in first  # no -g in the build that is thrown away
+    assert not any("flto" in a for a in first)
+    assert second[:3] == ["make", "-j2", "profile-opt"]
+    lto = "-flto=2 -fuse-linker-plugin -ffat-lto-objects"
+    # LTO for libpython (core + built-in modules), not for setup.py's extension modules (CFLAGS_NODIST)
+    assert f"PY_CORE_CFLAGS=$(PY_STDMODULE_CFLAGS) -DPy_BUILD_CORE {lto}" in second
+    assert f"PY_BUILTIN_MODULE_CFLAGS=$(PY_STDMODULE_CFLAGS) -DPy_BUILD_CORE_BUILTIN {lto}" in second
+    assert not any(a.startswith("CFLAGS_NODIST=") for a in second)
+    assert f"LDFLAGS_NODIST={lto}" in second
+    assert "flto-partition=none" not in " ".join(second)
+
+
+def test_optimize_leaves_lto_out_for_a_compiler_that_is_not_gcc() -> None:
+    (_, second), note = _optimize_argv(4, "clang -pthread")
+    assert "clang" in note
+    assert "PGO only" in note
+    assert second == ["make", "-j4", "profile-opt"]
 
 
 def test_profile_script_puts_prefix_first_once(tmp_path: Path) -> None:
@@ -625,3 +661,9 @@ def test_build_killed_during_compile_leaves_previous_install(built_python: Built
     # the build dir is cleaned up and no process of the killed build survives
     assert _on_host(b, "sh", "-c", f"test -e {killer.build_dir} && echo left || echo gone").strip() == "gone"
     assert _on_host(b, "sh", "-c", f"pgrep -g {killer.killed_pgid} || true").strip() == ""
+
+
+def test_doctests() -> None:
+    result = doctest.testmod(pb)
+    assert result.attempted > 0
+    assert result.failed == 0
