@@ -36,17 +36,27 @@ def _proxy(sock: str) -> Any:
 
 
 def _wait_rpc(sock: str, timeout: float) -> Any:
-    """A proxy once supervisord answers (it was maybe just started)."""
+    """A proxy once supervisord answers (it was maybe just started); close it with _closing."""
     deadline = time.monotonic() + timeout
     while True:
+        proxy = _proxy(sock)
         try:
-            proxy = _proxy(sock)
             proxy.supervisor.getState()
             return proxy
         except (OSError, xmlrpc.client.Fault):
+            proxy("close")()
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _closing(proxy: Any) -> Iterator[Any]:
+    """The proxy, its connection to supervisord closed afterwards (hostctl also runs in-process)."""
+    try:
+        yield proxy
+    finally:
+        proxy("close")()
 
 
 def _ignore_fault(call: Any, *args: Any) -> Optional[str]:
@@ -131,49 +141,49 @@ def _bridge(conf: str, program: str, timeout: float) -> Iterator[None]:
 
 def cmd_apply(args: argparse.Namespace) -> Dict[str, Any]:
     """reloadConfig + add/remove groups, then restart programs whose fingerprint changed (code or section)."""
-    proxy = _wait_rpc(args.socket, args.timeout)
-    with open(args.want_file) as fh:
-        want = json.load(fh)
-    try:
-        with open(args.applied) as fh:
-            applied = json.load(fh)
-    except (OSError, ValueError):
-        applied = {}
-    added, changed, removed = proxy.supervisor.reloadConfig()[0]
-    for name in removed:
-        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
-        proxy.supervisor.removeProcessGroup(name)
-    for name in changed:
-        with _bridge(args.conf, name, args.timeout):
+    with _closing(_wait_rpc(args.socket, args.timeout)) as proxy:
+        with open(args.want_file) as fh:
+            want = json.load(fh)
+        try:
+            with open(args.applied) as fh:
+                applied = json.load(fh)
+        except (OSError, ValueError):
+            applied = {}
+        added, changed, removed = proxy.supervisor.reloadConfig()[0]
+        for name in removed:
             _ignore_fault(proxy.supervisor.stopProcessGroup, name)
             proxy.supervisor.removeProcessGroup(name)
-            proxy.supervisor.addProcessGroup(name)
-            _wait_running(proxy, name, args.timeout)
-    for name in added:
-        proxy.supervisor.addProcessGroup(name)
-    restarted = []
-    if not args.fresh:  # a freshly started supervisord already runs every program with the new code
-        touched = set(added) | set(changed)
-        for name in sorted(want):
-            if name in touched or applied.get(name) == want[name]:
-                continue
+        for name in changed:
             with _bridge(args.conf, name, args.timeout):
                 _ignore_fault(proxy.supervisor.stopProcessGroup, name)
-                _ignore_fault(proxy.supervisor.startProcessGroup, name, False)
+                proxy.supervisor.removeProcessGroup(name)
+                proxy.supervisor.addProcessGroup(name)
                 _wait_running(proxy, name, args.timeout)
-            restarted.append(name)
-    # groups supervisord started (added/changed) are started without waiting; record what now runs
-    tmp = args.applied + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(want, fh, sort_keys=True)
-    os.replace(tmp, args.applied)
-    return {
-        "ok": True,
-        "added": sorted(added),
-        "changed": sorted(changed),
-        "removed": sorted(removed),
-        "restarted": restarted,
-    }
+        for name in added:
+            proxy.supervisor.addProcessGroup(name)
+        restarted = []
+        if not args.fresh:  # a freshly started supervisord already runs every program with the new code
+            touched = set(added) | set(changed)
+            for name in sorted(want):
+                if name in touched or applied.get(name) == want[name]:
+                    continue
+                with _bridge(args.conf, name, args.timeout):
+                    _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+                    _ignore_fault(proxy.supervisor.startProcessGroup, name, False)
+                    _wait_running(proxy, name, args.timeout)
+                restarted.append(name)
+        # groups supervisord started (added/changed) are started without waiting; record what now runs
+        tmp = args.applied + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(want, fh, sort_keys=True)
+        os.replace(tmp, args.applied)
+        return {
+            "ok": True,
+            "added": sorted(added),
+            "changed": sorted(changed),
+            "removed": sorted(removed),
+            "restarted": restarted,
+        }
 
 
 def _probe_host(host: str) -> str:
@@ -211,35 +221,37 @@ def _tail(proxy: Any, program: str, size: int = 3000) -> str:
 
 
 def cmd_health(args: argparse.Namespace) -> Dict[str, Any]:
-    """Every service in the manifest answers a real request before the deadline (or its program is dead)."""
+    """Every service in the manifest answers a real request and its program is RUNNING (it outlived
+    supervisord's startsecs) before the deadline; a dead program fails at once."""
     with open(args.manifest) as fh:
         manifest = json.load(fh)
-    proxy = _wait_rpc(args.socket, min(args.timeout, 10.0))
-    deadline = time.monotonic() + args.timeout
-    pending = {s["name"]: s for s in manifest["services"]}
-    result = {}
-    while pending:
-        states = _states(proxy)
-        for name, service in list(pending.items()):
-            state = states.get(service["program"], {}).get("statename", "MISSING")
-            try:
-                _probe(service, timeout=1.0)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if state in _DEAD_STATES or state == "MISSING" or time.monotonic() > deadline:
+    with _closing(_wait_rpc(args.socket, min(args.timeout, 10.0))) as proxy:
+        deadline = time.monotonic() + args.timeout
+        pending = {s["name"]: s for s in manifest["services"]}
+        result = {}
+        while pending:
+            states = _states(proxy)
+            for name, service in list(pending.items()):
+                state = states.get(service["program"], {}).get("statename", "MISSING")
+                try:
+                    _probe(service, timeout=1.0)
+                    error = "" if state == "RUNNING" else f"answers, but its program is {state}"
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                if not error:
+                    result[name] = {"ok": True, "state": state, "error": ""}
+                    del pending[name]
+                elif state in _DEAD_STATES or state == "MISSING" or time.monotonic() > deadline:
                     result[name] = {"ok": False, "state": state, "error": error}
                     del pending[name]
-                continue
-            result[name] = {"ok": True, "state": state, "error": ""}
-            del pending[name]
-        if pending:
-            time.sleep(0.2)
-    failed = [n for n, r in result.items() if not r["ok"]]
-    logs = {}
-    for service in manifest["services"]:
-        if service["name"] in failed:
-            logs[service["program"]] = _tail(proxy, service["program"])
-    return {"ok": not failed, "services": result, "logs": logs}
+            if pending:
+                time.sleep(0.2)
+        failed = [n for n, r in result.items() if not r["ok"]]
+        logs = {}
+        for service in manifest["services"]:
+            if service["name"] in failed:
+                logs[service["program"]] = _tail(proxy, service["program"])
+        return {"ok": not failed, "services": result, "logs": logs}
 
 
 def cmd_status(args: argparse.Namespace) -> Dict[str, Any]:
@@ -247,23 +259,24 @@ def cmd_status(args: argparse.Namespace) -> Dict[str, Any]:
         proxy = _wait_rpc(args.socket, 0.0)
     except (OSError, xmlrpc.client.Fault) as exc:
         return {"ok": False, "running": False, "error": str(exc), "programs": []}
-    programs = [
-        {k: p[k] for k in ("name", "statename", "pid", "start", "now", "description", "exitstatus")}
-        for p in proxy.supervisor.getAllProcessInfo()
-    ]
+    with _closing(proxy):
+        programs = [
+            {k: p[k] for k in ("name", "statename", "pid", "start", "now", "description", "exitstatus")}
+            for p in proxy.supervisor.getAllProcessInfo()
+        ]
     return {"ok": True, "running": True, "programs": programs}
 
 
 def cmd_restart(args: argparse.Namespace) -> Dict[str, Any]:
-    proxy = _wait_rpc(args.socket, args.timeout)
-    names = args.programs or sorted(_states(proxy))
-    errors = {}
-    for name in names:
-        _ignore_fault(proxy.supervisor.stopProcessGroup, name)
-        err = _ignore_fault(proxy.supervisor.startProcessGroup, name, True)
-        if err:
-            errors[name] = err + "\n" + _tail(proxy, name)
-    return {"ok": not errors, "restarted": names, "errors": errors}
+    with _closing(_wait_rpc(args.socket, args.timeout)) as proxy:
+        names = args.programs or sorted(_states(proxy))
+        errors = {}
+        for name in names:
+            _ignore_fault(proxy.supervisor.stopProcessGroup, name)
+            err = _ignore_fault(proxy.supervisor.startProcessGroup, name, True)
+            if err:
+                errors[name] = err + "\n" + _tail(proxy, name)
+        return {"ok": not errors, "restarted": names, "errors": errors}
 
 
 def cmd_shutdown(args: argparse.Namespace) -> Dict[str, Any]:
@@ -272,8 +285,9 @@ def cmd_shutdown(args: argparse.Namespace) -> Dict[str, Any]:
         proxy = _wait_rpc(args.socket, 0.0)
     except (OSError, xmlrpc.client.Fault):
         return {"ok": True, "was_running": False}
-    _ignore_fault(proxy.supervisor.stopAllProcesses, True)
-    _ignore_fault(proxy.supervisor.shutdown)
+    with _closing(proxy):
+        _ignore_fault(proxy.supervisor.stopAllProcesses, True)
+        _ignore_fault(proxy.supervisor.shutdown)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -119,7 +119,10 @@ def _program_findings(svc: ServiceSample) -> List[Tuple[str, str]]:
         return [(UNKNOWN, f"supervisord state of {svc.target.program} unknown")]
     if prog is not None and prog.state != "RUNNING":
         extra = f" ({prog.spawn_error})" if prog.spawn_error else ""
-        return [(CRITICAL, f"{prog.name} is {prog.state}{extra}")]
+        # STARTING is the first `startsecs` of every (re)start: transient, and a probe failure or a dead
+        # socket still makes it CRITICAL. A program that keeps failing ends in BACKOFF or FATAL.
+        status = WARNING if prog.state == "STARTING" else CRITICAL
+        return [(status, f"{prog.name} is {prog.state}{extra}")]
     return []
 
 
