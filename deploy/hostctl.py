@@ -228,20 +228,25 @@ def cmd_health(args: argparse.Namespace) -> Dict[str, Any]:
     with _closing(_wait_rpc(args.socket, min(args.timeout, 10.0))) as proxy:
         deadline = time.monotonic() + args.timeout
         pending = {s["name"]: s for s in manifest["services"]}
+        answered = set()  # answered while not yet RUNNING: probed again only once it is
         result = {}
         while pending:
             states = _states(proxy)
             for name, service in list(pending.items()):
                 state = states.get(service["program"], {}).get("statename", "MISSING")
+                ended = state in _DEAD_STATES or state == "MISSING" or time.monotonic() > deadline
+                if name in answered and state != "RUNNING" and not ended:
+                    continue  # every probe is a connection (and a TIME_WAIT on the host): no polling
                 try:
                     _probe(service, timeout=1.0)
+                    answered.add(name)
                     error = "" if state == "RUNNING" else f"answers, but its program is {state}"
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
                 if not error:
                     result[name] = {"ok": True, "state": state, "error": ""}
                     del pending[name]
-                elif state in _DEAD_STATES or state == "MISSING" or time.monotonic() > deadline:
+                elif ended:
                     result[name] = {"ok": False, "state": state, "error": error}
                     del pending[name]
             if pending:

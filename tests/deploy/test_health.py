@@ -260,12 +260,15 @@ def test_health_over_ssh_stopped_service_critical_and_time_wait_warning(deployed
     assert f"{h1}  => OK" in proc.stdout
     assert f"{h2}  => CRITICAL" in proc.stdout
 
-    # TIME_WAIT on host 1 only: 40 server-side TIME_WAIT sockets, warning from 20 (rather than 30k sockets)
-    _in_host(fleet, h1, TW_SCRIPT.format(n=40))
+    # TIME_WAIT over the warning level on host 1 only (rather than 30k sockets). Every probe and deploy
+    # leaves a few TIME_WAIT on both hosts, so the level sits 30 above what host 2 has now, and host 1 gets
+    # 60 more than that.
     first = json.loads(_ssh_health(deployed, "--json").stdout)
-    max_tw = first["hosts"][0]["snapshot"]["system"]["tw_buckets_max"]
+    systems = {h["host"]: h["snapshot"]["system"] for h in first["hosts"]}
+    max_tw, base = systems[h2]["tw_buckets_max"], systems[h2]["time_wait"]
+    _in_host(fleet, h1, TW_SCRIPT.format(n=base + 60))
     strict = copy.deepcopy(cfg)
-    strict["health"].update(time_wait_warning=20 / max_tw, time_wait_critical=1.0)
+    strict["health"].update(time_wait_warning=(base + 30) / max_tw, time_wait_critical=1.0)
     strict_file = tmp_path / "strict.json"
     strict_file.write_text(json.dumps({"sockops": strict}))
     proc = _ssh_health(deployed, cfg_file=strict_file)
