@@ -316,12 +316,14 @@ def optimize_make_command(jobs: int, makefile: dict[str, str]) -> tuple[str, str
         first.append(f"OPT={opt}")
     second = ["make", f"-j{jobs}", "profile-opt"]
     note = ""
-    if is_gcc(makefile.get("CC", "")) and makefile.get("PY_CORE_CFLAGS"):
+    if not is_gcc(makefile.get("CC", "")):
+        note = f"LTO left out: the compiler is {makefile.get('CC', '?')!r}, not GCC (PGO only)"
+    elif not makefile.get("PY_CORE_CFLAGS"):
+        note = "LTO left out: this CPython's Makefile has no PY_CORE_CFLAGS (PGO only)"
+    else:
         lto = LTO_FLAGS.format(jobs=jobs)
         second += [f"{var}={makefile[var]} {lto}" for var in LTO_CORE_VARS if makefile.get(var)]
         second.append(f"LDFLAGS_NODIST={lto}")
-    else:
-        note = f"LTO left out: the compiler is {makefile.get('CC', '?')!r}, not GCC (PGO only)"
     quoted = (" ".join(shlex.quote(a) for a in cmd) for cmd in (first, second))
     return " && ".join(quoted), note
 

@@ -208,6 +208,12 @@ def test_optimize_leaves_lto_out_for_a_compiler_that_is_not_gcc() -> None:
     assert second == ["make", "-j4", "profile-opt"]
 
 
+def test_optimize_leaves_lto_out_when_the_makefile_has_no_core_flags() -> None:
+    cmd, note = pb.optimize_make_command(2, {"CC": "gcc -pthread", "OPT": "-O3"})
+    assert "PY_CORE_CFLAGS" in note
+    assert "flto" not in cmd
+
+
 def test_profile_script_puts_prefix_first_once(tmp_path: Path) -> None:
     script = tmp_path / "python3.sh"
     script.write_text(pb.profile_script("/opt/py"))
