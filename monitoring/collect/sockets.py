@@ -6,6 +6,7 @@ tuples because at 40k sockets building an object per socket costs more than the 
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -134,12 +135,9 @@ def count_columns(ports: Sequence[int], cols: netlink.Columns) -> PortTable:
             if p == port and st != 10:
                 name = names.get(st) or f"UNKNOWN_{st}"
                 full[name] = full.get(name, 0) + n
-        samples[port] = PortSample(
-            proto="tcp",
-            port=port,
+        samples[port] = dataclasses.replace(
+            sample,
             states=frozen_map(full),
-            listeners=sample.listeners,
-            recv_queue=sample.recv_queue,
             sockets=sum(n for (p, _st), n in by_number.items() if p == port),
         )
     inodes = dict(zip(cols.inodes, cols.ports))
@@ -195,13 +193,8 @@ def tcp_table_and_time_wait(ports: Sequence[int]) -> Tuple[PortTable, int]:
     for port, sample in table.ports.items():
         states = dict(sample.states)
         states["TIME_WAIT"] = tw_ports.get(port, 0)
-        samples[port] = PortSample(
-            proto="tcp",
-            port=port,
-            states=frozen_map(states),
-            listeners=sample.listeners,
-            recv_queue=sample.recv_queue,
-            sockets=sample.sockets + states["TIME_WAIT"],
+        samples[port] = dataclasses.replace(
+            sample, states=frozen_map(states), sockets=sample.sockets + states["TIME_WAIT"]
         )
     return PortTable("tcp", frozen_map(samples), table.inodes), total
 

@@ -28,7 +28,6 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.protocol.echo import EchoCore
 from services.protocol.transfer import FileBody
 
 DRAIN_TICK = 0.05
@@ -203,16 +202,20 @@ class StreamProtocol(asyncio.BufferedProtocol):
         return self.sending is None and self.core.idle and not self.transport.get_write_buffer_size()
 
 
-class EchoProtocol(StreamProtocol):
-    """tcp-echo: StreamProtocol with EchoCore inlined (its reply to any bytes is bytes.upper(), at once).
+class AtOnceProtocol(StreamProtocol):
+    """StreamProtocol for a core whose reply to any bytes is whole and immediate (tcp-echo: core.reply_to).
 
     The loop runs every request of every connection on one thread, so each call saved on this path is
     throughput: no reply list, no dispatch on the reply's type, no body to wait for.
     """
 
+    def __init__(self, state: _State) -> None:
+        super().__init__(state)
+        self.reply_to = self.core.reply_to
+
     def buffer_updated(self, nbytes: int) -> None:
         self.last = self.state.clock
-        self.transport.write(self.state.view[:nbytes].tobytes().upper())
+        self.transport.write(self.reply_to(self.state.view[:nbytes].tobytes()))
 
 
 class DatagramProtocol(asyncio.DatagramProtocol):
@@ -266,7 +269,7 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
     loop = asyncio.get_event_loop()
     state = _State(loop, settings, log, stream_core_factory(settings))
     stop = _stop_future(loop, log)
-    protocol = EchoProtocol if state.new_core().__class__ is EchoCore else StreamProtocol
+    protocol = AtOnceProtocol if hasattr(state.new_core(), "reply_to") else StreamProtocol
     server = await loop.create_server(lambda: protocol(state), sock=sock, backlog=settings.backlog)
     tick = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
     while not stop.done():

@@ -16,7 +16,7 @@ new ones sat un-accepted for seconds. So:
   short enough to get the GIL straight back);
 - connection threads start with _thread.start_new_thread (no wait) and set their socket up themselves;
 - the switch interval is SWITCH_INTERVAL, not 5 ms (see there);
-- tcp-echo's per-request loop is recv, upper, send and nothing else;
+- tcp-echo's per-request loop is recv, the core's reply_to, send and nothing else;
 - a reply is first offered to send(2) with MSG_DONTWAIT *without releasing the GIL* (libc through
   ctypes.PyDLL). It cannot block, and keeping the GIL saves one contended hand-off per request: the thread
   goes straight on to its next recv() instead of queueing behind every other thread to get the GIL back.
@@ -54,7 +54,6 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.protocol.echo import EchoCore
 from services.protocol.transfer import FileBody
 
 BUFSIZE = 65536
@@ -133,16 +132,19 @@ class StreamHandler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         core = server.new_core()
         state = server.conns[id(sock)]  # tracked by process_request, untracked by process_request_thread
-        if core.__class__ is EchoCore:
-            self._echo(sock, state)
+        reply_to = getattr(core, "reply_to", None)
+        if reply_to is not None:
+            self._answer_at_once(sock, reply_to, state)
         else:
             self._serve(sock, core, state)
 
-    def _echo(self, sock: socket.socket, state: _Tracked) -> None:
-        """tcp-echo: _serve with EchoCore inlined (the reply to any bytes is bytes.upper(), never partial).
+    def _answer_at_once(
+        self, sock: socket.socket, reply_to: Callable[[bytes], bytes], state: _Tracked
+    ) -> None:
+        """_serve for a core whose reply to any bytes is whole and immediate (tcp-echo: core.reply_to).
 
         Every Python step here runs under the GIL that all connection threads share, so the hot loop is
-        kept to recv, upper, reply.
+        kept to recv, reply_to, reply.
         """
         recv, reply = sock.recv, _replier(sock)
         while True:
@@ -157,7 +159,7 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 return
             state.busy = True
             try:
-                reply(data.upper())
+                reply(reply_to(data))
             except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
                 return
             except OSError as exc:
