@@ -50,14 +50,14 @@ _KEY_HELP = "record the key of a host not yet in known_hosts (like ssh accept-ne
 ns = Collection()
 ns.configure(DEFAULTS)
 
-# --- testhosts (deploy/testhosts.py) ---------------------------------------------------------------------
+# --- testhosts (devtools/testhosts.py) ---------------------------------------------------------------------
 
 
 @task(help={"count": "how many hosts (1-63)", "prefix": "host name prefix", "state_dir": "fleet dir"})
 @_user_errors
 def fleet_up(c, count=2, prefix="testhost", state_dir=""):
     """Start N disposable SSH test hosts (root; netns + real sshd); replaces the previous fleet."""
-    from deploy import testhosts
+    from devtools import testhosts
 
     fleet = testhosts.up(int(count), prefix=prefix, state_dir=state_dir or testhosts.DEFAULT_STATE_DIR)
     print(testhosts.describe(fleet))
@@ -67,7 +67,7 @@ def fleet_up(c, count=2, prefix="testhost", state_dir=""):
 @_user_errors
 def fleet_down(c, state_dir="", all=False):
     """Remove the test hosts: processes, namespaces, veths, state dir."""
-    from deploy import testhosts
+    from devtools import testhosts
 
     fleet_dir = state_dir or testhosts.DEFAULT_STATE_DIR
     removed = testhosts.prune(everything=True) if all else testhosts.down(fleet_dir)
@@ -78,7 +78,7 @@ def fleet_down(c, state_dir="", all=False):
 @_user_errors
 def fleet_list(c, state_dir=""):
     """Show the running test hosts and how to reach them."""
-    from deploy import testhosts
+    from devtools import testhosts
 
     print(testhosts.describe(testhosts.load(state_dir or testhosts.DEFAULT_STATE_DIR)))
 
@@ -367,7 +367,7 @@ ns.add_task(prometheus_config)
 # --- end prometheus ---
 
 
-# --- bench (deploy/bench/) -------------------------------------------------------------------------------
+# --- bench (devtools/bench/) -------------------------------------------------------------------------------
 @task(
     help={
         "services": "comma list of tcp-echo,udp-echo,transfer (default: all three)",
@@ -420,7 +420,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     deploy_hosts=8,
 ):
     """Measure every variant of every service side by side with reference servers (loopback only)."""
-    from deploy import bench as benchmod
+    from devtools import bench as benchmod
 
     opts = benchmod.from_flags(
         quick=quick,

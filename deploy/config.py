@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deploy.errors import ConfigError
-
-VARIANTS = ("threaded", "prefork", "selectors", "asyncio")
-SERVICE_KINDS = {"tcp-echo": "tcp", "udp-echo": "udp", "transfer": "tcp"}
+from services import addr
+from services.addr import SERVICES, VARIANTS
 
 DEFAULTS: dict[str, Any] = {
     "sockops": {
@@ -38,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "stopwaitsecs": 10,  # graceful drain before supervisord escalates to SIGKILL
         # Operator-side wheel cache (default: $XDG_CACHE_HOME/sockops or ~/.cache/sockops).
         "cache_dir": "",
-        # Tree the host wheel is built from (services/, monitoring/, deploy/hostctl.py); "" = this install.
+        # Tree the host wheel is built from (services/, monitoring/, hostctl/); "" = this install.
         "source_root": "",
         "exporter": {"enabled": True, "bind": "0.0.0.0:9480"},
         # `invoke health` / `monitor` thresholds (monitoring.verdict.Thresholds; any subset overrides).
@@ -92,7 +91,7 @@ class ServiceSpec:
 
     @property
     def proto(self) -> str:
-        return SERVICE_KINDS[self.name]
+        return SERVICES[self.name]
 
     @property
     def program(self) -> str:
@@ -101,17 +100,15 @@ class ServiceSpec:
 
 
 def parse_bind(value: str, *, what: str) -> tuple[str, int]:
-    """Split HOST:PORT (IPv6 as [::1]:PORT).
+    """services.addr.parse_bind, with the config key in the error.
 
-    >>> parse_bind("0.0.0.0:8080", what="x")
-    ('0.0.0.0', 8080)
     >>> parse_bind("[::1]:9000", what="x")
     ('::1', 9000)
     """
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}: {value!r} is not HOST:PORT with a port in 1-65535 (e.g. 0.0.0.0:8080)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return addr.parse_bind(value)
+    except addr.AddressError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
 
 
 def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[ServiceSpec, ...]:
@@ -119,8 +116,8 @@ def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[Service
     default_variant = variant or str(cfg.get("variant") or "selectors")
     specs = []
     for name, entry in dict(cfg.get("services") or {}).items():
-        if name not in SERVICE_KINDS:
-            raise ConfigError(f"sockops.services.{name}: unknown service; known: {', '.join(SERVICE_KINDS)}")
+        if name not in SERVICES:
+            raise ConfigError(f"sockops.services.{name}: unknown service; known: {', '.join(SERVICES)}")
         if entry is None or entry.get("enabled", True) is False:
             continue
         chosen = variant or str(entry.get("variant") or default_variant)
@@ -232,7 +229,7 @@ def deploy_settings(cfg: Mapping[str, Any], *, python: str = "", variant: str = 
     services = service_specs(cfg, variant=variant)
     if not services:
         raise ConfigError(
-            "sockops.services: no service enabled; enable at least one of " + ", ".join(SERVICE_KINDS)
+            "sockops.services: no service enabled; enable at least one of " + ", ".join(SERVICES)
         )
     ports = [(s.proto, s.port) for s in services]
     if len(set(ports)) != len(ports):

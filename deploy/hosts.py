@@ -86,7 +86,11 @@ def changed_key_message(host: str, hostname: str, offered: PKey, expected: PKey,
 def resolve_ssh_config_path(
     ssh_config: str | os.PathLike[str] | None, config: invoke.Config | None
 ) -> Path | None:
-    """The extra ssh_config file: argument, then invoke config, then env, then the default test fleet's."""
+    """The extra ssh_config file: argument, then invoke config, then env; None when none is given.
+
+    Test fleets are reached the same way (`invoke testhosts.up` prints the SOCKOPS_SSH_CONFIG line): a
+    production path never falls back to a test artifact.
+    """
     candidates: list[Any] = [ssh_config]
     if config is not None:
         candidates.append(config.get("sockops", {}).get("ssh_config") if hasattr(config, "get") else None)
@@ -99,10 +103,7 @@ def resolve_ssh_config_path(
                     f"ssh_config file {path} does not exist; check --ssh-config / {ENV_SSH_CONFIG}"
                 )
             return path
-    from deploy.testhosts import DEFAULT_STATE_DIR  # the fleet `invoke testhosts.up` makes
-
-    default = DEFAULT_STATE_DIR / "ssh_config"
-    return default if default.is_file() else None
+    return None
 
 
 def load_ssh_config(extra: Path | None) -> SSHConfig:

@@ -29,7 +29,7 @@ Why this install design (the "honest atomic" part):
   Then the previous install is renamed aside, the staged one renamed in, and the prefix's interpreter is run
   once more without any environment; if that fails the journal is rolled back. Only then is the old tree
   deleted. The previous install therefore stays in place until the new one has passed its checks; the only
-  non-atomic moment is the microseconds between two renames (see python_build_host.py for the journal).
+  non-atomic moment is the microseconds between two renames (see hostctl/pybuild.py for the journal).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ DEFAULT_PREFIX = "/usr/local/python3"
 MANIFEST_NAME = ".sockops-build.json"
 PROFILE_PATH = "/etc/profile.d/python3.sh"
 CACHE_DIR = Path("~/.cache/sockops/sources")
-HOST_HELPER = Path(__file__).with_name("python_build_host.py")
+# The host-side helper lives in the shipped host room; it is uploaded as one file next to the tarball.
+HOST_HELPER = Path(__file__).resolve().parent.parent / "hostctl" / "pybuild.py"
 MANIFEST_FORMAT = 1
 # A plain build needs ~0.6 GB for the source tree and objects, an install ~0.25 GB (twice during the swap).
 MIN_BUILD_BYTES = 1 << 30
@@ -845,7 +846,7 @@ def _compile(h: _HostRun, src: str, jobs: int, optimize: bool) -> None:
 def _check_staged(h: _HostRun, staged: str, family: str, version: str) -> None:
     env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
     py = f"{env} {shlex.quote(staged + '/bin/python3')}"
-    helper = shlex.quote(f"{h.build_dir}/python_build_host.py")
+    helper = shlex.quote(f"{h.build_dir}/pybuild.py")
     mods = " ".join(r.module for r in MODULE_REQUIREMENTS)
     out = h.run(f"{py} {helper} check {mods}", warn=True)
     try:
@@ -873,7 +874,7 @@ def _check_staged(h: _HostRun, staged: str, family: str, version: str) -> None:
 
 def _swap(h: _HostRun, prefix: str, staged: str, old: str, *, mode: str, version: str) -> None:
     env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
-    helper = shlex.quote(f"{h.build_dir}/python_build_host.py")
+    helper = shlex.quote(f"{h.build_dir}/pybuild.py")
     args = " ".join(shlex.quote(a) for a in (prefix, staged, old, mode))
     out = h.priv(f"{env} {shlex.quote(staged + '/bin/python3')} {helper} swap {args}", warn=True)
     if not out.ok:
@@ -998,7 +999,7 @@ def _build(
     reporter.stage(host, "upload", plan.name)
     remote_tar = f"{h.build_dir}/{plan.name}"
     h.put(tarball, remote_tar)
-    h.put(HOST_HELPER, f"{h.build_dir}/python_build_host.py")
+    h.put(HOST_HELPER, f"{h.build_dir}/pybuild.py")
     got = h.run(f"sha256sum {shlex.quote(remote_tar)}").stdout.split()[0]
     if got != sha:
         raise SourceError(

@@ -36,7 +36,7 @@ from deploy.facts import parse_os_release, parse_python_version
 from deploy.lock import HostLock
 
 MIN_PYTHON = (3, 7)
-HOST_COMPILED = ("services", "monitoring", "supervisor", "psutil", "prometheus_client", "sockops_hostctl.py")
+HOST_COMPILED = ("services", "monitoring", "supervisor", "psutil", "prometheus_client", "hostctl")
 # Test hook: pause (bounded) at a named stage so a test can kill the deploy there, e.g. "before-switch".
 PAUSE_ENV = "SOCKOPS_DEPLOY_PAUSE_AT"
 PAUSE_SECONDS = 120.0

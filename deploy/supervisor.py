@@ -3,7 +3,7 @@
 Everything here is a pure function of the deploy settings, so it is unit-tested without a host. Program
 commands run `<base>/current/venv/bin/python`, so a release switch alone does not change a program section;
 the per-program fingerprint (code id + rendered section) is what tells the host which programs must restart.
-Control over XML-RPC happens on the host (deploy/hostctl.py) through the unix socket.
+Control over XML-RPC happens on the host (hostctl/) through the unix socket.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two parts, both cached under the operator's cache dir:
 - third-party wheels (psutil, supervisor, prometheus-client, rich and their dependencies, plus pip to install
   them) fetched with `pip download --only-binary :all:` for the target's Python version, ABI, and glibc;
-- `sockops_host`, a wheel of the host-side code (services/, monitoring/, and the host control script).
+- `sockops_host`, a wheel of the host-side code (services/, monitoring/, hostctl/).
 
 Why a separate host wheel instead of the sockops distribution: sockops itself requires Python 3.9 and pulls
 Fabric/paramiko for the operator side, none of which a host needs; `--ignore-requires-python` would hide that
@@ -55,10 +55,9 @@ def install_requirements(version: tuple[int, ...]) -> tuple[str, ...]:
 
 HOST_DIST = "sockops_host"
 HOST_VERSION = "0.1.0"
-HOST_PACKAGES = ("services", "monitoring")
-# The host control script (supervisord XML-RPC + health probes) ships as a top-level module of the host wheel.
-HOSTCTL_SOURCE = "deploy/hostctl.py"
-HOSTCTL_MODULE = "sockops_hostctl"
+# Everything that runs on a host, shipped as it is in the tree (Python 3.7+, stdlib + the requirements above).
+HOST_PACKAGES = ("services", "monitoring", "hostctl")
+HOSTCTL_MODULE = "hostctl"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 KEEP_BUNDLES = 8
 
@@ -173,7 +172,6 @@ def _host_files(root: Path) -> list[tuple[str, bytes]]:
             if "__pycache__" in path.parts:
                 continue
             files.append((path.relative_to(root).as_posix(), path.read_bytes()))
-    files.append((f"{HOSTCTL_MODULE}.py", (root / HOSTCTL_SOURCE).read_bytes()))
     return sorted(files)
 
 

@@ -47,6 +47,7 @@ from monitoring.model import (
     frozen_map,
 )
 from monitoring.targets import DEFAULT_MANIFEST, Manifest, port_targets, read_manifest
+from services import addr
 
 DEFAULT_BIND = "0.0.0.0:9480"
 # The text format generate_latest writes (newer prometheus_client labels it 1.0.0; Prometheus reads both).
@@ -89,19 +90,15 @@ class Scrape:
 
 
 def parse_bind(value: str) -> Tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses) -> (host, port).
+    """--bind as services.addr.parse_bind reads it (port 0: any free port), as a usage error.
 
     >>> parse_bind("0.0.0.0:9480"), parse_bind("[::]:9480"), parse_bind(":0")
     (('0.0.0.0', 9480), ('::', 9480), ('0.0.0.0', 0))
     """
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not port.isdigit() or int(port) > 65535 or (":" in host and not value.startswith("[")):
-        raise UsageError(
-            f"--bind {value!r}: expected HOST:PORT, e.g. 0.0.0.0:9480, 127.0.0.1:9480 or [::]:9480"
-        )
-    return host or "0.0.0.0", int(port)
+    try:
+        return addr.parse_bind(value, allow_zero=True)
+    except addr.AddressError as exc:
+        raise UsageError(f"--bind {exc}") from exc
 
 
 # --- pure: a scrape -> metric families ------------------------------------------------------------------

@@ -15,9 +15,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from services.addr import SERVICES, VARIANTS, parse_bind
 from services.drivers.runtime import (
-    SERVICES,
-    VARIANTS,
     Settings,
     bind,
     block_stop_signals,
@@ -25,7 +24,7 @@ from services.drivers.runtime import (
     make_logger,
     raise_fd_limit,
 )
-from services.errors import BindError, ConfigError, ServiceError
+from services.errors import AddressError, BindError, ConfigError, ServiceError
 
 DRIVERS = {
     "threaded": "services.drivers.threaded",
@@ -35,20 +34,12 @@ DRIVERS = {
 }
 
 
-def parse_bind(value: str) -> tuple:
-    """HOST:PORT with port 0-65535 (0: any free port); IPv6 as [::1]:PORT.
-
-    >>> parse_bind("0.0.0.0:8080")
-    ('0.0.0.0', 8080)
-    >>> parse_bind("[::1]:0")
-    ('::1', 0)
-    """
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not HOST:PORT with a port in 0-65535 (e.g. 0.0.0.0:8080)"
-        )
-    return host.strip("[]") or "0.0.0.0", int(port)
+def _bind_arg(value: str) -> tuple:
+    """--bind: HOST:PORT, port 0 = any free port (services.addr.parse_bind)."""
+    try:
+        return parse_bind(value, allow_zero=True)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant", choices=VARIANTS, default="selectors", help="concurrency model (default: selectors)"
     )
-    p.add_argument("--bind", type=parse_bind, required=True, metavar="HOST:PORT", help="address to listen on")
+    p.add_argument("--bind", type=_bind_arg, required=True, metavar="HOST:PORT", help="address to listen on")
     p.add_argument(
         "--workers", type=int, default=0, help="prefork: worker processes (default 0: one per CPU)"
     )

@@ -14,6 +14,10 @@ class ConfigError(ServiceError):
     """Bad command-line input (a flag value, a missing root directory)."""
 
 
+class AddressError(ServiceError, ValueError):
+    """A HOST:PORT string that does not parse (callers add which flag or key it came from)."""
+
+
 class BindError(ServiceError):
     """A listening socket could not be created (port in use, address not local, permission)."""
 

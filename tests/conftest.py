@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from deploy import testhosts as th
+from devtools import testhosts as th
 
 _serial = itertools.count(1)
 

@@ -11,8 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Shipped to hosts and run on the interpreter built there (3.7+).
-HOST_SIDE = ("services", "monitoring")
-HOST_SIDE_FILES = ("deploy/hostctl.py",)
+HOST_SIDE = ("services", "monitoring", "hostctl")
 PY37_CANDIDATES = (
     "/root/.pyenv/versions/3.7.16/bin/python3",
     "/usr/local/bin/python3.7",
@@ -39,7 +38,7 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("package", HOST_SIDE + HOST_SIDE_FILES)
+@pytest.mark.parametrize("package", HOST_SIDE)
 def test_host_side_needs_at_most_python_3_7(package: str) -> None:
     """vermin reads the syntax and library calls; a 3.8+ construct fails this test."""
     result = _run([_tool("vermin"), "-t=3.7-", "--no-tips", "--violations", "--eval-annotations", package])

@@ -13,12 +13,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Tuple, Union
 
+from services.addr import SERVICES
 from services.errors import BindError
 from services.protocol.echo import EchoCore, UdpEchoCore
 from services.protocol.transfer import FileRoot, TransferCore
-
-SERVICES = {"tcp-echo": "tcp", "udp-echo": "udp", "transfer": "tcp"}
-VARIANTS = ("threaded", "prefork", "selectors", "asyncio")
 
 StreamCore = Union[EchoCore, TransferCore]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-import deploy.bench as benchmod
-from deploy import testhosts as th
-from deploy.bench import deploy_bench
-from deploy.bench.errors import BenchError
+import devtools.bench as benchmod
+from devtools import testhosts as th
+from devtools.bench import deploy_bench
+from devtools.bench.errors import BenchError
 
 
 def test_docstring_examples() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.bench import load, monitor, native, render, results, runner, servers
-from deploy.bench.errors import BenchError
+from devtools.bench import load, monitor, native, render, results, runner, servers
+from devtools.bench.errors import BenchError
 
 SAMPLE = b"Hello, World! abc xyz \x00\x80\xe9\xff 0123 {json: [1]}\n" * 3
 
@@ -533,7 +533,7 @@ def test_docstring_examples(module: object) -> None:
 
 
 def test_build_mode_finds_the_cached_source_or_says_what_to_do(tmp_path: Path) -> None:
-    import deploy.bench as benchmod
+    import devtools.bench as benchmod
 
     (tmp_path / "Python-3.9.2.tar.xz").write_bytes(b"not really a tarball")
     found = benchmod.find_tarball(benchmod.BuildBenchRequest("3.9.2"), cache=tmp_path)

@@ -5,7 +5,7 @@ through the same code path as `invoke build-python --host testhost1 --ssh-config
 an interpreter on a host shares it (the CI budget is one real build):
 
     def test_x(built_python):
-        built_python.fleet          # deploy.testhosts.Fleet (ssh_config, exec, ...)
+        built_python.fleet          # devtools.testhosts.Fleet (ssh_config, exec, ...)
         built_python.host           # "bpyhost1": connect(b.host, ssh_config=b.ssh_config)
         built_python.ssh_config     # str path of the fleet's ssh_config
         built_python.prefix         # "/usr/local/python3"
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from deploy import python_build as pb
-from deploy import testhosts as th
+from devtools import testhosts as th
 
 PY_VERSION = "3.9.2"
 PY_SHA256 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"

@@ -83,7 +83,7 @@ def test_refused_connection_is_a_host_error_with_a_hint(tmp_path):
 @pytest.mark.hosts
 def test_wrong_key_is_an_authentication_error(testhosts, tmp_path):
     fleet = testhosts(1)
-    from deploy.testhosts import _ed25519_keypair, _write_private
+    from devtools.testhosts import _ed25519_keypair, _write_private
 
     private, _ = _ed25519_keypair("not-authorized")
     stranger = tmp_path / "id_stranger"

@@ -29,7 +29,7 @@ from deploy.errors import ConfigError
 from tests.deploy.conftest import BuiltPython
 
 REPO = Path(__file__).resolve().parents[2]
-HELPER = REPO / "deploy" / "python_build_host.py"
+HELPER = REPO / "deploy" / "pybuild.py"
 SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
 
 

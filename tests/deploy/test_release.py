@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import testhosts as th
+from devtools import testhosts as th
 from services import client
 from services.errors import ClientError
 
@@ -37,10 +37,8 @@ def _source_snapshot(tmp_root: Path) -> str:
     if not SNAPSHOT:
         root = Path(__file__).resolve().parents[2]
         dest = tmp_root / "source"
-        for package in ("services", "monitoring"):
+        for package in ("services", "monitoring", "hostctl"):
             shutil.copytree(root / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-        (dest / "deploy").mkdir()
-        shutil.copy2(root / "deploy/hostctl.py", dest / "deploy/hostctl.py")
         SNAPSHOT.append(str(dest))
     return SNAPSHOT[0]
 

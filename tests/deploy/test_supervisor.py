@@ -288,8 +288,8 @@ def test_host_wheel_is_deterministic_and_complete():
     assert "services/__main__.py" in names
     assert "services/client.py" in names
     assert "monitoring/__init__.py" in names
-    assert "sockops_hostctl.py" in names
-    assert not [n for n in names if "__pycache__" in n or n.startswith("deploy/")]
+    assert "hostctl/__main__.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.startswith(("deploy/", "devtools/", "tests/"))]
 
 
 def test_host_code_installs_and_runs_on_python_37(tmp_path):
@@ -325,7 +325,7 @@ def test_host_code_installs_and_runs_on_python_37(tmp_path):
         [
             str(venv / "bin/python"),
             "-c",
-            "import services.client, sockops_hostctl, sys; print(sys.version_info[:2])",
+            "import services.client, hostctl, sys; print(sys.version_info[:2])",
         ],
         capture_output=True,
         text=True,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import testhosts as th
 from deploy.errors import HostKeyError
 from deploy.hosts import connect
+from devtools import testhosts as th
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.hosts

@@ -295,7 +295,7 @@ def test_manifest_rewrite_is_picked_up_and_a_broken_one_keeps_the_last_good(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--bind", "9480"], "--bind '9480': expected HOST:PORT"),
+        (["--bind", "9480"], "--bind '9480' is not HOST:PORT"),
         (
             ["--bind", "127.0.0.1:0", "--manifest", "/nonexistent/services.json"],
             "/nonexistent/services.json not found",

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.bench.load import RunResult
-from deploy.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REFERENCES
+from devtools.bench.load import RunResult
+from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REFERENCES
 
 SCHEMA = 1
 
@@ -63,7 +63,7 @@ class Summary:
 def summarize(target: str, runs: Sequence[RunResult]) -> Summary:
     """Median over runs.
 
-    >>> from deploy.bench.load import RunResult
+    >>> from devtools.bench.load import RunResult
     >>> r = lambda n: RunResult(n, 1.0, 10, 20, 30, 0, 0, 0, 0, 0, 0.5, 0.9, 1)
     >>> s = summarize("x", [r(100), r(300), r(200)])
     >>> (s.rps, s.rps_min, s.rps_max, s.valid_runs, s.errors)

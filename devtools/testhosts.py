@@ -148,7 +148,7 @@ def ssh_config_text(hosts: Sequence[FleetHost], *, identity: Path, known_hosts: 
             "    ConnectTimeout 10\n"
         )
     return (
-        "# written by sockops testhosts (deploy/testhosts.py); removed by `invoke testhosts.down`\n"
+        "# written by sockops testhosts (devtools/testhosts.py); removed by `invoke testhosts.down`\n"
         + "\n".join(blocks)
     )
 

@@ -1,7 +1,7 @@
 """`invoke bench`: every variant of every service measured side by side with reference servers, in one run.
 
 Operator side (Python 3.9+). The load generator and the C reference server are C sources in this package,
-compiled with the system's cc at bench time (deploy.bench.native). See docs/BENCHMARKS.md.
+compiled with the system's cc at bench time (devtools.bench.native). See docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from deploy.bench.deploy_bench import DeployBenchRequest
-from deploy.bench.errors import BenchError
-from deploy.bench.runner import BenchOptions, from_flags, resolve, run_bench, write_outputs
+from devtools.bench.deploy_bench import DeployBenchRequest
+from devtools.bench.errors import BenchError
+from devtools.bench.runner import BenchOptions, from_flags, resolve, run_bench, write_outputs
 
 __all__ = [
     "BenchError",
@@ -58,9 +58,9 @@ def find_tarball(req: BuildBenchRequest, cache: Path = Path("~/.cache/sockops/so
 def build_bench(req: BuildBenchRequest) -> dict[str, object]:
     """build-python vs pyenv's python-build, same version and options (two full builds: long)."""
     try:
-        from deploy.python_build_bench import measure_build_vs_pyenv
+        from devtools.bench.build import measure_build_vs_pyenv
     except ImportError as exc:
-        raise BenchError(f"--build: deploy.python_build_bench is not available ({exc})") from exc
+        raise BenchError(f"--build: devtools.bench.build is not available ({exc})") from exc
     tarball = find_tarball(req)
     try:
         result = measure_build_vs_pyenv(
@@ -87,7 +87,7 @@ def bench(
     """
     from dataclasses import replace
 
-    from deploy.bench.render import print_report
+    from devtools.bench.render import print_report
 
     # A wide table: when stdout is a file or a pipe, do not wrap it at rich's default of 80 columns.
     out_console = console or Console()
@@ -95,14 +95,14 @@ def bench(
         out_console = Console(width=180)
     extra: list[tuple[str, Callable[[], object]]] = []
     if monitor:
-        from deploy.bench.monitor import monitor_bench
+        from devtools.bench.monitor import monitor_bench
 
         extra.append(("monitor", lambda: monitor_bench(opts.python)))
     if build is not None:
         find_tarball(build)  # a wrong --tarball fails now, not after the machine survey
         extra.append(("build", lambda: build_bench(build)))
     if deploy is not None:
-        from deploy.bench.deploy_bench import deploy_bench, validate
+        from devtools.bench.deploy_bench import deploy_bench, validate
 
         # --runs and --python (the test hosts' interpreter) are the bench's own flags
         req = validate(replace(deploy, runs=opts.runs, python=opts.python or deploy.python))

@@ -29,14 +29,14 @@ from typing import Any
 
 import psutil
 
-from deploy.bench.errors import BenchError
+from devtools.bench.errors import BenchError
 
 GOAL_UNCHANGED_S = 2.0  # issue 5: unchanged re-deploy <= 2 s per host
 GOAL_PARALLEL_RATIO = 1.5  # issue 5: N hosts in parallel <= 1.5x the time of one
 MAX_HOSTS = 32  # 2-core machines: more sshd + venvs than this measures the scheduler, not the deploy
 FIRST_DEPLOY_TIMEOUT = 1200.0  # N fresh venvs on a busy 2-core machine
 REDEPLOY_TIMEOUT = 300.0
-HOST_SOURCES = ("services", "monitoring")  # + deploy/hostctl.py: what goes into the host wheel
+HOST_SOURCES = ("services", "monitoring", "hostctl")  # what goes into the host wheel
 
 Progress = Callable[[str], None]
 
@@ -110,13 +110,11 @@ def sockops_program() -> str:
 
 
 def snapshot_source(dest: Path, root: Path | None = None) -> Path:
-    """Copy the host code (services/, monitoring/, deploy/hostctl.py) to `dest`; returns `dest`."""
+    """Copy the host code (services/, monitoring/, hostctl/) to `dest`; returns `dest`."""
     src = root or Path(__file__).resolve().parents[2]
     try:
         for package in HOST_SOURCES:
             shutil.copytree(src / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
-        (dest / "deploy").mkdir(parents=True)
-        shutil.copy2(src / "deploy" / "hostctl.py", dest / "deploy" / "hostctl.py")
     except OSError as exc:
         raise BenchError(f"--deploy: cannot snapshot the host code from {src}: {exc}") from exc
     return dest
@@ -212,7 +210,7 @@ def _deploy(base: Sequence[str], hosts: Sequence[str], *, expect: str, timeout: 
 
 def deploy_bench(req: DeployBenchRequest, progress: Progress = print) -> dict[str, Any]:
     """Start a private fleet, deploy to every host, then time unchanged re-deploys: one host, then all."""
-    from deploy import testhosts
+    from devtools import testhosts
 
     req = validate(req)
     problem = testhosts.support_problem()

@@ -21,9 +21,9 @@ from typing import TypeVar
 import psutil
 from rich.console import Console
 
-from deploy.bench import load, native, servers
-from deploy.bench.errors import BenchError
-from deploy.bench.results import (
+from devtools.bench import load, native, servers
+from devtools.bench.errors import BenchError
+from devtools.bench.results import (
     Cell,
     CellResult,
     Machine,
@@ -33,9 +33,8 @@ from deploy.bench.results import (
     now_iso,
     summarize,
 )
-from deploy.config import VARIANTS
+from services.addr import SERVICES, VARIANTS
 
-SERVICES = ("tcp-echo", "udp-echo", "transfer")
 MODES = ("keepalive", "newconn")
 MAX_CONNS = 10_000  # fds: the load generator and the server each hold one per connection
 
@@ -410,7 +409,7 @@ def run_bench(
 
 def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
     """bench.json and bench.png in `out` (created); the chart is skipped without matplotlib."""
-    from deploy.bench.render import markdown, write_chart, write_json
+    from devtools.bench.render import markdown, write_chart, write_json
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """`invoke bench --monitor`: one monitoring snapshot on a busy socket table, timed against `ss` and psutil.
 
-A thin wrapper over the monitoring package's own benchmark, `python -m monitoring.bench --json`: ~30k
+A thin wrapper over the monitoring package's own benchmark, `python -m devtools.bench.snapshot --json`: ~30k
 TIME_WAIT and ~10k ESTABLISHED sockets on loopback around a 9-process prefork tcp-echo pool, then one full
 snapshot vs `ss -tan state time-wait | wc -l` vs psutil.net_connections(), interleaved. As root it runs in a
 private network namespace (its own loopback: the rest of the machine neither disturbs it nor is disturbed).
@@ -14,15 +14,15 @@ import signal
 import subprocess
 from typing import Any
 
-from deploy.bench import servers
-from deploy.bench.errors import BenchError
+from devtools.bench import servers
+from devtools.bench.errors import BenchError
 
 TIMEOUT = 600.0  # the monitoring bench bounds its own loops to 300 s; this is the backstop
 
 
 def available() -> bool:
     try:
-        return (servers.repo_root() / "monitoring" / "bench.py").exists()
+        return (servers.repo_root() / "devtools" / "bench" / "snapshot.py").exists()
     except BenchError:
         return False
 
@@ -34,9 +34,9 @@ def monitor_argv(
     """The command line; without root there is no private network namespace, so it runs here (--here).
 
     >>> " ".join(monitor_argv("py", root=False, time_wait=10, established=4, workers=1, repeats=1))
-    'py -m monitoring.bench --json --time-wait 10 --established 4 --workers 1 --repeats 1 --here'
+    'py -m devtools.bench.snapshot --json --time-wait 10 --established 4 --workers 1 --repeats 1 --here'
     """
-    argv = [python, "-m", "monitoring.bench", "--json", "--time-wait", str(time_wait), "--established"]
+    argv = [python, "-m", "devtools.bench.snapshot", "--json", "--time-wait", str(time_wait), "--established"]
     argv += [str(established), "--workers", str(workers), "--repeats", str(repeats)]
     return argv if root else [*argv, "--here"]
 
@@ -44,7 +44,7 @@ def monitor_argv(
 def monitor_bench(python: str = "", **sizes: int) -> dict[str, Any]:
     """Run the monitoring benchmark and return its figures, plus how it was run."""
     if not available():
-        raise BenchError("--monitor needs monitoring/bench.py (the monitoring package's benchmark)")
+        raise BenchError("--monitor needs devtools/bench/snapshot.py (the monitoring snapshot benchmark)")
     argv = monitor_argv(python or servers.default_python(), root=os.geteuid() == 0, **sizes)
     env = {**os.environ, "PYTHONPATH": str(servers.repo_root())}
     proc = subprocess.Popen(
@@ -67,6 +67,8 @@ def monitor_bench(python: str = "", **sizes: int) -> dict[str, Any]:
     try:
         result = json.loads(out)
     except ValueError as exc:
-        raise BenchError(f"--monitor: monitoring.bench printed no JSON ({exc}): {out[-500:]!r}") from exc
+        raise BenchError(
+            f"--monitor: devtools.bench.snapshot printed no JSON ({exc}): {out[-500:]!r}"
+        ) from exc
     where = "current network namespace" if "--here" in argv else "private network namespace"
     return {"command": " ".join(argv[1:]), "where": where, **result}

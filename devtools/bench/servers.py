@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from deploy.bench.errors import BenchError
+from devtools.bench.errors import BenchError
 
 HOST = "127.0.0.1"
 REF_SCRIPT = Path(__file__).with_name("ref_servers.py")

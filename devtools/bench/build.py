@@ -5,11 +5,11 @@ network is involved: python-build gets it through PYTHON_BUILD_CACHE_PATH (it st
 Both build into throw-away prefixes under `workdir` and both get `--enable-shared` (pyenv's default is static;
 comparing a shared build with a static one would not be the same options).
 
-    from deploy.python_build_bench import measure_build_vs_pyenv
+    from devtools.bench.build import measure_build_vs_pyenv
     result = measure_build_vs_pyenv(tarball=Path("~/.cache/sockops/sources/Python-3.9.2.tar.xz"))
     print(result.as_dict())
 
-CLI: `.venv/bin/python -m deploy.python_build_bench --version 3.9.2 --tarball PATH [--skip-pyenv]
+CLI: `.venv/bin/python -m devtools.bench.build --version 3.9.2 --tarball PATH [--skip-pyenv]
 [--optimize]`.
 """
 

@@ -1,7 +1,7 @@
 """Host-side control of sockops' supervisord and the health gate (runs ON the host, Python 3.7+).
 
-Shipped inside the host wheel as the top-level module `sockops_hostctl` and run by the deploy as
-`<release>/venv/bin/python -m sockops_hostctl COMMAND ...`, so the operator reaches supervisord's XML-RPC
+Shipped inside the host wheel as the top-level module `hostctl` and run by the deploy as
+`<release>/venv/bin/python -m hostctl COMMAND ...`, so the operator reaches supervisord's XML-RPC
 interface over its unix socket (mode 0700, no inet server) with one SSH command per step. Every command prints
 one JSON document on stdout; exit status 0 = success, 1 = the operation failed (details in the JSON).
 Standard library + the supervisor package only; no 3.8+ syntax.
@@ -307,7 +307,7 @@ def cmd_shutdown(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="sockops_hostctl")
+    parser = argparse.ArgumentParser(prog="hostctl")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--timeout", type=float, default=20.0)
     sub = parser.add_subparsers(dest="command")

@@ -9,9 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deploy.bench.errors import BenchError
-from deploy.bench.results import CellResult, Report, Summary, ratios, to_json
-from deploy.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL
+from devtools.bench.errors import BenchError
+from devtools.bench.results import CellResult, Report, Summary, ratios, to_json
+from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL
 
 
 def _ratio(r: dict[str, float], ref: str) -> str:

@@ -1,6 +1,6 @@
 """Host-side helper of build-python, run by the freshly built (staged) interpreter on the target host.
 
-Uploaded next to the source tarball and executed as `<staged>/bin/python3 python_build_host.py CMD ...`, so it
+Uploaded next to the source tarball and executed as `<staged>/bin/python3 pybuild.py CMD ...`, so it
 must run on every Python build-python can produce (3.7+) with the stdlib only. It prints one JSON object.
 
   check MODULE...                 import each module; report version, sys.prefix, which libpython got mapped
@@ -122,7 +122,7 @@ def main(argv):
         return swap(*args)
     if cmd == "rollback":
         return rollback(*args)
-    raise SystemExit("usage: python_build_host.py check|swap|rollback ...")
+    raise SystemExit("usage: pybuild.py check|swap|rollback ...")
 
 
 if __name__ == "__main__":

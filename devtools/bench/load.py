@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.bench.errors import BenchError
+from devtools.bench.errors import BenchError
 
 # The client counts as the bottleneck when its threads are this busy: its figures then understate the server.
 SATURATION = 0.90

@@ -4,7 +4,7 @@ Load, all on loopback inside a private network namespace (so other work on the m
 figures nor is disturbed): ~30k server-side TIME_WAIT sockets on a monitored port, ~10k ESTABLISHED sockets
 (5k client/server pairs on a prefork tcp-echo with 8 workers = the 9-process pool).
 
-    sudo python -m monitoring.bench [--time-wait 30000] [--established 10000] [--repeats 5] [--json]
+    sudo python -m devtools.bench.snapshot [--time-wait 30000] [--established 10000] [--repeats 5] [--json]
 
 "full snapshot" = socket counts for the service ports (netlink, kernel-filtered), the system figures (exact
 TIME_WAIT count, sockstat, netstat, sysctls) and the load of every pool process (psutil + /proc fd scan,
@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 from monitoring.collect import Collector, processes
 from monitoring.model import Target
@@ -37,9 +37,9 @@ DEADLINE = 300.0  # seconds: every load loop below also stops here
 SOURCES = [f"127.0.{i >> 8}.{i & 255}" for i in range(2, 258)]
 
 
-def _timed(fns: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, Dict[str, float]]:
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
     """Median/min/max seconds per function; rounds interleave the functions so they share machine load."""
-    runs: Dict[str, List[float]] = {name: [] for name in fns}
+    runs: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -71,7 +71,7 @@ def make_time_wait(count: int, deadline: float) -> socket.socket:
     return lst
 
 
-def start_pool(workers: int) -> Tuple[Any, int]:
+def start_pool(workers: int) -> tuple[Any, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -92,7 +92,7 @@ def start_pool(workers: int) -> Tuple[Any, int]:
     return proc, port
 
 
-def _kill_pool(proc: Any, workers: Optional[List[int]] = None) -> None:
+def _kill_pool(proc: Any, workers: list[int] | None = None) -> None:
     """SIGKILL the pool's master and its workers, by pid (they are ours: we started the master)."""
     for pid in [proc.pid, *(processes.children(proc.pid) if workers is None else workers)]:
         with contextlib.suppress(ProcessLookupError):
@@ -100,7 +100,7 @@ def _kill_pool(proc: Any, workers: Optional[List[int]] = None) -> None:
     proc.wait(timeout=10)
 
 
-def hold_established(port: int, pairs: int, deadline: float) -> List[socket.socket]:
+def hold_established(port: int, pairs: int, deadline: float) -> list[socket.socket]:
     held = []
     for i in range(pairs):
         if time.monotonic() > deadline:
@@ -114,7 +114,7 @@ def hold_established(port: int, pairs: int, deadline: float) -> List[socket.sock
 
 def run(
     time_wait: int = 30000, established: int = 10000, workers: int = 8, repeats: int = 5
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Build the load, measure, tear down; returns the figures (seconds)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = established + 1000
@@ -122,8 +122,8 @@ def run(
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
     deadline = time.monotonic() + DEADLINE
     pool, pool_port = start_pool(workers)
-    held: List[socket.socket] = []
-    lst: Optional[socket.socket] = None
+    held: list[socket.socket] = []
+    lst: socket.socket | None = None
     try:
         held = hold_established(pool_port, established // 2, deadline)
         lst = make_time_wait(time_wait, deadline)
@@ -154,7 +154,7 @@ def run(
         }
         import psutil
 
-        result: Dict[str, Any] = {"load": counts}
+        result: dict[str, Any] = {"load": counts}
         result.update(
             _timed(
                 {
@@ -187,16 +187,19 @@ def run(
             _kill_pool(pool, workers)
 
 
-def _in_private_netns(argv: List[str]) -> int:
+MODULE = "devtools.bench.snapshot"
+
+
+def _in_private_netns(argv: list[str]) -> int:
     """Re-run this module inside `unshare -n` with loopback up (needs root)."""
     code = "import subprocess, sys, runpy; subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True); "
-    code += "sys.argv = ['monitoring.bench', '--here'] + sys.argv[1:]; runpy.run_module('monitoring.bench', "
+    code += f"sys.argv = [{MODULE!r}, '--here'] + sys.argv[1:]; runpy.run_module({MODULE!r}, "
     code += "run_name='__main__')"
     return subprocess.run(["unshare", "-n", sys.executable, "-c", code, *argv], check=False).returncode
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m monitoring.bench", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m devtools.bench.snapshot", description=__doc__.split("\n")[0])
     p.add_argument("--time-wait", type=int, default=30000)
     p.add_argument("--established", type=int, default=10000)
     p.add_argument("--workers", type=int, default=8)
@@ -207,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.here:
         if os.geteuid() != 0:
             print(
-                "monitoring.bench: needs root for a private network namespace (or pass --here)",
+                "devtools.bench.snapshot: needs root for a private network namespace (or pass --here)",
                 file=sys.stderr,
             )
             return 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from deploy.bench.errors import BenchError
+from devtools.bench.errors import BenchError
 
 SOURCES = {"loadgen": "loadgen.c", "echo_server": "echo_server.c"}
 CFLAGS = ("-O2", "-pthread", "-Wall")
@@ -41,7 +41,7 @@ def find_cc() -> str:
 
 def compile_one(name: str, *, cache: Path | None = None, cc: str | None = None) -> Path:
     """Return the path of the compiled program `name`, compiling it if its source changed."""
-    source = resources.files("deploy.bench").joinpath(SOURCES[name]).read_bytes()
+    source = resources.files("devtools.bench").joinpath(SOURCES[name]).read_bytes()
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     target_dir = (cache or cache_dir()) / digest
     binary = target_dir / name
