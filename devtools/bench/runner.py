@@ -41,7 +41,7 @@ MAX_CONNS = 10_000  # fds: the load generator and the server each hold one per c
 
 @dataclass(frozen=True)
 class BenchOptions:
-    services: tuple[str, ...] = SERVICES
+    services: tuple[str, ...] = tuple(SERVICES)  # SERVICES maps name -> transport
     variants: tuple[str, ...] = VARIANTS
     conns: tuple[int, ...] = (1, 50, 500)
     sizes: tuple[int, ...] = (64, 1024, 16384)
