@@ -17,7 +17,6 @@ an interpreter on a host shares it (the CI budget is one real build):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from deploy import python_build as pb
+from deploy.python_build.source import sha256_file
 from devtools import testhosts as th
 
 PY_VERSION = "3.9.2"
@@ -42,14 +42,6 @@ DEBIAN_SUITE = (
 TARBALL_CACHE = Path("~/.cache/sockops/debian").expanduser()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_debian_orig(dest_dir: Path = TARBALL_CACHE) -> Path:
     """Debian bullseye's python3.9 orig tarball (byte-identical to python.org's Python-3.9.2.tar.xz), cached.
 
@@ -57,7 +49,7 @@ def fetch_debian_orig(dest_dir: Path = TARBALL_CACHE) -> Path:
     the machine's apt configuration and state are never touched.
     """
     target = dest_dir / DEBIAN_ORIG
-    if target.is_file() and _sha256(target) == PY_SHA256:
+    if target.is_file() and sha256_file(target) == PY_SHA256:
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sockops-apt-src-") as tmp:
@@ -85,8 +77,8 @@ def fetch_debian_orig(dest_dir: Path = TARBALL_CACHE) -> Path:
             if proc.returncode != 0:
                 pytest.fail(f"fetching the Debian source failed: {' '.join(argv)}:\n{proc.stderr[-2000:]}")
         got = t / "out" / DEBIAN_ORIG
-        if _sha256(got) != PY_SHA256:
-            pytest.fail(f"{DEBIAN_ORIG} from Debian has SHA-256 {_sha256(got)}, expected {PY_SHA256}")
+        if sha256_file(got) != PY_SHA256:
+            pytest.fail(f"{DEBIAN_ORIG} from Debian has SHA-256 {sha256_file(got)}, expected {PY_SHA256}")
         partial = target.with_name(target.name + f".part-{os.getpid()}")
         shutil.copyfile(got, partial)
         partial.replace(target)

@@ -18,18 +18,22 @@ import shlex
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import deploy.cpython_catalog
 from deploy import python_build as pb
 from deploy.cpython_catalog import SourceFile, load_catalog, parse_pyenv_definition
 from deploy.errors import ConfigError
+from deploy.python_build import options, progress, request, requirements, run, source, steps
 from tests.deploy.conftest import BuiltPython
 
 REPO = Path(__file__).resolve().parents[2]
-HELPER = REPO / "deploy" / "pybuild.py"
+HELPER = REPO / "hostctl" / "pybuild.py"
+PACKAGE_MODULES = (deploy.cpython_catalog, pb, options, progress, request, requirements, run, source, steps)
 SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
 
 
@@ -669,7 +673,7 @@ def test_build_killed_during_compile_leaves_previous_install(built_python: Built
     assert _on_host(b, "sh", "-c", f"pgrep -g {killer.killed_pgid} || true").strip() == ""
 
 
-def test_doctests() -> None:
-    result = doctest.testmod(pb)
-    assert result.attempted > 0
+@pytest.mark.parametrize("module", PACKAGE_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_doctests(module: types.ModuleType) -> None:
+    result = doctest.testmod(module)
     assert result.failed == 0

@@ -1,0 +1,471 @@
+"""Per-host steps of a build, through an invoke Context (local) or a fabric.Connection (SSH).
+
+build_on(c, host, ...): state -> (lock) -> deps -> upload -> configure / compile -> install -> check -> swap
+-> profile. Each step uses only run/sudo/put and says what it did; the prefix changes only in `swap`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from invoke import Context
+from invoke.exceptions import UnexpectedExit
+
+from deploy import facts
+from deploy.cpython_catalog import version_key
+from deploy.lock import HostLock
+from deploy.python_build.options import (
+    LTO_CORE_VARS,
+    compile_total_command,
+    configure_args,
+    makefile_vars,
+    optimize_make_command,
+)
+from deploy.python_build.progress import CompileStream, Reporter
+from deploy.python_build.request import (
+    MANIFEST_NAME,
+    BuildError,
+    BuildRequest,
+    InstalledState,
+    SourceError,
+    foreign_prefix,
+    is_up_to_date,
+    lock_path,
+    manifest_for,
+    parse_state,
+    state_command,
+)
+from deploy.python_build.requirements import (
+    BUILD_PACKAGES,
+    INSTALL_COMMANDS,
+    MODULE_REQUIREMENTS,
+    evaluate_check,
+)
+from deploy.python_build.source import SourceFetcher, SourcePlan
+
+PROFILE_PATH = "/etc/profile.d/python3.sh"
+# The host-side helper lives in the shipped host room; it is uploaded as one file next to the tarball.
+HOST_HELPER = Path(__file__).resolve().parent.parent / "hostctl" / "pybuild.py"
+MANIFEST_FORMAT = 1
+# A plain build needs ~0.6 GB for the source tree and objects, an install ~0.25 GB (twice during the swap).
+MIN_BUILD_BYTES = 1 << 30
+MIN_PREFIX_BYTES = 600 << 20
+
+
+def profile_script(prefix: str) -> str:
+    """/etc/profile.d/python3.sh: the prefix's bin first on PATH, once (login shells source it repeatedly)."""
+    bindir = f"{prefix}/bin"
+    return (
+        f"# Written by sockops build-python: {prefix} (a CPython built from verified source) on PATH.\n"
+        f'case ":$PATH:" in\n'
+        f'    *":{bindir}:"*) ;;\n'
+        f'    *) PATH="{bindir}:$PATH"; export PATH ;;\n'
+        f"esac\n"
+    )
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    host: str
+    changed: bool
+    version: str
+    prefix: str
+    message: str
+    warnings: tuple[str, ...] = ()
+    log: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _HostRun:
+    """Per-host mutable bookkeeping of one build (paths to clean up, log to tail)."""
+
+    c: Context
+    host: str
+    reporter: Reporter
+    root: bool
+    log: str = ""
+    build_dir: str = ""
+    stage_root: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def run(self, cmd: str, **kw: Any) -> Any:
+        kw.setdefault("hide", True)
+        kw.setdefault("in_stream", False)
+        return self.c.run(cmd, **kw)
+
+    def warn(self, message: str) -> None:
+        """Shown now, and listed again in the host's summary."""
+        self.warnings.append(message)
+        self.reporter.warn(self.host, message)
+
+    def priv(self, cmd: str, **kw: Any) -> Any:
+        """A command that needs root (install, swap, packages): sudo only when we are not root already."""
+        kw.setdefault("hide", True)
+        kw.setdefault("in_stream", False)
+        return self.c.run(cmd, **kw) if self.root else self.c.sudo(cmd, **kw)
+
+    def logged(self, stage: str, cmd: str, advice: str, *, priv: bool = False, **kw: Any) -> Any:
+        """Run cmd with its output appended to the host log; on failure raise with the log's tail."""
+        # mkdir again: the log must survive someone cleaning /var/log mid-build
+        logdir = shlex.quote(os.path.dirname(self.log))
+        wrapped = f"mkdir -p {logdir}; {{ {cmd} ; }} >> {shlex.quote(self.log)} 2>&1"
+        try:
+            return (self.priv if priv else self.run)(f"sh -c {shlex.quote(wrapped)}", **kw)
+        except UnexpectedExit as exc:
+            raise self.failure(stage, exc.result.exited, advice) from exc
+
+    def failure(self, stage: str, code: int, advice: str) -> BuildError:
+        tail = self.run(f"tail -n 25 {shlex.quote(self.log)}", warn=True).stdout.rstrip()
+        return BuildError(
+            f"{self.host}: {stage} failed (exit {code}). Last lines of the log:\n{tail}\n"
+            f"Full log on {self.host}: {self.log}\nWhat to do: {advice}"
+        )
+
+    def put(self, local: Path, remote: str) -> None:
+        if hasattr(self.c, "put"):  # fabric.Connection (and any Context that can transfer files)
+            self.c.put(str(local), remote)
+        else:  # invoke.Context: the host is this machine
+            shutil.copyfile(local, remote)
+
+
+def read_state(c: Context, prefix: str) -> InstalledState:
+    return parse_state(c.run(state_command(prefix), hide=True, in_stream=False).stdout)
+
+
+def _swap_layout(h: _HostRun, prefix: str, state: InstalledState, tag: str) -> tuple[str, str, str]:
+    """(stage_root, old_dir, mode): every path on the prefix's filesystem so each move is a rename.
+
+    A prefix that is itself a mount point cannot be renamed: stage inside it and swap its entries instead.
+    """
+    parent, name = os.path.dirname(prefix) or "/", os.path.basename(prefix)
+    if state.exists and not facts.same_filesystem(h.c, prefix, parent):
+        return f"{prefix}/.sockops-stage.{tag}", f"{prefix}/.sockops-old.{tag}", "entries"
+    return f"{parent}/.{name}.sockops-stage.{tag}", f"{parent}/.{name}.sockops-old.{tag}", "whole"
+
+
+def _cleanup_leftovers(h: _HostRun, prefix: str) -> None:
+    """Remove stage/old trees of earlier runs that were killed (never one whose swap was cut mid-way)."""
+    parent, name = os.path.dirname(prefix) or "/", os.path.basename(prefix)
+    globs = " ".join(
+        [f"{shlex.quote(parent)}/.{shlex.quote(name)}.sockops-{k}.*" for k in ("stage", "old")]
+        + [f"{shlex.quote(prefix)}/.sockops-{k}.*" for k in ("stage", "old")]
+    )
+    script = (
+        f'for d in {globs}; do [ -d "$d" ] || continue; '
+        'if grep -q swapping "$d/journal.json" 2>/dev/null; then echo "interrupted swap left $d"; '
+        'else rm -rf "$d"; fi; done'
+    )
+    out = h.priv(script, warn=True).stdout.strip()
+    for line in out.splitlines():
+        h.warn(f"{line}: a swap was cut mid-way; its journal says what moved where")
+
+
+def _deps(h: _HostRun, req: BuildRequest) -> None:
+    release = facts.os_release(h.c)
+    family = release.family
+    if family not in BUILD_PACKAGES:
+        h.warn(
+            f"unknown distribution {release.id or '?'!r}: build dependencies not checked; "
+            "if modules are missing, install their -dev packages"
+        )
+        return
+    missing = facts.missing_packages(h.c, family, BUILD_PACKAGES[family])
+    if not missing:
+        h.reporter.stage(h.host, "deps", "all present")
+        return
+    if not req.install_deps:
+        h.warn(
+            f"--no-install-deps: missing {' '.join(missing)}; the modules needing them will be missing "
+            "(install them, or drop --no-install-deps)"
+        )
+        return
+    h.reporter.stage(h.host, "deps", "installing " + " ".join(missing))
+    h.logged(
+        "installing build dependencies",
+        f"{INSTALL_COMMANDS[family]} {' '.join(shlex.quote(p) for p in missing)}",
+        f"install {' '.join(missing)} by hand (is the package index reachable?) or use --no-install-deps",
+        priv=True,
+    )
+
+
+def _compile(h: _HostRun, src: str, jobs: int, optimize: bool) -> None:
+    total = int(h.run(compile_total_command(src)).stdout.strip() or 1) * (2 if optimize else 1)
+    pidfile, rcfile = f"{h.build_dir}/make.pid", f"{h.build_dir}/make.rc"
+    make = f"make -j{jobs}"
+    if optimize:
+        names = "|".join(("CC", "OPT", *LTO_CORE_VARS))
+        found = h.run(f"grep -E '^({names})=' {shlex.quote(src)}/Makefile", warn=True).stdout
+        make, note = optimize_make_command(jobs, makefile_vars(found))
+        if note:
+            h.warn(note)
+    # setsid: make and its compilers form one process group whose id is in make.pid (an operator, or the test,
+    # can stop exactly this build). The exit status survives the pipe through rc (POSIX sh has no pipefail).
+    inner = f"echo $$ > {shlex.quote(pidfile)}; cd {shlex.quote(src)} && {make}"
+    cmd = (
+        f"{{ setsid -w sh -c {shlex.quote(inner)} 2>&1; echo $? > {shlex.quote(rcfile)}; }} "
+        f"| tee -a {shlex.quote(h.log)}; exit $(cat {shlex.quote(rcfile)} 2>/dev/null || echo 1)"
+    )
+    stream = CompileStream(h.host, total, h.reporter)
+    try:
+        h.run(f"sh -c {shlex.quote(cmd)}", hide=False, out_stream=stream, err_stream=stream)
+    except UnexpectedExit as exc:
+        code = exc.result.exited
+        # 128+N from a shell; util-linux setsid reports a signalled child as N itself when it had to fork.
+        killed = code >= 128 or code < 0 or code in (9, 15)
+        advice = (
+            "the build was killed (by a signal: out of memory, or stopped by hand); the prefix is unchanged. "
+            "Re-run, with --jobs 1 if memory is short."
+            if killed
+            else "read the log for the first error; a missing header means a missing -dev package."
+        )
+        raise h.failure("compile", code, advice) from exc
+    h.reporter.progress(h.host, 1.0)
+
+
+def _check_staged(h: _HostRun, staged: str, family: str, version: str) -> None:
+    env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
+    py = f"{env} {shlex.quote(staged + '/bin/python3')}"
+    helper = shlex.quote(f"{h.build_dir}/pybuild.py")
+    mods = " ".join(r.module for r in MODULE_REQUIREMENTS)
+    out = h.run(f"{py} {helper} check {mods}", warn=True)
+    try:
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        h.run(
+            f"echo {shlex.quote('check output: ' + out.stdout + out.stderr)} >> {shlex.quote(h.log)}",
+            warn=True,
+        )
+        raise h.failure("check (the staged interpreter does not run)", out.exited, "read the log") from None
+    result = evaluate_check(report, family, version, staged)
+    pip = h.run(f"{py} -m pip --version", warn=True)
+    errors = list(result.errors)
+    if not pip.ok:
+        errors.append(f"`python3 -m pip --version` failed: {(pip.stderr or pip.stdout).strip()[-300:]}")
+    for w in result.warnings:
+        h.warn(w)
+    if errors:
+        raise BuildError(
+            f"{h.host}: the new interpreter failed its check, so it was NOT installed (prefix unchanged):\n  "
+            + "\n  ".join(errors)
+            + f"\nFull log on {h.host}: {h.log}"
+        )
+
+
+def _swap(h: _HostRun, prefix: str, staged: str, old: str, *, mode: str, version: str) -> None:
+    env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
+    helper = shlex.quote(f"{h.build_dir}/pybuild.py")
+    args = " ".join(shlex.quote(a) for a in (prefix, staged, old, mode))
+    out = h.priv(f"{env} {shlex.quote(staged + '/bin/python3')} {helper} swap {args}", warn=True)
+    if not out.ok:
+        raise BuildError(
+            f"{h.host}: moving the new build into {prefix} failed and was rolled back: "
+            f"{(out.stdout + out.stderr).strip()[-500:]}. The previous install is in place."
+        )
+    # The real thing: the final path, no environment, RUNPATH only.
+    smoke = h.run(facts_version_cmd(f"{prefix}/bin/python3", "import ssl, zlib; "), warn=True)
+    if facts.parse_python_version(smoke.stdout) != version_key(version):
+        penv = f"env LD_LIBRARY_PATH={shlex.quote(prefix + '/lib')} PYTHONHOME={shlex.quote(prefix)}"
+        h.priv(
+            f"{penv} {shlex.quote(prefix + '/bin/python3')} {helper} rollback {shlex.quote(old)}", warn=True
+        )
+        raise BuildError(
+            f"{h.host}: {prefix}/bin/python3 did not run after the swap ({smoke.stderr.strip()[-300:]}); "
+            f"rolled back to the previous install. Full log: {h.log}"
+        )
+    h.priv(f"rm -rf {shlex.quote(old)}")
+
+
+def facts_version_cmd(python: str, prelude: str = "") -> str:
+    snippet = prelude + "import sys; print('%d.%d.%d' % tuple(sys.version_info[:3]))"
+    return f"{shlex.quote(python)} -c {shlex.quote(snippet)}"
+
+
+def _write_profile(h: _HostRun, prefix: str) -> bool:
+    text = profile_script(prefix)
+    current = h.run(f"cat {PROFILE_PATH} 2>/dev/null", warn=True).stdout
+    if current == text:
+        return False
+    tmp = f"{PROFILE_PATH}.sockops-tmp"
+    h.priv(
+        f"mkdir -p /etc/profile.d && printf %s {shlex.quote(text)} > {tmp} && chmod 644 {tmp} "
+        f"&& mv {tmp} {PROFILE_PATH}"
+    )
+    return True
+
+
+def _noop(host: str, req: BuildRequest, prefix: str, state: InstalledState, started: float) -> BuildOutcome:
+    m = state.manifest or {}
+    return BuildOutcome(
+        host, False, req.version, prefix,
+        f"Python {req.version} already built in {prefix} (sha256 {str(m.get('sha256'))[:12]}..., "
+        f"same options, built {m.get('built_at', '?')}); nothing to do (use --force to rebuild)",
+        seconds=time.monotonic() - started,
+    )  # fmt: skip
+
+
+def build_on(
+    c: Context,
+    host: str,
+    req: BuildRequest,
+    *,
+    plan: SourcePlan,
+    fetcher: SourceFetcher,
+    reporter: Reporter,
+) -> BuildOutcome:
+    """Bring one host to the requested build; a no-op (changed=False) when it already is."""
+    started = time.monotonic()
+    prefix = req.prefix.rstrip("/")
+    reporter.stage(host, "state", prefix)
+    state = read_state(c, prefix)
+    if not req.force and is_up_to_date(state, req, plan):
+        return _noop(host, req, prefix, state, started)
+    if foreign_prefix(state):
+        raise BuildError(
+            f"{host}: {prefix} exists and is not a Python install ({', '.join(state.entries[:5])} ...); "
+            "build-python replaces its prefix whole. Pick another --prefix or move that directory away."
+        )
+    source = fetcher.get(host)  # verified on the operator before anything is written to the host
+    h = _HostRun(c, host, reporter, root=facts.user_id(c) == 0)
+    tag = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    logdir = "/var/log/sockops-build" if h.root else "$HOME/.local/state/sockops/build-python"
+    h.log = h.run(f'd="{logdir}"; mkdir -p "$d" && echo "$d/{req.version}-{tag}.log"').stdout.strip()
+    h.run(f"echo {shlex.quote(f'sockops build-python {req}')} > {shlex.quote(h.log)}")
+    reporter.stage(host, "state", f"building (log {h.log})")
+    # One build per prefix at a time: a flock held by a command on the host, released when we finish or die.
+    with HostLock(c, host, lock_path(prefix), command="build-python"):
+        state = read_state(c, prefix)  # again, under the lock: another build may have just finished
+        if not req.force and is_up_to_date(state, req, plan):
+            return _noop(host, req, prefix, state, started)
+        _cleanup_leftovers(h, prefix)
+        try:
+            return _build(h, req, plan=plan, source=source, state=state, tag=tag, started=started)
+        finally:
+            paths = " ".join(shlex.quote(p) for p in (h.build_dir, h.stage_root) if p)
+            if paths:
+                h.priv(f"rm -rf {paths}", warn=True)
+
+
+def _build(
+    h: _HostRun,
+    req: BuildRequest,
+    *,
+    plan: SourcePlan,
+    source: tuple[Path, str],
+    state: InstalledState,
+    tag: str,
+    started: float,
+) -> BuildOutcome:
+    prefix = req.prefix.rstrip("/")
+    jobs = _prepare_build_dir(h, req, prefix)
+    h.reporter.stage(h.host, "deps")
+    _deps(h, req)
+    family = facts.os_release(h.c).family
+    src = _upload_source(h, plan, source)
+    _configure_and_compile(h, req, src, jobs)
+    staged, old, mode = _install_staged(h, req, src, state, tag, sha=source[1])
+    _check_swap_profile(h, req, staged, old, mode=mode, family=family)
+    seconds = time.monotonic() - started
+    warn_note = f", {len(h.warnings)} warning(s)" if h.warnings else ""
+    return BuildOutcome(
+        h.host, True, req.version, prefix,
+        f"built Python {req.version} into {prefix} in {seconds:.0f} s{warn_note} (log {h.log})",
+        tuple(h.warnings), h.log, seconds,
+    )  # fmt: skip
+
+
+def _prepare_build_dir(h: _HostRun, req: BuildRequest, prefix: str) -> int:
+    """A fresh build dir on the host, enough free space for it and the prefix; returns the make -j."""
+    jobs = req.jobs or facts.cpu_count(h.c)
+    h.build_dir = h.run("mktemp -d /var/tmp/sockops-build.XXXXXX").stdout.strip()
+    for path, need, what in (
+        (h.build_dir, MIN_BUILD_BYTES, "build dir"),
+        (prefix, MIN_PREFIX_BYTES, "prefix"),
+    ):
+        free = facts.free_disk(h.c, path)
+        if free < need:
+            raise BuildError(
+                f"{h.host}: only {free >> 20} MiB free for the {what} {path}, need {need >> 20} MiB; "
+                "free space"
+            )
+    return jobs
+
+
+def _upload_source(h: _HostRun, plan: SourcePlan, source: tuple[Path, str]) -> str:
+    """Tarball and helper into the build dir, the tarball's SHA-256 checked there again; the src dir."""
+    tarball, sha = source
+    h.reporter.stage(h.host, "upload", plan.name)
+    remote_tar = f"{h.build_dir}/{plan.name}"
+    h.put(tarball, remote_tar)
+    h.put(HOST_HELPER, f"{h.build_dir}/pybuild.py")
+    got = h.run(f"sha256sum {shlex.quote(remote_tar)}").stdout.split()[0]
+    if got != sha:
+        raise SourceError(
+            f"{h.host}: the uploaded tarball has SHA-256 {got}, not {sha} (transfer corrupted); re-run"
+        )
+    src = f"{h.build_dir}/src"
+    h.logged(
+        "unpacking",
+        f"mkdir -p {shlex.quote(src)} && tar -xf {shlex.quote(remote_tar)} -C {shlex.quote(src)} "
+        "--strip-components=1",
+        "is xz-utils installed on the host?",
+    )
+    return src
+
+
+def _configure_and_compile(h: _HostRun, req: BuildRequest, src: str, jobs: int) -> None:
+    prefix = req.prefix.rstrip("/")
+    args = configure_args(prefix, req.optimize)
+    h.reporter.stage(h.host, "configure", " ".join(args[1:]))
+    h.logged(
+        "configure",
+        f"cd {shlex.quote(src)} && ./configure {' '.join(shlex.quote(a) for a in args)}",
+        "the log shows the failing configure check (usually a missing compiler or -dev package; "
+        "drop --no-install-deps so they are installed)",
+    )
+    pgo = " with PGO + LTO" if req.optimize else ""
+    detail = f"make -j{jobs}{pgo} in {h.build_dir} (process group id in make.pid)"
+    h.reporter.stage(h.host, "compile", detail)
+    _compile(h, src, jobs, req.optimize)
+
+
+def _install_staged(
+    h: _HostRun, req: BuildRequest, src: str, state: InstalledState, tag: str, *, sha: str
+) -> tuple[str, str, str]:
+    """`make install` into a stage on the prefix's filesystem, plus the manifest; (staged, old, mode)."""
+    prefix = req.prefix.rstrip("/")
+    stage_root, old, mode = _swap_layout(h, prefix, state, tag)
+    h.stage_root = stage_root
+    staged = stage_root + prefix
+    h.reporter.stage(h.host, "install", f"staging in {stage_root}")
+    h.logged(
+        "install",
+        f"cd {shlex.quote(src)} && make install DESTDIR={shlex.quote(stage_root)}",
+        f"check free space and permissions under {os.path.dirname(prefix)}; the prefix is unchanged",
+        priv=True,
+    )
+    manifest = json.dumps(manifest_for(req, sha, log=h.log, host=h.host), indent=1)
+    h.priv(f"printf '%s\\n' {shlex.quote(manifest)} > {shlex.quote(staged + '/' + MANIFEST_NAME)}")
+    return staged, old, mode
+
+
+def _check_swap_profile(
+    h: _HostRun, req: BuildRequest, staged: str, old: str, *, mode: str, family: str
+) -> None:
+    """The staged interpreter passes its check, then (only then) replaces the prefix; PATH via profile.d."""
+    prefix = req.prefix.rstrip("/")
+    h.reporter.stage(h.host, "check")
+    _check_staged(h, staged, family, req.version)
+    h.reporter.stage(h.host, "swap", f"{mode} -> {prefix}")
+    _swap(h, prefix, staged, old, mode=mode, version=req.version)
+    if req.profile_d:
+        h.reporter.stage(h.host, "profile", PROFILE_PATH)
+        _write_profile(h, prefix)
