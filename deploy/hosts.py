@@ -6,9 +6,10 @@ it installs paramiko's AutoAddPolicy and never loads known_hosts). `accept_new_h
 `StrictHostKeyChecking accept-new`: a first-seen key is recorded, a changed key is still refused
 (ssh_config's StrictHostKeyChecking accept-new/no/off means the same; a changed key is always refused).
 
-ssh_config: the extra file (argument, invoke config `sockops.ssh_config`, env SOCKOPS_SSH_CONFIG, else the
-default test fleet's ssh_config when it exists) is read first, then ~/.ssh/config and /etc/ssh/ssh_config;
-as in OpenSSH the first value found for a key wins.
+ssh_config: the extra file (argument, invoke config `sockops.ssh_config`, env SOCKOPS_SSH_CONFIG) is read
+first, then ~/.ssh/config and /etc/ssh/ssh_config; as in OpenSSH the first value found for a key wins.
+Every ssh_config and known_hosts file is refused unless only this user or root could have written it
+(deploy.trust): a ProxyCommand or a planted host key is as good as running code as the operator.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from paramiko.config import SSHConfig
 from paramiko.pkey import PKey
 
 from deploy.errors import DeployError, HostError, HostKeyError
+from deploy.trust import check_trusted
 
 T = TypeVar("T")
 
@@ -69,6 +71,7 @@ class VerifyPolicy(MissingHostKeyPolicy):
         with _known_hosts_lock:
             self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with open(self.known_hosts, "a") as fh:
+                check_trusted(self.known_hosts, "known_hosts")  # a new file in someone else's directory
                 fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
 
@@ -111,6 +114,7 @@ def load_ssh_config(extra: Path | None) -> SSHConfig:
     cfg = SSHConfig()
     for path in (extra, Path(os.path.expanduser(USER_SSH_CONFIG)), Path(SYSTEM_SSH_CONFIG)):
         if path is not None and path.is_file():
+            check_trusted(path, "ssh_config")  # ProxyCommand / Match exec run what the file says
             with open(path) as fh:
                 cfg.parse(fh)
     return cfg
@@ -179,6 +183,7 @@ class VerifiedConnection(fabric.Connection):
         self.known_hosts, readable = known_hosts_files(self.ssh_config)
         for path in readable:
             if path.is_file():
+                check_trusted(path, "known_hosts")  # whoever can write it can vouch for any server
                 try:
                     if path == self.known_hosts:  # the file accept-new appends to
                         self.client.load_host_keys(str(path))
