@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -71,3 +72,87 @@ def test_host_side_compiles_on_a_real_python_3_7(package: str) -> None:
         code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
         result = _run([python, "-c", code, *_modules(package)])
         assert result.returncode == 0, result.stderr
+
+
+# Everything that runs in production: on the operator (deploy) and on hosts (HOST_SIDE).
+PRODUCTION = ("deploy", *HOST_SIDE)
+# Tooling and tests: production must never import them (they are not shipped, and may read lab files).
+NOT_PRODUCTION = ("devtools", "tests")
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+    return found
+
+
+def _production_imports() -> dict[str, set[str]]:
+    """{file relative to the repository: imported modules} for every production module."""
+    return {
+        str(p.relative_to(ROOT)): _imports(p)
+        for package in PRODUCTION
+        for p in sorted((ROOT / package).rglob("*.py"))
+    }
+
+
+def test_production_never_imports_tooling_or_tests() -> None:
+    bad = sorted(
+        f"{path} imports {name}"
+        for path, names in _production_imports().items()
+        for name in names
+        if name.split(".")[0] in NOT_PRODUCTION
+    )
+    assert bad == [], "production code imports dev tooling or tests:\n" + "\n".join(bad)
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Which production packages import which (top-level names only)."""
+    graph: dict[str, set[str]] = {p: set() for p in PRODUCTION}
+    for path, names in _production_imports().items():
+        source = path.split("/")[0]
+        graph[source] |= {n.split(".")[0] for n in names if n.split(".")[0] in graph} - {source}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle in `graph` as [a, b, ..., a], or [] (depth-first search with a path stack)."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return []
+        for nxt in sorted(graph[node]):
+            found = visit(nxt, [*path, node])
+            if found:
+                return found
+        done.add(node)
+        return []
+
+    for start in sorted(graph):
+        found = visit(start, [])
+        if found:
+            return found
+    return []
+
+
+def test_cycle_finder_sees_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_production_packages() -> None:
+    graph = _package_graph()
+    assert _cycle(graph) == [], f"import cycle between packages: {' -> '.join(_cycle(graph))}; graph: {graph}"

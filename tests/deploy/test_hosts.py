@@ -1,20 +1,17 @@
-"""deploy.hosts: contexts for --host values, host key verification, parallel steps and their summary."""
+"""deploy.hosts: contexts for --host values and host key verification (the fleet runner: test_fleet.py)."""
 
 from __future__ import annotations
 
-import io
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import invoke
 import pytest
-from rich.console import Console
 
 from deploy import hosts
-from deploy.errors import DeployError, HostError
-from deploy.hosts import HostOutcome, connect, on_hosts
+from deploy.errors import HostError
+from deploy.hosts import connect
 
 
 def test_local_is_an_invoke_context_that_runs_here():
@@ -83,7 +80,8 @@ def test_refused_connection_is_a_host_error_with_a_hint(tmp_path):
 @pytest.mark.hosts
 def test_wrong_key_is_an_authentication_error(testhosts, tmp_path):
     fleet = testhosts(1)
-    from devtools.testhosts import _ed25519_keypair, _write_private
+    from devtools.testhosts.sshd import ed25519_keypair as _ed25519_keypair
+    from devtools.testhosts.system import write_private as _write_private
 
     private, _ = _ed25519_keypair("not-authorized")
     stranger = tmp_path / "id_stranger"
@@ -103,83 +101,6 @@ def test_invoke_config_ssh_config_reaches_a_test_host(testhosts):
     assert c.config.sockops.ssh_config == str(fleet.ssh_config)
     assert c.run("hostname", hide=True).stdout.strip() == fleet.names[0]
     c.close()
-
-
-def test_on_hosts_runs_hosts_in_parallel_and_keeps_order():
-    names = ["h1", "h2", "h3", "h4"]
-    # every step waits for all others: this only completes if all four run at the same time
-    barrier = threading.Barrier(len(names), timeout=30)
-
-    def step(host: str) -> str:
-        barrier.wait()
-        return host.upper()
-
-    outcomes = on_hosts(names, step)
-    assert [o.host for o in outcomes] == names
-    assert [o.value for o in outcomes] == ["H1", "H2", "H3", "H4"]
-    assert all(o.ok and o.error == "" and o.seconds >= 0 for o in outcomes)
-
-
-def test_one_failing_host_does_not_stop_the_others():
-    def step(host: str) -> int:
-        if host == "bad":
-            raise HostError("bad: cannot connect; is sshd running?")
-        if host == "buggy":
-            raise KeyError("x")
-        return 1
-
-    outcomes = on_hosts(["a", "bad", "buggy", "b"], step, max_workers=2)
-    assert [(o.host, o.ok) for o in outcomes] == [("a", True), ("bad", False), ("buggy", False), ("b", True)]
-    assert outcomes[1].error == "bad: cannot connect; is sshd running?"
-    assert outcomes[2].error == "KeyError: 'x'"
-    assert outcomes[1].value is None
-    with pytest.raises(
-        DeployError, match=r"deploy failed on 2 of 4 host\(s\): bad: cannot connect.*buggy: KeyError"
-    ):
-        hosts.raise_for_failures(outcomes, what="deploy")
-    hosts.raise_for_failures(outcomes[:1], what="deploy")  # all ok: no error
-
-
-def test_duplicate_hosts_are_refused():
-    with pytest.raises(HostError, match="given twice: web1"):
-        on_hosts(["web1", "web2", "web1"], lambda h: h)
-
-
-def test_host_outcome_is_frozen():
-    o = HostOutcome("web1", True, 3, "", 0.5)
-    with pytest.raises(AttributeError):
-        o.ok = False  # type: ignore[misc]
-
-
-OUTCOMES = [
-    HostOutcome("web1", True, "3 changed", "", 1.25),
-    HostOutcome("db-primary", False, None, "db-primary: cannot connect", 10.0),
-]
-
-
-def test_summary_text():
-    assert hosts.summary_text(OUTCOMES).splitlines() == [
-        "HOST        STATUS   TIME  DETAIL",
-        "web1        ok       1.2s  3 changed",
-        "db-primary  FAILED  10.0s  db-primary: cannot connect",
-        "1 ok, 1 failed",
-    ]
-
-
-def test_summary_rows_use_describe_for_values():
-    rows = hosts.summary_rows(OUTCOMES, describe=lambda v: f"<{v}>")
-    assert rows[0] == ("web1", "ok", "1.2s", "<3 changed>")
-    assert rows[1][3] == "db-primary: cannot connect"
-
-
-def test_summary_table_renders_every_host():
-    out = io.StringIO()
-    Console(file=out, width=100, color_system=None).print(hosts.summary_table(OUTCOMES, title="deploy"))
-    text = out.getvalue()
-    assert "deploy" in text
-    assert "web1" in text
-    assert "FAILED" in text
-    assert "db-primary: cannot connect" in text
 
 
 @pytest.mark.hosts

@@ -16,6 +16,7 @@ import pytest
 from deploy.errors import HostKeyError
 from deploy.hosts import connect
 from devtools import testhosts as th
+from devtools.testhosts import state, system
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.hosts
@@ -44,12 +45,12 @@ def _private_ssh_config(fleet: th.Fleet, tmp_path: Path, *, known_hosts: Path) -
 
 def _procs(netns: str) -> list[tuple[int, str]]:
     """(pid, start time) of every process in `netns`: a pid alone may be reused once the process is gone."""
-    return [(pid, th._proc_start(pid)) for pid in th._netns_pids(netns)]
+    return [(pid, system.proc_start(pid)) for pid in system.netns_pids(netns)]
 
 
 def _gone(proc: tuple[int, str]) -> bool:
     pid, start = proc
-    return not th._alive(pid) or th._proc_start(pid) != start
+    return not system.alive(pid) or system.proc_start(pid) != start
 
 
 # A daemon as a deploy starts one: detached from the SSH session; the session returns once it runs.
@@ -118,7 +119,7 @@ def test_daemon_started_over_ssh_survives_the_session_inside_the_host(fleet3):
         c.close()
     assert th.exec_in(host, ["cat", f"/proc/{pid}/comm"]).stdout.strip() == "sleep"
     # the same process seen from the root namespace: in the host's netns, and in its mount namespace
-    daemon = [p for p in th._netns_pids(host.netns) if _nspid(p) == pid]
+    daemon = [p for p in system.netns_pids(host.netns) if _nspid(p) == pid]
     assert len(daemon) == 1
     assert os.readlink(f"/proc/{daemon[0]}/ns/mnt") == os.readlink(f"/proc/{host.pid}/ns/mnt")
 
@@ -195,7 +196,7 @@ def test_fleets_coexist_with_distinct_subnets(testhosts):
 
 
 def _sockops_links() -> set[str]:
-    netns = {f"netns {ns}" for ns in th._netns_list() if th.NETNS_RE.match(ns)}
+    netns = {f"netns {ns}" for ns in system.netns_list() if th.NETNS_RE.match(ns)}
     return netns | {f"veth {p.name}" for p in Path("/sys/class/net").iterdir() if p.name.startswith("skops")}
 
 
@@ -203,7 +204,7 @@ def _unaccounted() -> list[str]:
     """sockops namespaces/veths that no fleet record lists: leaks. Other test runs may be making or removing
     fleets right now; a record is written before its namespaces exist and removed after they are gone, and
     holding the registry lock stops new fleets, so: list, read records, then keep what still exists."""
-    with th._registry_lock() as slots:
+    with state.registry_lock() as slots:
         seen = _sockops_links()
         listed = set()
         for claim in slots.iterdir():
@@ -418,7 +419,7 @@ def test_concurrent_ups_get_distinct_subnets():
 
 def test_failed_up_removes_what_it_made(monkeypatch):
     # a host whose sshd cannot start: up() must fail with the reason and undo the hosts it already made
-    monkeypatch.setattr(th, "SSHD", "/bin/false")
+    monkeypatch.setattr(system, "SSHD", "/bin/false")
     state = th.BASE_DIR / f"test-failed-{os.getpid()}"
     with pytest.raises(th.FleetError, match=r"/bin/false -f /run/testhost/sshd_config .* failed \(1\)"):
         th.up(2, state_dir=state, owner_pid=os.getpid())
