@@ -1,0 +1,310 @@
+"""The whole configuration is checked before anything touches a host: one line per problem.
+
+Two layers, both pure over data so each rule has a test:
+- `file_problems(path, text)`: an invoke config file as written (YAML syntax, and shapes invoke's merge would
+  crash on: a top-level list, `services` as a string, ...), with the file and line of each problem. This runs
+  before invoke reads the files, so a typo is a line of text, not invoke's 60-line traceback.
+- `config_problems(cfg)`: the merged `sockops` mapping: types, ranges, port collisions between every program
+  (the exporter included), unknown keys (with the closest known one), and risky choices that need
+  `sockops.allow_risky: true`.
+
+Each `Problem` names where (file:line when known, else the key), the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from invoke.util import yaml
+
+from deploy.errors import ConfigError
+from services import addr
+
+# invoke's config files, in the order invoke reads them (later ones win); .py files are code, not data.
+CONFIG_PREFIXES = ("/etc/invoke", "~/.invoke")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_WORKERS = 256
+RISKY_KEY = "allow_risky"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One configuration mistake: where, what, and how to fix it."""
+
+    key: str  # dotted path, e.g. sockops.services.transfer.workers
+    value: Any
+    fix: str  # what it must be instead
+    where: str = ""  # file[:line] when a file is known
+
+    def __str__(self) -> str:
+        place = f"{self.where}: " if self.where else ""
+        return f"{place}{self.key} = {self.value!r}: {self.fix}"
+
+
+def raise_for(problems: Sequence[Problem], *, what: str = "configuration") -> None:
+    """One ConfigError listing every problem (not only the first), or nothing."""
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"invalid {what} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+# --- files as written ---------------------------------------------------------------------------------------
+
+
+def _line_of(node: Any, path: Sequence[str]) -> int | None:
+    """1-based line of the value at `path` in a composed YAML node tree, or of its nearest parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = [v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part]
+        if not found:
+            break
+        node = found[0]
+        line = node.start_mark.line + 1
+    return line
+
+
+def _shape_problems(doc: Any, defaults: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any, str]]:
+    """Where the file has a non-mapping and the defaults a mapping (invoke's merge crashes there)."""
+    for key, value in doc.items():
+        want = defaults.get(key) if isinstance(defaults, Mapping) else None
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(want, Mapping) and value is not None:
+            if not isinstance(value, Mapping):
+                yield dotted, value, f"must be a mapping of {', '.join(map(str, want)) or 'keys'}"
+            else:
+                yield from _shape_problems(value, want, dotted)
+
+
+def file_problems(path: str, text: str, defaults: Mapping[str, Any]) -> list[Problem]:
+    """Problems of one YAML/JSON invoke config file as written.
+
+    >>> d = {"sockops": {"services": {"tcp-echo": {"bind": ""}}}}
+    >>> [str(p) for p in file_problems("a.yaml", "sockops:\\n  services: tcp-echo\\n", d)]
+    ["a.yaml:2: sockops.services = 'tcp-echo': must be a mapping of tcp-echo"]
+    >>> [str(p) for p in file_problems("a.yaml", "- 1\\n", d)]
+    ['a.yaml:1: (top level) = [1]: must be a mapping (e.g. `sockops:` with keys under it)']
+    >>> str(file_problems("a.yaml", "sockops: {variant: [\\n", d)[0]).startswith("a.yaml:2: (syntax)")
+    True
+    """
+    try:
+        doc = yaml.safe_load(text)
+        tree = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        lines = text.splitlines()
+        shown = lines[mark.line].strip() if mark is not None and mark.line < len(lines) else ""
+        return [Problem("(syntax)", shown, f"YAML syntax error: {reason}", where)]
+    if doc is None:
+        return []
+    if not isinstance(doc, Mapping):
+        return [
+            Problem("(top level)", doc, "must be a mapping (e.g. `sockops:` with keys under it)", f"{path}:1")
+        ]
+    found = []
+    for dotted, value, fix in _shape_problems(doc, defaults, ""):
+        line = _line_of(tree, dotted.split("."))
+        found.append(Problem(dotted, value, fix, f"{path}:{line}" if line else path))
+    return found
+
+
+def config_files(project_dir: str | None, runtime: str | None = None) -> list[Path]:
+    """The YAML/JSON files invoke would read: system, user, project (next to tasks.py), runtime (-f)."""
+    prefixes = [*CONFIG_PREFIXES]
+    if project_dir:
+        prefixes.append(os.path.join(project_dir, "invoke"))
+    found = [Path(os.path.expanduser(p + s)) for p in prefixes for s in CONFIG_SUFFIXES]
+    if runtime:
+        found.append(Path(runtime))
+    return [p for p in found if p.is_file()]
+
+
+def check_files(files: Sequence[Path], defaults: Mapping[str, Any]) -> None:
+    problems = [p for f in files for p in file_problems(str(f), f.read_text(errors="replace"), defaults)]
+    raise_for(problems, what="invoke config")
+
+
+# --- the merged sockops mapping -----------------------------------------------------------------------------
+
+
+def _unknown(cfg: Mapping[str, Any], known: Mapping[str, Any], prefix: str) -> Iterator[Problem]:
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(map(str, known))}"
+            yield Problem(f"{prefix}.{key}", cfg[key], f"unknown key; {hint}")
+
+
+def _number(value: Any, *, integer: bool) -> float | None:
+    """The value as a number, or None; YAML booleans are not numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and (not integer or float(value).is_integer()):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value) if integer else float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _range(key: str, value: Any, lo: float, hi: float, *, integer: bool, what: str) -> list[Problem]:
+    got = _number(value, integer=integer)
+    if got is None or not lo <= got <= hi:
+        kind = "an integer" if integer else "a number"
+        return [Problem(key, value, f"must be {kind} from {lo:g} to {hi:g} ({what})")]
+    return []
+
+
+def _bind(key: str, value: Any) -> tuple[list[Problem], tuple[str, int] | None]:
+    try:
+        return [], addr.parse_bind(str(value))
+    except addr.AddressError as exc:
+        return [Problem(key, value, str(exc).split(": ", 1)[-1].replace(f"{value!r} ", ""))], None
+
+
+def _services(cfg: Mapping[str, Any], known: Mapping[str, Any]) -> tuple[list[Problem], list[tuple]]:
+    """Problems of sockops.services and the (program, proto, host, port) of each enabled one."""
+    problems: list[Problem] = []
+    binds: list[tuple] = []
+    for name, entry in dict(cfg.get("services") or {}).items():
+        key = f"sockops.services.{name}"
+        if name not in addr.SERVICES:
+            problems.append(Problem(key, entry, f"unknown service; known: {', '.join(addr.SERVICES)}"))
+            continue
+        if entry is None or not isinstance(entry, Mapping) or entry.get("enabled", True) is False:
+            continue
+        problems += _unknown(entry, {**known.get(name, {}), "enabled": True, "root": "", "workers": 0}, key)
+        variant = entry.get("variant") or cfg.get("variant") or "selectors"
+        if variant not in addr.VARIANTS:
+            problems.append(Problem(f"{key}.variant", variant, f"must be one of {', '.join(addr.VARIANTS)}"))
+        workers = entry.get("workers", 0)
+        problems += _range(f"{key}.workers", workers, 0, MAX_WORKERS, integer=True, what="0 = one per CPU")
+        bad, bound = _bind(f"{key}.bind", entry.get("bind", ""))
+        problems += bad
+        if bound:
+            binds.append((name, addr.SERVICES[name], *bound))
+    return problems, binds
+
+
+def port_collisions(binds: Sequence[tuple[str, str, str, int]]) -> list[Problem]:
+    """Two programs on one (protocol, port) whose addresses overlap (0.0.0.0 overlaps every IPv4 address).
+
+    >>> [str(p) for p in port_collisions([("tcp-echo", "tcp", "0.0.0.0", 8080),
+    ...                                   ("exporter", "tcp", "0.0.0.0", 8080)])]
+    ["sockops.exporter.bind = '0.0.0.0:8080': tcp port 8080 is already taken by tcp-echo; pick another port"]
+    >>> port_collisions([("tcp-echo", "tcp", "0.0.0.0", 8080), ("udp-echo", "udp", "0.0.0.0", 8080)])
+    []
+    """
+    wild = {"0.0.0.0", "::", ""}
+    problems = []
+    for i, (name, proto, host, port) in enumerate(binds):
+        for other, oproto, ohost, oport in binds[:i]:
+            if (proto, port) == (oproto, oport) and (host == ohost or host in wild or ohost in wild):
+                key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                fix = f"{proto} port {port} is already taken by {other}; pick another port"
+                problems.append(Problem(key, shown, fix))
+    return problems
+
+
+def foreign_binds(binds: Sequence[tuple[str, str, str, int]], local: Sequence[str]) -> list[Problem]:
+    """Bind addresses that are not on the host (found by facts, before the health gate would find them).
+
+    >>> [str(p) for p in foreign_binds([("tcp-echo", "tcp", "192.0.2.55", 8080)], ["127.0.0.1", "::1"])]
+    ["sockops.services.tcp-echo.bind = '192.0.2.55': not an address of this host (it has 127.0.0.1, ::1); \
+use one of them or 0.0.0.0"]
+    >>> foreign_binds([("exporter", "tcp", "0.0.0.0", 9480), ("udp-echo", "udp", "::", 8080)], ["10.0.0.1"])
+    []
+    """
+    wild = {"0.0.0.0", "::", ""}
+    problems = []
+    for name, _proto, host, _port in binds:
+        if host not in wild and host not in local:
+            key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
+            fix = f"not an address of this host (it has {', '.join(local)}); use one of them or 0.0.0.0"
+            problems.append(Problem(key, host, fix))
+    return problems
+
+
+def risks(cfg: Mapping[str, Any]) -> list[Problem]:
+    """Choices that work but expose the host: they need `sockops.allow_risky: true`."""
+    found = []
+    transfer = (cfg.get("services") or {}).get("transfer") or {}
+    if isinstance(transfer, Mapping) and os.path.normpath(str(transfer.get("root") or "x")) == "/":
+        found.append(Problem("sockops.services.transfer.root", "/", "serves the whole filesystem"))
+    if str(cfg.get("user") or "") == "root":
+        found.append(Problem("sockops.user", "root", "runs every service as root"))
+    return found
+
+
+def _program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[list[Problem], list[tuple]]:
+    """Problems of the services and exporter sections; (program, proto, host, port) of each enabled one."""
+    problems, binds = _services(cfg, defaults.get("services", {}))
+    exporter = cfg.get("exporter") or {}
+    if isinstance(exporter, Mapping) and exporter.get("enabled", True):
+        bad, bound = _bind("sockops.exporter.bind", exporter.get("bind") or "0.0.0.0:9480")
+        problems += bad
+        if bound:
+            binds.append(("exporter", "tcp", *bound))
+    return problems, binds
+
+
+def program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[tuple[str, str, str, int]]:
+    """(program, proto, host, port) of every enabled program whose bind parses (for the facts check)."""
+    return _program_binds(cfg, defaults)[1]
+
+
+def config_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
+    """Every problem of the merged `sockops` mapping (empty: it is good to deploy)."""
+    problems = list(_unknown(cfg, {**defaults, RISKY_KEY: False}, "sockops"))
+    for section in ("paths", "exporter", "health", "prometheus"):
+        if isinstance(cfg.get(section), Mapping) and isinstance(defaults.get(section), Mapping):
+            problems += _unknown(cfg[section], {**defaults[section], "enabled": True}, f"sockops.{section}")
+    if cfg.get("variant") not in (None, "") and cfg.get("variant") not in addr.VARIANTS:
+        problems.append(
+            Problem("sockops.variant", cfg["variant"], f"must be one of {', '.join(addr.VARIANTS)}")
+        )
+    bind_problems, binds = _program_binds(cfg, defaults)
+    problems += bind_problems + port_collisions(binds)
+    problems += _range("sockops.keep_releases", cfg.get("keep_releases", 5), 2, 100, integer=True,
+                       what="the current release and at least one to roll back to")  # fmt: skip
+    problems += _range("sockops.health_timeout", cfg.get("health_timeout", 20), 1, 600, integer=False,
+                       what="seconds every service gets to answer after a deploy")  # fmt: skip
+    problems += _range("sockops.stopwaitsecs", cfg.get("stopwaitsecs", 10), 1, 3600, integer=True,
+                       what="seconds of graceful drain before SIGKILL")  # fmt: skip
+    if cfg.get(RISKY_KEY) is not True:
+        fix = "; set sockops.allow_risky: true if you mean it"
+        problems += [Problem(p.key, p.value, p.fix + fix) for p in risks(cfg)]
+    return problems
+
+
+def check_config(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
+    """Raise one ConfigError naming every problem; return the risks that were allowed (to warn about)."""
+    raise_for(config_problems(cfg, defaults))
+    return risks(cfg)
+
+
+def parse_count(value: Any, *, flag: str, low: int = 0, high: int = 10_000) -> int:
+    """A numeric command-line flag, or a ConfigError naming the flag and the range.
+
+    >>> parse_count("4", flag="--serial")
+    4
+    >>> parse_count("abc", flag="--jobs", low=1, high=64)
+    Traceback (most recent call last):
+    ...
+    deploy.errors.ConfigError: --jobs 'abc': must be a whole number from 1 to 64
+    """
+    got = _number(value, integer=True)
+    if got is None or not low <= got <= high:
+        raise ConfigError(f"{flag} {value!r}: must be a whole number from {low} to {high}")
+    return int(got)
