@@ -174,9 +174,38 @@ def connect(
 
 
 class VerifiedConnection(fabric.Connection):
-    """fabric.Connection that verifies host keys and reports failures as HostError with a hint."""
+    """fabric.Connection that verifies host keys (its own and every ProxyJump hop's) and reports failures as
+    HostError with a hint."""
+
+    jump_for = ""  # set on a ProxyJump hop: the target it leads to, for messages
+
+    @property
+    def label(self) -> str:
+        """How messages name this connection: `web1`, or `web1: jump host bastion` for a hop."""
+        return f"{self.jump_for}: jump host {self.original_host}" if self.jump_for else self.original_host
+
+    def get_gateway(self) -> Any:
+        """ProxyJump hops as VerifiedConnections, visited in the order listed, like OpenSSH.
+
+        Fabric builds each hop as a plain Connection (any host key accepted, known_hosts never read) and
+        chains them last hop first. Each hop here is verified by setup_verification like a target.
+        """
+        jumps = [j.strip() for j in str(self.ssh_config.get("proxyjump", "")).split(",") if j.strip()]
+        if not jumps:
+            return super().get_gateway()  # ProxyCommand, or none
+        if jumps == ["none"] or any(self.derive_shorthand(j)["host"] == self.original_host for j in jumps):
+            return None  # `ProxyJump none`, or a wildcard Host block that names this very host as its jump
+        gateway = None
+        # the first hop is reached directly (or by its own ssh_config), each next one through the one before
+        for jump in jumps:
+            hop = VerifiedConnection(jump, config=self.config.clone(), gateway=gateway, connect_timeout=None)
+            hop._set(jump_for=self.label)
+            gateway = hop
+        return gateway
 
     def setup_verification(self, *, accept_new: bool) -> None:
+        if isinstance(self.gateway, VerifiedConnection):  # every hop gets the same policy as the target
+            self.gateway.setup_verification(accept_new=accept_new)
         strict = str(self.ssh_config.get("stricthostkeychecking", "yes")).lower()
         # "no"/"off" would accept even a changed key in OpenSSH; we never do, so treat them as accept-new
         accept_new = accept_new or strict in ("accept-new", "no", "off")
@@ -190,11 +219,9 @@ class VerifiedConnection(fabric.Connection):
                     else:
                         self.client.load_system_host_keys(str(path))
                 except (OSError, ValueError) as exc:
-                    raise HostKeyError(
-                        f"{self.original_host}: cannot read known_hosts file {path}: {exc}"
-                    ) from exc
+                    raise HostKeyError(f"{self.label}: cannot read known_hosts file {path}: {exc}") from exc
         self.client.set_missing_host_key_policy(
-            VerifyPolicy(self.original_host, self.known_hosts, accept_new=accept_new)
+            VerifyPolicy(self.label, self.known_hosts, accept_new=accept_new)
         )
         if self.connect_timeout is None:
             self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
@@ -203,17 +230,20 @@ class VerifiedConnection(fabric.Connection):
             self.connect_kwargs.setdefault("allow_agent", False)
             self.connect_kwargs.setdefault("look_for_keys", False)
 
+    def close(self) -> None:
+        super().close()
+        if isinstance(self.gateway, VerifiedConnection):  # Fabric leaves hops open
+            self.gateway.close()
+
     def open(self) -> Any:
-        where = f"{self.original_host} ({self.user}@{self.host}:{self.port})"
+        where = f"{self.label} ({self.user}@{self.host}:{self.port})"
         try:
             return super().open()
         except DeployError:
             raise
         except paramiko.BadHostKeyException as exc:
             raise HostKeyError(
-                changed_key_message(
-                    self.original_host, exc.hostname, exc.key, exc.expected_key, self.known_hosts
-                )
+                changed_key_message(self.label, exc.hostname, exc.key, exc.expected_key, self.known_hosts)
             ) from exc
         except socket.gaierror as exc:
             raise HostError(
