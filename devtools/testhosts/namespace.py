@@ -2,7 +2,8 @@
 
 The anchor is init of the host's new PID namespace, inside its netns and a new mount namespace: /etc, /usr,
 /var, /srv, /root, /home, /opt become overlays on the real directories (writes stay private, reads see the
-machine), /run and /dev/shm fresh tmpfs, /tmp an overlay with a RAM upper.
+machine) except that whatever sockops left on the machine (MASKED, the sockops user) is hidden, so each host
+starts as a fresh machine; /run and /dev/shm are fresh tmpfs, /tmp an overlay with a RAM upper.
 """
 
 from __future__ import annotations
@@ -20,12 +21,53 @@ from devtools.testhosts.model import BASE_DIR
 START_TIMEOUT = 20.0
 # Directories a deploy or a Python build writes; overlaid so writes stay inside the host.
 OVERLAID = ("/etc", "/usr", "/var", "/srv", "/root", "/home", "/opt")
+# What sockops (or build-python) leaves on the machine: hidden by an overlay whiteout in each host, so a test
+# host starts as a fresh machine even when the operator's machine runs a deploy of its own. Shell globs; each
+# must lie under one of OVERLAID. /run is a fresh tmpfs anyway.
+MASKED = (
+    "/srv/sockops",
+    "/etc/sockops",
+    "/var/log/sockops",
+    "/var/log/sockops-*",
+    "/var/lib/sockops",
+    "/var/cache/sockops",
+    "/etc/systemd/system/sockops*",
+    "/etc/systemd/system/*.wants/sockops*",
+    "/usr/local/python3",
+    "/etc/profile.d/python3.sh",
+)
+# The system user a deploy creates; a fresh machine has none (the host's /etc is its own copy).
+SERVICE_USER = "sockops"
 
 # $1 = the host's state dir (real path), $2 = host name, $3 = reaper interpreter, $4 $5 = dirs to hide,
 # $6 = where overlay writes go: "disk" (state dir; RAM if its filesystem cannot hold an upper) or "memory".
-ANCHOR_SCRIPT = r"""
+ANCHOR_SCRIPT = (
+    r"""
 set -eu
 H=$1; NAME=$2; PY=$3; UPPER=$6; USED=disk
+# mask LOWER UPPER: a whiteout (char device 0/0) in UPPER for every MASKED path of the machine under LOWER,
+# made before the overlay is mounted; parents made in UPPER keep the lower dir's owner and mode.
+mask() {
+  for pattern in MASKED; do
+    case "$pattern" in "$1"/*) ;; *) continue ;; esac
+    for f in $pattern; do
+      [ -e "$f" ] || [ -L "$f" ] || continue
+      rel=${f#"$1"/}
+      sub=.
+      for part in $(dirname "$rel" | tr / ' '); do
+        [ "$part" = . ] && continue
+        sub=$sub/$part
+        if [ ! -d "$2/$sub" ]; then
+          mkdir "$2/$sub" || return 1
+          chown --reference="$1/$sub" "$2/$sub" || return 1
+          chmod --reference="$1/$sub" "$2/$sub" || return 1
+        fi
+      done
+      rm -rf "$2/$rel"
+      mknod "$2/$rel" c 0 0 || return 1  # fails where the upper's filesystem is overlayfs itself
+    done
+  done
+}
 ram_upper() {
   if [ ! -d /run/testhost-ovl ]; then
     mkdir -p /run/testhost-ovl
@@ -46,7 +88,8 @@ for d in OVERLAID; do
   o=/run/testhost/ovl/$n
   if [ "$UPPER" = disk ]; then
     mkdir -p "$o/up" "$o/work"
-    if mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/up,workdir=$o/work" "$d" 2>/dev/null; then
+    if mask "$d" "$o/up" 2>/dev/null &&
+      mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/up,workdir=$o/work" "$d" 2>/dev/null; then
       continue
     fi
     # e.g. the state dir is itself on overlayfs (containers): an upper must live elsewhere
@@ -55,6 +98,7 @@ for d in OVERLAID; do
   ram_upper
   o=/run/testhost-ovl/$n
   mkdir -p "$o/up" "$o/work"
+  mask "$d" "$o/up"
   mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/up,workdir=$o/work" "$d"
 done
 # /tmp: an overlay with its upper in RAM, so the operator's files there (a venv or checkout under /tmp, as
@@ -75,10 +119,16 @@ echo "$NAME" > /etc/hostname
 printf '127.0.1.1\t%s\n' "$NAME" >> /etc/hosts
 # a locked root password ('!') blocks key logins when UsePAM is off; this /etc is the host's own copy
 sed -i 's/^root:![^:]*:/root:*:/' /etc/shadow
+for f in /etc/passwd /etc/group /etc/shadow /etc/gshadow; do
+  if grep -q "^SERVICE_USER:" "$f" 2>/dev/null; then sed -i "/^SERVICE_USER:/d" "$f"; fi
+done
 echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null || true
 echo "ready $ROOTPID $USED"
 exec "$PY" -I -S -c "$REAPER" </dev/null >/dev/null 2>&1
 """.replace("OVERLAID", " ".join(OVERLAID))
+    .replace("MASKED", " ".join(MASKED))
+    .replace("SERVICE_USER", SERVICE_USER)
+)
 
 # PID 1 of a namespace must reap adopted orphans (daemons started over SSH double-fork).
 REAPER = """

@@ -6,8 +6,10 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -425,3 +427,69 @@ def test_failed_up_removes_what_it_made(monkeypatch):
         th.up(2, state_dir=state, owner_pid=os.getpid())
     assert not state.exists()
     assert _unaccounted() == []
+
+
+# What a deploy (and build-python) leaves on a machine; the operator's machine may have each of them.
+MACHINE_DEPLOY = {
+    "/srv/sockops/releases/r1/marker": "release",
+    "/etc/sockops/supervisord.conf": "conf",
+    "/var/log/sockops/sockops-tcp-echo.log": "log",
+    "/var/log/sockops-build/build.log": "log",
+    "/etc/systemd/system/sockops-supervisord.service": "unit",
+    "/usr/local/python3/bin/python3": "python",
+}
+
+
+@pytest.fixture
+def machine_deploy() -> Iterator[None]:
+    """This machine "has" a local deploy (/srv/sockops/current and friends) for the test's duration.
+
+    Only paths that do not exist yet are made, and exactly those are removed again: a real deploy on this
+    machine is never touched.
+    """
+    made: list[Path] = []
+    try:
+        for name, text in MACHINE_DEPLOY.items():
+            path = Path(name)
+            top = (
+                next(p for p in [*reversed(path.parents), path] if not p.exists())
+                if not path.exists()
+                else None
+            )
+            if top is None:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            made.append(top)
+        current = Path("/srv/sockops/current")
+        if not current.exists() and not current.is_symlink():
+            current.symlink_to("releases/r1")
+            made.append(current)
+        yield
+    finally:
+        for top in reversed(made):
+            if top.is_symlink() or top.is_file():
+                top.unlink()
+            elif top.exists():
+                shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("upper", ["disk", "memory"])
+def test_a_fresh_host_has_no_deploy_of_the_operator_machine(machine_deploy, testhosts, upper):
+    assert Path("/srv/sockops/current/marker").exists()
+    fleet = testhosts(1, upper=upper)
+    host = fleet.hosts[0]
+    for path in [*MACHINE_DEPLOY, "/srv/sockops/current"]:
+        probe = th.exec_in(host, ["test", "-e", path], check=False)
+        assert probe.returncode == 1, f"{path} of the operator's machine is visible on {host.name}"
+    # the directories around them are still the machine's (only sockops' own paths are hidden)
+    assert th.exec_in(host, ["test", "-d", "/usr/local/bin"]).returncode == 0
+    assert th.exec_in(host, ["id", "-u", "sockops"], check=False).returncode != 0
+    # and a deploy can make them afresh
+    c = fleet.connect(host.name)
+    try:
+        c.run("mkdir -p /srv/sockops/releases && ln -s releases /srv/sockops/current", hide=True)
+    finally:
+        c.close()
+    assert th.exec_in(host, ["readlink", "/srv/sockops/current"]).stdout.strip() == "releases"
+    assert os.readlink("/srv/sockops/current") == "releases/r1"  # the machine's own stays as it was
