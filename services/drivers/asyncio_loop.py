@@ -14,21 +14,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import signal
 import socket
 from typing import Any, Callable, List, Optional
 
+from services.drivers import lifecycle
 from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
+    file_root,
     format_address,
     stream_core_factory,
     udp_core,
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.protocol.transfer import FileBody
+from services.files import FileBody, open_body
 
 DRAIN_TICK = 0.05
 READ_BUFFER = 65536
@@ -43,6 +44,7 @@ class _State:
         self, loop: Any, settings: Settings, log: logging.Logger, new_core: Callable[[], StreamCore]
     ) -> None:
         self.loop, self.settings, self.log, self.new_core = loop, settings, log, new_core
+        self.files = file_root(settings)
         self.conns = set()  # type: Set[StreamProtocol]
         self.clock = loop.time()  # advanced by the ticker: one loop.time() per tick, not per read
         self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
@@ -126,14 +128,16 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 self.queue.append(item)
             elif item.__class__ is bytes:
                 self.transport.write(item)
-            else:
+            elif item.__class__ is FileBody:
                 self.transport.pause_reading()
                 self.sending = self.state.loop.create_task(self._send_body(item))
+            else:  # a file request from the core: answered here, replies in request order
+                self._emit(self.state.files.answer(item))
 
     async def _send_body(self, body: FileBody) -> None:
         transport = self.transport
         try:
-            with body.open() as f:
+            with open_body(body) as f:
                 if self.state.native_sendfile:
                     sent = await self._sendfile(f, body.size)
                 else:  # uvloop's loop.sendfile raises NotImplementedError: copy with backpressure
@@ -244,23 +248,19 @@ class DatagramProtocol(asyncio.DatagramProtocol):
 
 
 def _stop_future(loop: Any, log: logging.Logger) -> asyncio.Future:
-    """A future resolved with "drain" (TERM/INT) or "quit" (QUIT) by the signal handlers."""
+    """A future resolved with "drain" (TERM/INT) or "quit" (QUIT) by the signal table's flag."""
     stop = loop.create_future()
+    flag = lifecycle.StopFlag(log)
 
-    def on_signal(mode: str) -> None:
-        if not stop.done():
-            stop.set_result(mode)
-        elif mode == "quit":
+    def on_signal(signum: int) -> None:
+        flag.handle(signum)
+        if flag.mode and not stop.done():
+            stop.set_result(flag.mode)
+        elif flag.mode == lifecycle.QUIT:
             loop.quit_now = True  # type: ignore[attr-defined]
 
-    loop.add_signal_handler(signal.SIGTERM, on_signal, "drain")
-    loop.add_signal_handler(signal.SIGINT, on_signal, "drain")
-    loop.add_signal_handler(signal.SIGQUIT, on_signal, "quit")
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        log.info,
-        "HUP: nothing to reload in a single-process server (prefork replaces workers)",
-    )
+    for signum in lifecycle.ACTIONS:
+        loop.add_signal_handler(signum, on_signal, signum)
     unblock_stop_signals()  # blocked since startup: one that arrived meanwhile is handled now
     return stop
 
@@ -280,22 +280,18 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
             for conn in idle:
                 conn.kill()  # close() would wait for a client that never reads
             if idle:
-                log.info("closed %d connections idle for more than %gs", len(idle), settings.idle_timeout)
+                lifecycle.log_idle_closed(log, len(idle), settings.idle_timeout)
     server.close()
-    if stop.result() == "quit":
-        log.info("QUIT: closing %d connections now", len(state.conns))
+    if stop.result() == lifecycle.QUIT:
+        lifecycle.log_quit(log, len(state.conns))
         for conn in list(state.conns):
             conn.kill()
         return 0
-    log.info("draining: stopped accepting; %d connections open", len(state.conns))
+    lifecycle.log_draining(log, len(state.conns))
     deadline = loop.time() + settings.drain_timeout
     while state.conns:
         if loop.time() >= deadline or getattr(loop, "quit_now", False):
-            log.warning(
-                "drain timeout (%gs): closing %d connections with requests in flight",
-                settings.drain_timeout,
-                len(state.conns),
-            )
+            lifecycle.log_drain_timeout(log, settings.drain_timeout, len(state.conns))
             for conn in list(state.conns):
                 conn.kill()
             await asyncio.sleep(0)
@@ -303,7 +299,7 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
         for conn in [c for c in state.conns if c.idle]:
             conn.transport.close()
         await asyncio.sleep(DRAIN_TICK)
-    log.info("drained: all connections finished; exiting")
+    lifecycle.log_drained(log)
     return 0
 
 
@@ -314,7 +310,7 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
         lambda: DatagramProtocol(sock, log, loop), sock=sock
     )
     mode = await stop
-    if mode == "drain":
+    if mode == lifecycle.DRAIN:
         # Let the loop answer what is already queued on the socket (works on uvloop too, which owns the fd):
         # stop once a short wait brings no new datagram.
         for _ in range(50):
@@ -323,7 +319,7 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
             if protocol.seen == seen:
                 break
     transport.close()
-    log.info("stopped (%s)", "TERM" if mode == "drain" else "QUIT")
+    lifecycle.log_udp_stopped(log, mode)
     return 0
 
 

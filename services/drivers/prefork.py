@@ -18,10 +18,10 @@ import socket
 import time
 from typing import List, Optional, Tuple
 
-from services.drivers import selectors_loop
+from services.drivers import lifecycle, selectors_loop
 from services.drivers.runtime import Settings
 
-SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+SIGNALS = {signal.SIGCHLD, *lifecycle.ACTIONS}
 QUIT_GRACE = 2.0  # QUIT: seconds before leftovers get SIGKILL
 MAX_BACKOFF = 5.0
 
@@ -128,12 +128,12 @@ class Arbiter:
         while True:
             info = signal.sigtimedwait(SIGNALS, 1.0)
             self.reap()
-            sig = info.si_signo if info is not None else None
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            action = lifecycle.ACTIONS.get(info.si_signo) if info is not None else None
+            if action == lifecycle.DRAIN:
                 return self.stop(graceful=True)
-            if sig == signal.SIGQUIT:
+            if action == lifecycle.QUIT:
                 return self.stop(graceful=False)
-            if sig == signal.SIGHUP:
+            if action == lifecycle.RELOAD:
                 self.reload()
             self.maintain()
 
@@ -157,7 +157,7 @@ class Arbiter:
         codes = []  # type: List[int]
         while self.workers and time.monotonic() < deadline:
             info = signal.sigtimedwait(SIGNALS, 0.1)
-            if info is not None and info.si_signo == signal.SIGQUIT and graceful:
+            if info is not None and lifecycle.ACTIONS.get(info.si_signo) == lifecycle.QUIT and graceful:
                 graceful = False
                 self.signal_workers(signal.SIGQUIT)
                 deadline = min(deadline, time.monotonic() + QUIT_GRACE)

@@ -11,12 +11,14 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 from services.addr import SERVICES
+from services.drivers.lifecycle import ACTIONS
 from services.errors import BindError
+from services.files import FileRoot
 from services.protocol.echo import EchoCore, UdpEchoCore
-from services.protocol.transfer import FileRoot, TransferCore
+from services.protocol.transfer import TransferCore
 
 StreamCore = Union[EchoCore, TransferCore]
 
@@ -163,9 +165,13 @@ def stream_core_factory(settings: Settings) -> Callable[[], StreamCore]:
         echo = EchoCore()  # stateless: one instance serves every connection
         return lambda: echo
     if settings.service == "transfer":
-        files = FileRoot(settings.root)  # shared: its sha256 cache serves every connection
-        return lambda: TransferCore(files)
+        return TransferCore
     raise ValueError(f"{settings.service} is not a stream service")
+
+
+def file_root(settings: Settings) -> Optional[FileRoot]:
+    """What answers a transfer core's file requests (shared: its sha256 cache serves every connection)."""
+    return FileRoot(settings.root) if settings.service == "transfer" else None
 
 
 def udp_core(sock: socket.socket) -> UdpEchoCore:
@@ -178,7 +184,7 @@ def udp_core(sock: socket.socket) -> UdpEchoCore:
 
 # Blocked from startup until a driver's handlers exist: a TERM right after the `listening` line must drain,
 # not kill the process with the default action.
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+STOP_SIGNALS = set(ACTIONS)
 
 
 def block_stop_signals() -> None:

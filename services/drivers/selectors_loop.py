@@ -15,16 +15,17 @@ import contextlib
 import logging
 import os
 import selectors
-import signal
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
+from services.drivers import lifecycle
 from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
     Wakeup,
+    file_root,
     format_address,
     set_nodelay,
     stream_core_factory,
@@ -32,7 +33,7 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.protocol.transfer import FileBody
+from services.files import FileBody, FileRoot, open_body
 
 BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, cheap to allocate
 HIGH_WATER = 1 << 20  # queued output at which we stop reading a client
@@ -116,12 +117,22 @@ class Conn:
                 self.out.append(memoryview(item)[sent:])
                 self.pending += len(item) - sent
         else:
-            for item in outs:
-                self.out.append(item)
-                self.pending += item.size if item.__class__ is FileBody else len(item)
+            self.queue_all(outs)
             if not self.flush():
                 return
         self.update()
+
+    def queue_all(self, outs: List[Any]) -> None:
+        for item in outs:
+            if item.__class__ is bytes:
+                self.queue(item)
+            else:  # a file request: the core never touches the filesystem, we do
+                for reply in self.srv.files.answer(item):
+                    self.queue(reply)
+
+    def queue(self, item: Any) -> None:
+        self.out.append(item)
+        self.pending += item.size if item.__class__ is FileBody else len(item)
 
     # -- writing --
     def on_write(self) -> None:
@@ -160,7 +171,7 @@ class Conn:
     def _send_body(self, item: Any) -> bool:
         if item.__class__ is FileBody:
             try:
-                item = self.out[0] = _Sending(item.open(), item.size)
+                item = self.out[0] = _Sending(open_body(item), item.size)
             except (OSError, ServiceError) as exc:
                 # The header promised `size` bytes we cannot send: the stream cannot continue.
                 self.srv.log.warning("closing a transfer connection: %s", exc)
@@ -223,26 +234,14 @@ class _Loop:
         self.settings, self.log, self.parent = settings, log, parent
         self.sel = selectors.DefaultSelector()
         self.now = time.monotonic()
-        self.stop = ""  # "" | "drain" | "quit"
+        self.stop = lifecycle.StopFlag(log)
         self.draining = False
         self.tick_every = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGQUIT:
-            self.stop = "quit"
-        elif signum == signal.SIGHUP:
-            self.log.info("HUP: nothing to reload in a single-process server (prefork replaces workers)")
-        elif not self.stop:
-            self.stop = "drain"
 
     def _install(self) -> Wakeup:
         wakeup = Wakeup()
         self.sel.register(wakeup.reader, EVENT_READ, _WAKEUP)
-        for sig in (signal.SIGTERM, signal.SIGQUIT):
-            signal.signal(sig, self._on_signal)
-        # A prefork worker leaves Ctrl-C and HUP to its master (they reach the whole process group).
-        for sig in (signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN if self.parent is not None else self._on_signal)
+        self.stop.install(worker=self.parent is not None)
         unblock_stop_signals()  # blocked since startup (and in a prefork worker since the fork)
         return wakeup
 
@@ -261,10 +260,12 @@ class TcpServer(_Loop):
         log: logging.Logger,
         *,
         parent: Optional[int] = None,
+        files: Optional[FileRoot] = None,
     ) -> None:
         super().__init__(settings, log, parent=parent)
         self.listener = listener
         self.new_core = new_core
+        self.files = files
         self.conns = set()  # type: Set[Conn]
         self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
         self.accept_failed = RateLimited(log, "accept() failed")
@@ -327,10 +328,10 @@ class TcpServer(_Loop):
 
     def _between_events(self) -> Optional[int]:
         """Signals, drain progress and the periodic tick; an exit code once the loop should end."""
-        if self.stop == "quit":
-            self.log.info("QUIT: closing %d connections now", len(self.conns))
+        if self.stop.mode == lifecycle.QUIT:
+            lifecycle.log_quit(self.log, len(self.conns))
             return 0
-        if self.stop == "drain" and not self.draining:
+        if self.stop.mode == lifecycle.DRAIN and not self.draining:
             self._start_drain()
         if self.draining:
             return self._drain_step()
@@ -349,10 +350,10 @@ class TcpServer(_Loop):
             for conn in idle:
                 conn.close()
             if idle:
-                self.log.info("closed %d connections idle for more than %gs", len(idle), timeout)
+                lifecycle.log_idle_closed(self.log, len(idle), timeout)
         if self.orphaned():
             self.log.warning("master process is gone: stopping")
-            self.stop = "quit"
+            self.stop.mode = lifecycle.QUIT
 
     def _close_listener(self) -> None:
         if self.listener.fileno() >= 0:
@@ -366,7 +367,7 @@ class TcpServer(_Loop):
             self.accept(limit=1 << 16)  # connections the kernel already completed are ours to serve
         self._close_listener()
         self.deadline = self.now + self.settings.drain_timeout
-        self.log.info("draining: stopped accepting; %d connections open", len(self.conns))
+        lifecycle.log_draining(self.log, len(self.conns))
 
     def _drain_step(self) -> Optional[int]:
         for conn in [c for c in self.conns if c.idle and c.reading]:
@@ -381,14 +382,10 @@ class TcpServer(_Loop):
                 continue
             conn.received(data)
         if not self.conns:
-            self.log.info("drained: all connections finished; exiting")
+            lifecycle.log_drained(self.log)
             return 0
         if self.now >= self.deadline:
-            self.log.warning(
-                "drain timeout (%gs): closing %d connections with requests in flight",
-                self.settings.drain_timeout,
-                len(self.conns),
-            )
+            lifecycle.log_drain_timeout(self.log, self.settings.drain_timeout, len(self.conns))
             return 1
         return None
 
@@ -427,7 +424,7 @@ class UdpServer(_Loop):
         wakeup = self._install()
         self.sel.register(self.sock, EVENT_READ, None)
         try:
-            while not self.stop:
+            while not self.stop.mode:
                 events = self.sel.select(self.tick_every)
                 self.now = time.monotonic()
                 for key, _mask in events:
@@ -438,9 +435,9 @@ class UdpServer(_Loop):
                 if self.orphaned():
                     self.log.warning("master process is gone: stopping")
                     return 0
-            if self.stop == "drain":
+            if self.stop.mode == lifecycle.DRAIN:
                 self.serve_ready()  # answer what already arrived
-            self.log.info("stopped (%s)", "TERM" if self.stop == "drain" else "QUIT")
+            lifecycle.log_udp_stopped(self.log, self.stop.mode)
             return 0
         finally:
             self.sel.close()
@@ -454,4 +451,5 @@ def serve(
     """Run the service on an already bound socket; returns the process exit code."""
     if settings.proto == "udp":
         return UdpServer(sock, settings, log, parent=parent).run()
-    return TcpServer(sock, stream_core_factory(settings), settings, log, parent=parent).run()
+    new_core = stream_core_factory(settings)
+    return TcpServer(sock, new_core, settings, log, parent=parent, files=file_root(settings)).run()

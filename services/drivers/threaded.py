@@ -33,7 +33,6 @@ import contextlib
 import logging
 import os
 import selectors
-import signal
 import socket
 import socketserver
 import struct
@@ -42,11 +41,13 @@ import threading
 import time
 from typing import Any, Callable, Optional, Union
 
+from services.drivers import lifecycle
 from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
     Wakeup,
+    file_root,
     format_address,
     set_nodelay,
     stream_core_factory,
@@ -54,7 +55,7 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.protocol.transfer import FileBody
+from services.files import FileBody, open_body
 
 BUFSIZE = 65536
 THREAD_STACK = 512 * 1024  # a connection thread needs little stack; 8 MiB each adds up at thousands
@@ -185,8 +186,8 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 for item in core.receive_data(data):
                     if item.__class__ is bytes:
                         reply(item)
-                    else:
-                        self._send_body(sock, item)
+                    else:  # a file request: this connection's own thread does the I/O, digest included
+                        self._answer_file(sock, reply, item)
             except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
                 return
             except (OSError, ServiceError) as exc:
@@ -197,12 +198,19 @@ class StreamHandler(socketserver.BaseRequestHandler):
             if core.closing:
                 return
 
+    def _answer_file(self, sock: socket.socket, reply: Callable[[bytes], None], request: Any) -> None:
+        for out in self.server.files.answer(request):
+            if out.__class__ is bytes:
+                reply(out)
+            else:
+                self._send_body(sock, out)
+
     @staticmethod
     def _send_body(sock: socket.socket, body: FileBody) -> None:
         # os.sendfile directly, not socket.sendfile: that one waits for writability without a bound, which
         # would let a client that stopped reading pin this thread past the SO_SNDTIMEO idle timeout.
         sent, fd = 0, sock.fileno()
-        with body.open() as f:
+        with open_body(body) as f:
             while sent < body.size:
                 n = os.sendfile(fd, f.fileno(), sent, body.size - sent)  # EAGAIN after SO_SNDTIMEO
                 if n == 0:
@@ -221,6 +229,7 @@ class TcpServer(socketserver.ThreadingTCPServer):
         self.socket.close()
         self.socket = sock  # bound and listening by runtime.bind with our backlog and options
         self.settings, self.log, self.new_core = settings, log, new_core
+        self.files = file_root(settings)
         self.slots = threading.BoundedSemaphore(settings.max_conns)
         self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
         self.idle_closed = RateLimited(
@@ -296,14 +305,10 @@ class TcpServer(socketserver.ThreadingTCPServer):
             with self._lock:
                 states = list(self.conns.values())
             if not states:
-                self.log.info("drained: all connections finished; exiting")
+                lifecycle.log_drained(self.log)
                 return 0
             if time.monotonic() >= deadline:
-                self.log.warning(
-                    "drain timeout (%gs): closing %d connections with requests in flight",
-                    self.settings.drain_timeout,
-                    len(states),
-                )
+                lifecycle.log_drain_timeout(self.log, self.settings.drain_timeout, len(states))
                 return 1
             for state in states:
                 if not state.busy and not state.shut:
@@ -360,18 +365,8 @@ class UdpHandler(socketserver.BaseRequestHandler):
 
 def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
     """Handle requests on the main thread until a signal; returns "drain" or "quit"."""
-    stop = {"mode": ""}  # type: Dict[str, str]
-
-    def on_signal(signum: int, frame: Optional[Any]) -> None:
-        if signum == signal.SIGQUIT:
-            stop["mode"] = "quit"
-        elif signum == signal.SIGHUP:
-            log.info("HUP: nothing to reload in a single-process server (prefork replaces workers)")
-        elif not stop["mode"]:
-            stop["mode"] = "drain"
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    stop = lifecycle.StopFlag(log)
+    stop.install()
     unblock_stop_signals()
     wakeup = Wakeup()
     server.socket.setblocking(False)
@@ -379,24 +374,24 @@ def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
     sel.register(server.socket, selectors.EVENT_READ, server)
     sel.register(wakeup.reader, selectors.EVENT_READ, None)
     try:
-        while not stop["mode"]:
+        while not stop.mode:
             for key, _ in sel.select(1.0):
                 if key.data is None:
                     wakeup.drain()
                 else:
                     server.service_ready()
-        if stop["mode"] == "drain":
+        if stop.mode == lifecycle.DRAIN:
             # Connections the kernel already completed (or datagrams already queued) are ours to answer.
             for _ in range(1 << 16):
                 ready = sel.select(0)
-                if not ready or stop["mode"] == "quit":
+                if not ready or stop.mode == lifecycle.QUIT:
                     break
                 for key, _ in ready:
                     if key.data is not None:
                         server.service_ready()
                     else:
                         wakeup.drain()
-        return stop["mode"]
+        return stop.mode
     finally:
         sel.close()
         wakeup.close()
@@ -407,14 +402,13 @@ def serve(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
     """Run the service on an already bound socket; returns the process exit code."""
     threading.stack_size(THREAD_STACK)
     if settings.proto == "udp":
-        mode = _run(UdpServer(sock, settings, log), log)
-        log.info("stopped (%s)", "TERM" if mode == "drain" else "QUIT")
+        lifecycle.log_udp_stopped(log, _run(UdpServer(sock, settings, log), log))
         return 0
     server = TcpServer(sock, stream_core_factory(settings), settings, log)
     sys.setswitchinterval(SWITCH_INTERVAL)
     mode = _run(server, log)
-    if mode == "quit":
-        log.info("QUIT: closing %d connections now", len(server.conns))
+    if mode == lifecycle.QUIT:
+        lifecycle.log_quit(log, len(server.conns))
         return 0
-    log.info("draining: stopped accepting; %d connections open", len(server.conns))
+    lifecycle.log_draining(log, len(server.conns))
     return server.drain()

@@ -2,27 +2,25 @@
 
 Every message, both directions, is a frame: a 4-byte big-endian length, that many bytes of a UTF-8 JSON
 object (the header), then for a `get` reply exactly `size` body bytes. Framing (`FrameReader`,
-`TransferConnection`) is pure; `FileRoot` answers requests from one directory and is the only place that
-touches the filesystem. Bodies are described (`FileBody`), not read, so drivers can sendfile them.
+`TransferConnection`) and the per-connection `TransferCore` are pure: the core answers what it can decide
+from the bytes (bad frames, bad paths) and hands every other request to the driver as an event, which
+answers it with services.files.FileRoot - the only code that touches the filesystem. Bodies are described
+(`FileBody`), not read, so drivers can sendfile them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import IO, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 from services.errors import ProtocolError
 
 HEADER_LIMIT = 64 * 1024
 PREFIX = struct.Struct(">I")
 OPS = ("get", "list")
-_HASH_CHUNK = 1 << 20
-_HASH_CACHE_LIMIT = 4096
 
 
 # ---- events ----------------------------------------------------------------------------------------------
@@ -64,7 +62,8 @@ class BadFrame:
     fatal: bool = False
 
 
-Request = Union[GetRequest, ListRequest]
+FileRequest = Union[GetRequest, ListRequest]
+Request = FileRequest
 
 
 # ---- framing ---------------------------------------------------------------------------------------------
@@ -201,32 +200,21 @@ class TransferConnection:
         return event
 
 
-# ---- the file root ---------------------------------------------------------------------------------------
+# ---- what the core asks the driver for ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FileBody:
     """A reply body: `size` bytes of the file at `path` (already resolved inside the root).
 
-    Drivers open it when its turn comes (so queued replies hold no descriptors) and sendfile it; `open`
-    refuses a file that was swapped or changed size since the header was made (the header promised `size`).
+    Drivers open it when its turn comes (services.files.open_body, so queued replies hold no descriptors) and
+    sendfile it; opening refuses a file swapped or resized since the header was made (it promised `size`).
     """
 
     path: str
     size: int
     dev: int
     ino: int
-
-    def open(self) -> IO[bytes]:
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (self.dev, self.ino) or st.st_size < self.size:
-                raise ProtocolError(f"{self.path} changed while being served; closing the connection")
-            return os.fdopen(fd, "rb", buffering=0)
-        except BaseException:
-            os.close(fd)
-            raise
 
 
 @dataclass(frozen=True)
@@ -283,86 +271,6 @@ def error_header(op: str, code: str, message: str) -> Dict[str, Any]:
     return {"op": op, "error": code, "message": message}
 
 
-class FileRoot:
-    """Answers get/list requests from one directory; nothing outside it is ever read."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
-        self._hashes = {}  # type: Dict[Tuple[int, int, int, int], str]
-
-    def resolve(self, path: str) -> "Union[str, Rejected]":  # noqa: UP037
-        """The real path of `path` inside the root, or why not (symlinks are followed, then checked)."""
-        rejected = check_relative(path)
-        if rejected is not None:
-            return rejected
-        real = os.path.realpath(os.path.join(self.root, path))
-        if real != self.root and not real.startswith(self.root + os.sep):
-            return Rejected("forbidden", f"path {shown(path)} resolves outside the served root")
-        return real
-
-    def sha256(self, body: FileBody, mtime_ns: int) -> str:
-        key = (body.dev, body.ino, body.size, mtime_ns)
-        digest = self._hashes.get(key)
-        if digest is None:
-            h = hashlib.sha256()
-            with body.open() as f:
-                left = body.size
-                while left:
-                    chunk = f.read(min(_HASH_CHUNK, left))
-                    if not chunk:
-                        raise ProtocolError(f"{body.path} shrank while being hashed")
-                    h.update(chunk)
-                    left -= len(chunk)
-            digest = h.hexdigest()
-            if len(self._hashes) >= _HASH_CACHE_LIMIT:
-                self._hashes.clear()
-            self._hashes[key] = digest
-        return digest
-
-    def get(self, path: str) -> Tuple[Dict[str, Any], Optional[FileBody]]:
-        real = self.resolve(path)
-        if isinstance(real, Rejected):
-            return error_header("get", real.code, real.message), None
-        try:
-            st = os.stat(real)
-            if not stat.S_ISREG(st.st_mode):
-                return error_header("get", "not-a-file", f"{shown(path)} is a {entry_type(st.st_mode)}"), None
-            body = FileBody(real, st.st_size, st.st_dev, st.st_ino)
-            digest = self.sha256(body, st.st_mtime_ns)
-        except FileNotFoundError:
-            return error_header("get", "not-found", f"no such file: {shown(path)}"), None
-        except (PermissionError, ProtocolError) as exc:
-            return error_header(
-                "get", "unreadable", f"cannot read {shown(path)}: {exc.__class__.__name__}"
-            ), None
-        except OSError as exc:
-            return error_header("get", "not-found", f"cannot open {shown(path)}: {exc.strerror}"), None
-        name = os.path.basename(path.rstrip("/")) or os.path.basename(real)  # a symlink keeps its own name
-        header = {"op": "get", "path": path, "filename": name, "size": body.size, "sha256": digest}
-        return header, body
-
-    def list(self, path: str) -> Dict[str, Any]:
-        real = self.resolve(path)
-        if isinstance(real, Rejected):
-            return error_header("list", real.code, real.message)
-        try:
-            if not os.path.isdir(real):
-                if os.path.lexists(real):
-                    return error_header("list", "not-a-directory", f"{shown(path)} is not a directory")
-                return error_header("list", "not-found", f"no such directory: {shown(path)}")
-            entries = []
-            with os.scandir(real) as it:
-                for entry in it:
-                    st = entry.stat(follow_symlinks=False)
-                    entries.append({"name": entry.name, "type": entry_type(st.st_mode), "size": st.st_size})
-        except PermissionError:
-            return error_header("list", "unreadable", f"cannot list {shown(path)}: permission denied")
-        except OSError as exc:
-            return error_header("list", "not-found", f"cannot list {shown(path)}: {exc.strerror}")
-        entries.sort(key=lambda e: e["name"])
-        return {"op": "list", "path": path, "entries": entries}
-
-
 def encode_list(header: Dict[str, Any], limit: int = HEADER_LIMIT) -> bytes:
     """A list reply frame; a directory too big for one header is cut, with `truncated` and `total` set.
 
@@ -390,17 +298,24 @@ def encode_list(header: Dict[str, Any], limit: int = HEADER_LIMIT) -> bytes:
 
 # ---- the per-connection core the drivers run -------------------------------------------------------------
 
-Output = Union[bytes, FileBody]
+# What receive_data returns, in request order: a reply frame to send as is, or a request the driver answers
+# with services.files.FileRoot (the core never touches the filesystem).
+Output = Union[bytes, FileRequest]
 
 
 class TransferCore:
-    """One connection's transfer server: bytes in, reply frames and file bodies out."""
+    """One connection's transfer server: bytes in, reply frames and file requests out, in order.
 
-    __slots__ = ("_conn", "_files", "closing")
+    >>> core = TransferCore()
+    >>> out = core.receive_data(encode_frame({"op": "get", "path": "a.txt"}) + encode_frame({"op": "get"}))
+    >>> out[0], json.loads(out[1][4:])["error"]
+    (GetRequest(path='a.txt'), 'missing-field')
+    """
 
-    def __init__(self, files: FileRoot, limit: int = HEADER_LIMIT) -> None:
+    __slots__ = ("_conn", "closing")
+
+    def __init__(self, limit: int = HEADER_LIMIT) -> None:
         self._conn = TransferConnection(limit)
-        self._files = files
         self.closing = False
 
     @property
@@ -421,10 +336,10 @@ class TransferCore:
                 if event.fatal:
                     self.closing = True
                     return out
-            elif isinstance(event, GetRequest):
-                header, body = self._files.get(event.path)
-                out.append(encode_frame(header))
-                if body is not None and body.size:  # sendfile refuses a count of 0
-                    out.append(body)
+                continue
+            rejected = check_relative(event.path)
+            if rejected is not None:
+                op = "get" if isinstance(event, GetRequest) else "list"
+                out.append(encode_frame(error_header(op, rejected.code, rejected.message)))
             else:
-                out.append(encode_list(self._files.list(event.path)))
+                out.append(event)

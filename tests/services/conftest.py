@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from services.addr import VARIANTS
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_PYTHON = os.environ.get("SOCKOPS_SERVICE_PYTHON") or sys.executable
 PY37 = "/root/.pyenv/versions/3.7.16/bin/python"
@@ -123,6 +125,23 @@ def has_uvloop(python: str = SERVICE_PYTHON) -> bool:
     return (
         subprocess.run(probe, env=service_env(), capture_output=True, timeout=60, check=False).returncode == 0
     )
+
+
+UVLOOP_MISSING = f"uvloop is not installed for {SERVICE_PYTHON}: the asyncio variant on uvloop is not tested"
+
+
+def variant_params() -> list:
+    """services.addr.VARIANTS, plus "uvloop" (the asyncio variant on uvloop's loop) as a visible skip when the
+    service interpreter lacks it - never silently left out of the matrix."""
+    return [pytest.param(v, id=v) for v in VARIANTS] + [
+        pytest.param("uvloop", id="uvloop", marks=pytest.mark.skipif(not has_uvloop(), reason=UVLOOP_MISSING))
+    ]
+
+
+@pytest.fixture(scope="module", params=variant_params())
+def variant(request: pytest.FixtureRequest) -> str:
+    """The one fixture that runs a test once per implementation (uvicorn's tests/conftest.py model)."""
+    return str(request.param)
 
 
 @pytest.fixture

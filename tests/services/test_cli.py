@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from services import client
+from services.addr import VARIANTS
 from tests.services.conftest import PY37, REPO, SERVICE_PYTHON, has_uvloop, make_tree, service_env
-
-VARIANTS = ["threaded", "prefork", "selectors", "asyncio"]
 
 
 def run(*args: str, python: str = SERVICE_PYTHON, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.errors import ProtocolError
+from services.files import FileRoot, Found, open_body
 from services.protocol.echo import MAX_DATAGRAM, Dropped, EchoCore, UdpEchoCore
 from services.protocol.transfer import (
     HEADER_LIMIT,
     NEED_DATA,
     BadFrame,
     FileBody,
-    FileRoot,
     Frame,
     FrameReader,
     GetRequest,
@@ -61,7 +61,7 @@ def materialize(outputs: list) -> bytes:
     wire = b""
     for item in outputs:
         if isinstance(item, FileBody):
-            with item.open() as f:
+            with open_body(item) as f:
                 wire += f.read(item.size)
         else:
             wire += item
@@ -271,10 +271,46 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, make_tree(root, base / "outside")
 
 
+def answered(files: FileRoot, outputs: list) -> list:
+    """What a driver does with the core's outputs: bytes go out as they are, file requests go to the root."""
+    out: list = []
+    for item in outputs:
+        out += [item] if isinstance(item, bytes) else files.answer(item)
+    return out
+
+
 def run_core(root: Path, requests: list, step: int) -> list:
-    core = TransferCore(FileRoot(str(root)))
+    core = TransferCore()
     wire = b"".join(encode_frame(r) for r in requests)
-    return frames(materialize(feed(core, wire, step)))
+    return frames(materialize(answered(FileRoot(str(root)), feed(core, wire, step))))
+
+
+def test_the_core_asks_the_driver_for_files() -> None:
+    """The core decides what the bytes decide (bad frames, bad paths) and asks for the rest, in order."""
+    core = TransferCore()
+    wire = b"".join(
+        encode_frame(h)
+        for h in ({"op": "get", "path": "a/b"}, {"op": "get", "path": "../x"}, {"op": "list", "path": "."})
+    )
+    first, second, third = core.receive_data(wire)
+    assert first == GetRequest("a/b")
+    assert json.loads(second[4:])["error"] == "bad-path"
+    assert third == ListRequest(".")
+
+
+def test_file_root_hashes_once_per_file_version(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"version one")
+    files = FileRoot(str(tmp_path))
+    found = files.lookup(GetRequest("f"))
+    assert isinstance(found, Found), "first get of a file: the digest must be computed (by the driver)"
+    assert "sha256" not in found.header
+    digest = files.digest(found)
+    assert digest == hashlib.sha256(b"version one").hexdigest()
+    header_frame, body = files.lookup(GetRequest("f"))  # cached: answered at once
+    assert json.loads(header_frame[4:])["sha256"] == digest
+    assert body.size == len(b"version one")
+    (tmp_path / "f").write_bytes(b"version two, longer")
+    assert isinstance(files.lookup(GetRequest("f")), Found), "a new version is hashed again"
 
 
 @pytest.mark.parametrize("step", [1, 7, 1 << 20], ids=["byte-at-a-time", "7-bytes", "whole"])
@@ -345,8 +381,8 @@ ESCAPES = [
 @pytest.mark.parametrize(("op", "path", "code"), ESCAPES, ids=[f"{o}-{c}-{p!r}" for o, p, c in ESCAPES])
 def test_transfer_core_rejects(tree: tuple, op: str, path: str, code: str) -> None:
     root, _ = tree
-    core = TransferCore(FileRoot(str(root)))
-    outputs = core.receive_data(encode_frame({"op": op, "path": path}))
+    core = TransferCore()
+    outputs = answered(FileRoot(str(root)), core.receive_data(encode_frame({"op": op, "path": path})))
     assert all(isinstance(o, bytes) for o in outputs), "an error reply never carries a body"
     [(header, body)] = frames(b"".join(outputs))
     assert header["error"] == code
@@ -356,9 +392,8 @@ def test_transfer_core_rejects(tree: tuple, op: str, path: str, code: str) -> No
     assert not core.closing
 
 
-def test_transfer_core_too_long_header_closes(tree: tuple) -> None:
-    root, _ = tree
-    core = TransferCore(FileRoot(str(root)))
+def test_transfer_core_too_long_header_closes() -> None:
+    core = TransferCore()
     outputs = core.receive_data(
         struct.pack(">I", HEADER_LIMIT + 1) + b"{" + encode_frame({"op": "list", "path": "."})
     )
@@ -370,29 +405,33 @@ def test_transfer_core_too_long_header_closes(tree: tuple) -> None:
 
 def test_file_body_refuses_a_swapped_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"one")
-    _, body = FileRoot(str(tmp_path)).get("f")
-    assert body is not None
+    found = FileRoot(str(tmp_path)).lookup(GetRequest("f"))
+    assert isinstance(found, Found)
     os.replace(tmp_path / "f", tmp_path / "g")
     (tmp_path / "f").write_bytes(b"two")
     with pytest.raises(ProtocolError, match="changed while being served"):
-        body.open()
+        open_body(found.body)
 
 
 def test_error_replies_are_json_with_code_and_message(tree: tuple) -> None:
     root, _ = tree
-    out = TransferCore(FileRoot(str(root))).receive_data(encode_frame({"op": "get", "path": "nope"}))
+    out = answered(
+        FileRoot(str(root)), TransferCore().receive_data(encode_frame({"op": "get", "path": "nope"}))
+    )
     raw = out[0][4:]
     assert json.loads(raw) == {"op": "get", "error": "not-found", "message": "no such file: 'nope'"}
 
 
 def test_replies_fit_the_header_limit_whatever_was_asked(tmp_path: Path) -> None:
-    core = TransferCore(FileRoot(str(tmp_path)))
+    core, files = TransferCore(), FileRoot(str(tmp_path))
     requests = [
         {"op": "get", "path": "é/" * 8000},
         {"op": "list", "path": "../" * 20000},
         {"op": "\u2603" * 9000, "path": "."},
     ]
-    replies = frames(b"".join(core.receive_data(b"".join(encode_frame(r) for r in requests))))
+    replies = frames(
+        b"".join(answered(files, core.receive_data(b"".join(encode_frame(r) for r in requests))))
+    )
     assert [h["error"] for h, _ in replies] == ["not-found", "bad-path", "unknown-op"]
     assert all(len(h["message"]) < 400 for h, _ in replies)
 
@@ -400,8 +439,9 @@ def test_replies_fit_the_header_limit_whatever_was_asked(tmp_path: Path) -> None
 def test_a_huge_directory_listing_is_truncated_not_fatal(tmp_path: Path) -> None:
     for i in range(1500):
         (tmp_path / (f"{i:04d}-" + "n" * 60)).touch()
-    core = TransferCore(FileRoot(str(tmp_path)))
-    [(header, _)] = frames(b"".join(core.receive_data(encode_frame({"op": "list", "path": "."}))))
+    core = TransferCore()
+    outputs = answered(FileRoot(str(tmp_path)), core.receive_data(encode_frame({"op": "list", "path": "."})))
+    [(header, _)] = frames(b"".join(outputs))
     assert header["truncated"] is True
     assert header["total"] == 1500
     assert 0 < len(header["entries"]) < 1500
@@ -415,8 +455,9 @@ def test_a_huge_directory_listing_is_truncated_not_fatal(tmp_path: Path) -> None
         "services.protocol.echo",
         "services.protocol.transfer",
         "services.client",
-        "services.__main__",
+        "services.addr",
         "services.drivers.prefork",
+        "services.drivers.lifecycle",
     ],
 )
 def test_docstring_examples(module: str) -> None:

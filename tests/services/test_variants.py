@@ -23,18 +23,14 @@ import pytest
 from services import client
 from services.errors import ClientError
 from services.protocol.transfer import HEADER_LIMIT, NEED_DATA, Frame, FrameReader, encode_frame
-from tests.services.conftest import SECRET, Service, has_uvloop, make_tree, start_service
+from tests.services.conftest import SECRET, Service, make_tree, start_service
 
-# asyncio on uvloop joins the matrix when the service interpreter has uvloop installed (it is optional).
-VARIANTS = ["threaded", "prefork", "selectors", "asyncio"] + (["uvloop"] if has_uvloop() else [])
+# Every test that takes the `variant` fixture (tests/services/conftest.py) runs once per variant, uvloop
+# included (a visible skip where it is not installed); `service` picks the services, module-scoped so one
+# shared server per (variant, service) serves every test that needs no special flags.
 SERVICES = ["tcp-echo", "udp-echo", "transfer"]
-ALL = [(v, s) for v in VARIANTS for s in SERVICES]
-STREAM = [(v, s) for v, s in ALL if s != "udp-echo"]
+STREAM = ["tcp-echo", "transfer"]
 BOUND = 30.0  # seconds any single wait may take before the test fails
-
-
-def ids(params: list) -> list:
-    return [f"{v}-{s}" for v, s in params]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +42,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def running(request: pytest.FixtureRequest, tree: tuple, tmp_path_factory: pytest.TempPathFactory):
+def running(variant: str, service: str, tree: tuple, tmp_path_factory: pytest.TempPathFactory):
     """One shared server per (variant, service) for the tests that need no special flags."""
-    variant, name = request.param
+    name = service
     args = ["--root", str(tree[0])] if name == "transfer" else []
     if variant == "prefork":
         args += ["--workers", "2"]
@@ -138,7 +134,7 @@ def connect(svc: Service) -> socket.socket:
 # ---- correctness ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("running", ALL, ids=ids(ALL), indirect=True)
+@pytest.mark.parametrize("service", SERVICES, scope="module")
 def test_correct_replies(running: Service, tree: tuple) -> None:
     host, port = running.address
     if running.name == "tcp-echo":
@@ -170,12 +166,7 @@ def test_correct_replies(running: Service, tree: tuple) -> None:
             assert c.get("link-inside.txt")[1] == files["hello.txt"]
 
 
-@pytest.mark.parametrize(
-    "running",
-    [p for p in ALL if p[1] != "transfer"],
-    ids=ids([p for p in ALL if p[1] != "transfer"]),
-    indirect=True,
-)
+@pytest.mark.parametrize("service", ["tcp-echo", "udp-echo"], scope="module")
 def test_tutorial_client(running: Service) -> None:
     """The classic tutorial's blocking client: one short send, one recv(1024)."""
     if running.name == "tcp-echo":
@@ -236,7 +227,7 @@ def many_streams(svc: Service, tree: tuple, count: int) -> int:
             sock.close()
 
 
-@pytest.mark.parametrize("running", ALL, ids=ids(ALL), indirect=True)
+@pytest.mark.parametrize("service", SERVICES, scope="module")
 def test_500_concurrent_connections(running: Service, tree: tuple) -> None:
     if running.proto == "tcp":
         assert many_streams(running, tree, 500) == 500
@@ -260,7 +251,7 @@ def test_500_concurrent_connections(running: Service, tree: tuple) -> None:
 # ---- partial reads and writes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("running", STREAM, ids=ids(STREAM), indirect=True)
+@pytest.mark.parametrize("service", STREAM, scope="module")
 def test_partial_reads_and_writes(running: Service, tree: tuple) -> None:
     with connect(running) as sock:
         if running.name == "tcp-echo":
@@ -319,7 +310,7 @@ def push_until_backpressure(sock: socket.socket, chunk: bytes, limit: int = 256 
     return pushed
 
 
-@pytest.mark.parametrize("running", STREAM, ids=ids(STREAM), indirect=True)
+@pytest.mark.parametrize("service", STREAM, scope="module")
 def test_client_that_never_reads(running: Service, tree: tuple) -> None:
     """A client that sends without reading fills the buffers; the server must keep serving everyone else."""
     with connect(running) as stuck:
@@ -359,11 +350,9 @@ BAD_FRAMES = [
     ("huge-op", encode_frame({"op": "x" * 60000, "path": "."}), "unknown-op", False),
     ("symlink-dir-escape", encode_frame({"op": "get", "path": "escape-dir/deep.txt"}), "forbidden", False),
 ]
-TRANSFER = [(v, "transfer") for v in VARIANTS]
-BAD_CASES = [(v, case) for v in VARIANTS for case in BAD_FRAMES]
 
 
-@pytest.mark.parametrize("running", TRANSFER, ids=ids(TRANSFER), indirect=True)
+@pytest.mark.parametrize("service", ["transfer"], scope="module")
 @pytest.mark.parametrize(("name", "raw", "code", "fatal"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES])
 def test_bad_input_gets_an_error_frame(
     running: Service, name: str, raw: bytes, code: str, fatal: bool
@@ -399,7 +388,7 @@ ESCAPE_PATHS = [
 ]
 
 
-@pytest.mark.parametrize("running", TRANSFER, ids=ids(TRANSFER), indirect=True)
+@pytest.mark.parametrize("service", ["transfer"], scope="module")
 def test_no_byte_outside_the_root_is_ever_sent(running: Service) -> None:
     received = b""
     with connect(running) as sock:
@@ -416,9 +405,6 @@ def test_no_byte_outside_the_root_is_ever_sent(running: Service) -> None:
     assert b"deep.txt" not in received.replace(b"escape-dir/deep.txt", b"")
 
 
-UDP = [(v, "udp-echo") for v in VARIANTS]
-
-
 def free_privileged_udp_port() -> socket.socket:
     for port in range(900, 1000):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -430,7 +416,7 @@ def free_privileged_udp_port() -> socket.socket:
     raise AssertionError("no free UDP port in 900-999 on 127.0.0.1")
 
 
-@pytest.mark.parametrize("running", UDP, ids=ids(UDP), indirect=True)
+@pytest.mark.parametrize("service", ["udp-echo"], scope="module")
 @pytest.mark.root
 def test_udp_guards(running: Service) -> None:
     if os.geteuid() != 0:  # the privileged-source-port guard needs a socket bound below 1024
@@ -452,7 +438,7 @@ def test_udp_guards(running: Service) -> None:
 # ---- idle timeout, connection cap -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("variant", "name"), STREAM, ids=ids(STREAM))
+@pytest.mark.parametrize("name", STREAM)
 def test_idle_timeout(services, tree: tuple, variant: str, name: str) -> None:
     svc = start(services, variant, name, tree, "--idle-timeout", "0.5")
     with connect(svc) as idle, connect(svc) as busy:
@@ -476,7 +462,7 @@ def server_peers(svc: Service) -> set:
     return peers
 
 
-@pytest.mark.parametrize(("variant", "name"), STREAM, ids=ids(STREAM))
+@pytest.mark.parametrize("name", STREAM)
 def test_idle_timeout_closes_a_stalled_reader(services, tree: tuple, variant: str, name: str) -> None:
     """Replies stuck behind a client that never reads are no progress: the idle timeout still applies."""
     svc = start(services, variant, name, tree, "--idle-timeout", "0.5")
@@ -490,7 +476,7 @@ def test_idle_timeout_closes_a_stalled_reader(services, tree: tuple, variant: st
     round_trip(svc, tree)
 
 
-@pytest.mark.parametrize(("variant", "name"), STREAM, ids=ids(STREAM))
+@pytest.mark.parametrize("name", STREAM)
 def test_connection_cap(services, tree: tuple, variant: str, name: str) -> None:
     cap = 3
     svc = start(
@@ -533,7 +519,7 @@ def test_connection_cap(services, tree: tuple, variant: str, name: str) -> None:
 # ---- signals ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("variant", "name"), ALL, ids=ids(ALL))
+@pytest.mark.parametrize("name", SERVICES)
 def test_term_answers_requests_in_flight(services, tree: tuple, variant: str, name: str) -> None:
     # A generous drain bound: this checks that in-flight requests are answered, on however busy a machine.
     svc = start(services, variant, name, tree, "--drain-timeout", "30")
@@ -576,7 +562,6 @@ def test_term_answers_requests_in_flight(services, tree: tuple, variant: str, na
     assert "drained" in svc.log_text() or "stopped (TERM)" in svc.log_text()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_term_drain_is_bounded(services, tree: tuple, variant: str) -> None:
     """A client that never reads its replies cannot hold a stopping server past --drain-timeout."""
     svc = start(services, variant, "tcp-echo", tree, "--drain-timeout", "1")
@@ -599,7 +584,6 @@ def read_reply_header_only(sock: socket.socket) -> tuple[dict, bytes]:
     return event.header, reader.take(reader.buffered) or b""
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_quit_stops_at_once(services, tree: tuple, variant: str) -> None:
     svc = start(services, variant, "tcp-echo", tree)
     with connect(svc) as idle:
