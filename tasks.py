@@ -50,7 +50,7 @@ _KEY_HELP = "record the key of a host not yet in known_hosts (like ssh accept-ne
 ns = Collection()
 ns.configure(DEFAULTS)
 
-# --- testhosts (devtools/testhosts.py) ---------------------------------------------------------------------
+# --- testhosts (devtools/testhosts/) -----------------------------------------------------------------------
 
 
 @task(help={"count": "how many hosts (1-63)", "prefix": "host name prefix", "state_dir": "fleet dir"})
@@ -63,14 +63,20 @@ def fleet_up(c, count=2, prefix="testhost", state_dir=""):
     print(testhosts.describe(fleet))
 
 
-@task(help={"state_dir": "the fleet to remove", "all": "remove every sockops test fleet on this machine"})
+@task(
+    help={
+        "state_dir": "the fleet to remove",
+        "all": "remove every test fleet you started on this machine (sudo: the user behind it)",
+        "force": "with --all: also other users' fleets and sockops-* namespaces no fleet accounts for",
+    }
+)
 @_user_errors
-def fleet_down(c, state_dir="", all=False):
+def fleet_down(c, state_dir="", all=False, force=False):
     """Remove the test hosts: processes, namespaces, veths, state dir."""
     from devtools import testhosts
 
     fleet_dir = state_dir or testhosts.DEFAULT_STATE_DIR
-    removed = testhosts.prune(everything=True) if all else testhosts.down(fleet_dir)
+    removed = testhosts.prune(everything=True, force=force) if all else testhosts.down(fleet_dir)
     print(f"removed {len(removed)} item(s)" + "".join(f"\n  {r}" for r in removed))
 
 

@@ -68,16 +68,26 @@ def up(
     """
     _check_request(count, prefix, upper)
     state = Path(state_dir).absolute()
+    if state.exists():
+        registry.check_private_dir(state)  # before reading its fleet.json, which names what down() kills
     if (state / "fleet.json").exists():
         down(state)
     elif state.exists() and any(state.iterdir()):
         raise FleetError(f"{state} exists and is not a test fleet's state dir; choose another --state-dir")
-    state.mkdir(parents=True, exist_ok=True)
+    registry.ensure_private_dir(state)
     owner = {"pid": owner_pid, "start": system.proc_start(owner_pid)} if owner_pid else None
+    uid = system.caller_uid()  # `testhosts.down --all` removes only the caller's fleets
 
     def record_for(slot: int) -> dict[str, Any]:
         hosts = plan(slot, count, prefix, state, upper)
-        return {"version": 1, "slot": slot, "prefix": prefix, "owner": owner, "hosts": hosts}
+        return {
+            "version": 1,
+            "slot": slot,
+            "prefix": prefix,
+            "owner": owner,
+            "owner_uid": uid,
+            "hosts": hosts,
+        }
 
     # fleet.json is written before anything is made: down() reads it to undo a half-made fleet
     record = record_for(registry.claim_slot(state, record_for))

@@ -12,7 +12,9 @@ from typing import Any
 from devtools.testhosts import system
 from devtools.testhosts.errors import FleetError
 
-BASE_DIR = Path("/var/tmp/sockops-testhosts")
+# Root-owned and 0700, checked on every use (state.ensure_private_dir): an ssh_config here can change what
+# root runs (ProxyCommand), so it must never sit where someone else could have written it, as in /var/tmp.
+BASE_DIR = Path("/var/lib/sockops-testhosts")
 DEFAULT_STATE_DIR = BASE_DIR / "default"
 SUBNET_PREFIX = "198.18"  # 198.18.<slot>.0/24 per fleet, a /30 per host
 MAX_SLOTS = 256

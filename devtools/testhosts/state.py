@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,51 @@ from devtools.testhosts.model import (
 )
 
 
+def private_dir_problem(path: Path, st: os.stat_result) -> str:
+    """Why `path` (with lstat result `st`) may not hold test-host state, or '' (pure).
+
+    >>> def st(mode, uid=0):
+    ...     return os.stat_result((stat.S_IFDIR | mode, 0, 0, 1, uid, 0, 0, 0, 0, 0))
+    >>> private_dir_problem(Path("/x"), st(0o700))
+    ''
+    >>> private_dir_problem(Path("/x"), st(0o777)).split(":")[0]
+    '/x is group/world-writable (mode 0777)'
+    >>> private_dir_problem(Path("/x"), st(0o700, uid=1000)).split(":")[0]
+    '/x is owned by uid 1000, not root'
+    """
+    fix = f"remove it (rm -rf {path}) or pick another --state-dir"
+    need = "test-host state needs a root-owned dir only root can write"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory (a symlink or file): {need}; {fix}"
+    if st.st_uid != 0:
+        return f"{path} is owned by uid {st.st_uid}, not root: {need}; {fix}"
+    if st.st_mode & 0o022:
+        return f"{path} is group/world-writable (mode {stat.S_IMODE(st.st_mode):04o}): {need}; {fix}"
+    return ""
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse (one line) a state dir someone other than root could have written: like OpenSSH's
+    "Bad owner or permissions", since its ssh_config and fleet.json decide what root runs and kills."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise FleetError(f"cannot read {path}: {exc.strerror}") from exc
+    problem = private_dir_problem(path, st)
+    if problem:
+        raise FleetError(problem)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) as root-owned 0700, or check the existing one."""
+    missing = [p for p in [*reversed(path.parents), path] if not os.path.lexists(p)]
+    for p in missing:
+        with contextlib.suppress(FileExistsError):  # a concurrent up() made it: checked below
+            p.mkdir(mode=0o700)
+            p.chmod(0o700)  # mkdir's mode is masked by the umask
+    check_private_dir(path)
+
+
 def used_slots() -> set[int]:
     """Subnet slots in use by any fleet, whatever registry made it (namespaces and addresses that exist)."""
     used = set()
@@ -40,8 +87,9 @@ def used_slots() -> set[int]:
 @contextlib.contextmanager
 def registry_lock() -> Iterator[Path]:
     """Serialise slot allocation between concurrent `up()` calls (other test processes included)."""
+    ensure_private_dir(BASE_DIR)
     slots = BASE_DIR / "slots"
-    slots.mkdir(parents=True, exist_ok=True)
+    slots.mkdir(mode=0o700, exist_ok=True)
     with open(BASE_DIR / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -78,6 +126,8 @@ def release_slot(slot: int, state_dir: Path) -> None:
 
 def read_record(state: Path) -> dict[str, Any] | None:
     """fleet.json of the fleet in `state`, or None when there is none."""
+    if os.path.lexists(state):
+        check_private_dir(state)
     try:
         return json.loads((state / "fleet.json").read_text())
     except FileNotFoundError:
@@ -117,8 +167,7 @@ def fleet_from_record(state: Path, record: dict[str, Any]) -> Fleet:
 def load(state_dir: Path | str = DEFAULT_STATE_DIR) -> Fleet:
     """The running fleet recorded in `state_dir` (e.g. made by `invoke testhosts.up`)."""
     state = Path(state_dir).absolute()
-    try:
-        record = json.loads((state / "fleet.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise FleetError(f"no test fleet in {state}; start one with `invoke testhosts.up --count N`") from exc
+    record = read_record(state)
+    if record is None:
+        raise FleetError(f"no test fleet in {state}; start one with `invoke testhosts.up --count N`")
     return fleet_from_record(state, record)

@@ -106,6 +106,17 @@ def support_problem() -> str:
     return ""
 
 
+def caller_uid() -> int:
+    """Who asked: the user behind sudo (SUDO_UID) when running as root through it, else the real uid.
+
+    Test hosts need root, so the uid alone would make every fleet root's; fleets record this instead.
+    """
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if os.getuid() == 0 and sudo_uid.isdigit():
+        return int(sudo_uid)
+    return os.getuid()
+
+
 def write_atomic(path: Path, text: str) -> None:
     """A crash mid-write must not leave a half file that down() cannot read."""
     tmp = path.with_name(path.name + ".tmp")

@@ -15,6 +15,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from devtools.testhosts import state as registry
 from devtools.testhosts import system
@@ -137,27 +138,59 @@ def _owner_alive(owner: dict[str, object]) -> bool:
     return system.alive(pid) and system.proc_start(pid) == owner.get("start")
 
 
-def prune(*, everything: bool = False, owner_pid: int | None = None) -> list[str]:
-    """Tear down fleets whose owner process died (or owned by `owner_pid`, or every fleet with `everything`).
+def removable(
+    record: dict[str, Any], *, everything: bool, owner_pid: int | None, caller: int, force: bool
+) -> bool:
+    """Whether prune() takes this fleet (pure apart from checking the owner process).
 
-    With `everything`, sockops-* namespaces no state file accounts for go too.
+    Its owner process died (garbage, whoever made it); it belongs to `owner_pid`; or `everything` was asked
+    and the caller started it (fleet.json's owner_uid), or `force` says any owner.
+
+    >>> rec = {"owner": None, "owner_uid": 1000}
+    >>> removable(rec, everything=True, owner_pid=None, caller=1000, force=False)
+    True
+    >>> removable(rec, everything=True, owner_pid=None, caller=1001, force=False)
+    False
+    >>> removable(rec, everything=True, owner_pid=None, caller=1001, force=True)
+    True
+    >>> removable(rec, everything=False, owner_pid=None, caller=1000, force=True)
+    False
+    """
+    owner = record.get("owner")
+    if owner is not None and owner_pid is not None and owner["pid"] == owner_pid:
+        return True
+    if owner is not None and not _owner_alive(owner):
+        return True
+    return everything and (force or record.get("owner_uid") == caller)
+
+
+def prune(*, everything: bool = False, owner_pid: int | None = None, force: bool = False) -> list[str]:
+    """Tear down fleets whose owner process died, or owned by `owner_pid`, or with `everything` every fleet
+    the caller started (system.caller_uid); `force` also takes other users' fleets and the sockops-*
+    namespaces no state file accounts for. Fleets kept are listed as "kept ..." with the reason.
     """
     removed: list[str] = []
+    caller = system.caller_uid()
     with registry.registry_lock() as slots:  # one pruner at a time: concurrent test runs all prune on start
         for claim in sorted(slots.iterdir()):
             try:
                 state = Path(claim.read_text().strip())
-                owner = json.loads((state / "fleet.json").read_text()).get("owner")
+                record = json.loads((state / "fleet.json").read_text())
             except (OSError, ValueError):
                 claim.unlink(missing_ok=True)
                 continue
-            mine = owner is not None and owner_pid is not None and owner["pid"] == owner_pid
-            if everything or mine or (owner is not None and not _owner_alive(owner)):
-                try:
-                    removed += down(state)
-                except FleetError as exc:  # keep going: one stuck fleet must not keep the rest alive
-                    removed.append(f"FAILED {state}: {exc}")
-    if everything:
+            if not removable(record, everything=everything, owner_pid=owner_pid, caller=caller, force=force):
+                if everything:
+                    removed.append(
+                        f"kept {state}: started by uid {record.get('owner_uid', '?')}, not {caller} "
+                        "(--force removes it)"
+                    )
+                continue
+            try:
+                removed += down(state)
+            except FleetError as exc:  # keep going: one stuck fleet must not keep the rest alive
+                removed.append(f"FAILED {state}: {exc}")
+    if everything and force:
         for ns in system.netns_list():
             if NETNS_RE.match(ns):
                 kill_netns(ns)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -202,6 +203,9 @@ def _sockops_links() -> set[str]:
     return netns | {f"veth {p.name}" for p in Path("/sys/class/net").iterdir() if p.name.startswith("skops")}
 
 
+LEGACY_SLOTS = Path("/var/tmp/sockops-testhosts/slots")
+
+
 def _unaccounted() -> list[str]:
     """sockops namespaces/veths that no fleet record lists: leaks. Other test runs may be making or removing
     fleets right now; a record is written before its namespaces exist and removed after they are gone, and
@@ -209,7 +213,9 @@ def _unaccounted() -> list[str]:
     with state.registry_lock() as slots:
         seen = _sockops_links()
         listed = set()
-        for claim in slots.iterdir():
+        # fleets of test runs that still use the registry of before the state dir moved out of /var/tmp
+        legacy = LEGACY_SLOTS.iterdir() if LEGACY_SLOTS.is_dir() else iter(())
+        for claim in [*slots.iterdir(), *legacy]:
             try:
                 record = json.loads((Path(claim.read_text().strip()) / "fleet.json").read_text())
             except (OSError, ValueError):
@@ -263,9 +269,14 @@ def test_up_after_a_crash_cleans_up_first(tmp_path):
     assert _leftovers(crashed, old_pids) == []
 
 
-def _invoke(*args: str) -> subprocess.CompletedProcess[str]:
+def _invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "invoke"), *args], cwd=ROOT, capture_output=True, text=True, check=False
+        [str(ROOT / ".venv" / "bin" / "invoke"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
     )
 
 
@@ -493,3 +504,56 @@ def test_a_fresh_host_has_no_deploy_of_the_operator_machine(machine_deploy, test
         c.close()
     assert th.exec_in(host, ["readlink", "/srv/sockops/current"]).stdout.strip() == "releases"
     assert os.readlink("/srv/sockops/current") == "releases/r1"  # the machine's own stays as it was
+
+
+def test_state_lives_in_a_root_owned_0700_directory(fleet3):
+    for path in (th.BASE_DIR, fleet3.state_dir):
+        st = os.lstat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700), path
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "says"), [(0o777, 0, "group/world-writable"), (0o700, 65534, "uid 65534")]
+)
+def test_a_state_dir_someone_else_could_write_is_refused(tmp_path, mode, uid, says):
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "fleet.json").write_text(json.dumps({"slot": 1, "hosts": []}))
+    (planted / "ssh_config").write_text('Host *\n  ProxyCommand sh -c "id > /tmp/owned.txt"\n')
+    os.chown(planted, uid, -1)
+    planted.chmod(mode)
+    for call in (th.load, th.down, lambda d: th.up(1, state_dir=d)):
+        with pytest.raises(th.FleetError, match=says) as info:
+            call(planted)
+        assert "\n" not in str(info.value)
+    listed = _invoke("testhosts.list", "--state-dir", str(planted))
+    assert listed.returncode == 1
+    assert says in listed.stderr
+    assert "Traceback" not in listed.stderr
+    assert (planted / "ssh_config").exists()  # refused, not acted on
+
+
+def test_down_all_removes_only_the_callers_fleets():
+    # two "users" behind sudo (SUDO_UID): uids no one else on this machine has, so `down --all` as the first
+    # one cannot touch any other test run's fleet
+    me, other = (str(4_000_000_000 + os.getpid() * 2 + i) for i in range(2))
+    states = [th.BASE_DIR / f"test-owner-{os.getpid()}-{i}" for i in range(2)]
+    try:
+        for uid, state in zip((me, other), states):
+            up = _invoke(
+                "testhosts.up", "--count", "1", "--state-dir", str(state), env={**os.environ, "SUDO_UID": uid}
+            )
+            assert up.returncode == 0, up.stderr
+        assert json.loads((states[1] / "fleet.json").read_text())["owner_uid"] == int(other)
+        down = _invoke("testhosts.down", "--all", env={**os.environ, "SUDO_UID": me})
+        assert down.returncode == 0, down.stderr
+        assert f"dir {states[0]}" in down.stdout
+        assert f"kept {states[1]}: started by uid {other}, not {me} (--force removes it)" in down.stdout
+        assert not states[0].exists()
+        fleet = th.load(states[1])
+        c = fleet.connect(fleet.names[0])
+        assert c.run("hostname", hide=True).stdout.strip() == fleet.names[0]
+        c.close()
+    finally:
+        for state in states:
+            th.down(state)
