@@ -16,6 +16,7 @@ from invoke import Collection, Exit, task
 
 from deploy.config import DEFAULTS
 from deploy.errors import DeployError
+from deploy.hostspec import host_list
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,9 +34,9 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _split(value: str | None) -> list[str]:
-    """`--host a,b --host c` arrives as 'a,b' per flag; an empty value means this machine."""
-    return [h.strip() for h in (value or "").split(",") if h.strip()] or ["local"]
+def _split(flags: list[str] | None) -> list[str]:
+    """`--host a,b --host c` arrives as ['a,b', 'c']; no flag = this machine, an empty host is an error."""
+    return host_list(flags)
 
 
 def _ssh_config(c: Any, flag: str) -> str:
@@ -146,7 +147,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         force=force,
     )
     python_build.run_task(
-        _split(",".join(host or [])),
+        _split(host),
         request,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
@@ -183,7 +184,7 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
 
     runner.deploy(
         c.config.sockops,
-        _split(",".join(host)),
+        _split(host),
         python=python,
         variant=variant,
         dry_run=dry_run,
@@ -199,7 +200,7 @@ def rollback(c, host, ssh_config=""):
     """Switch back to the previous release (health-gated; on failure returns to the current one)."""
     from deploy import runner
 
-    runner.rollback(c.config.sockops, _split(",".join(host)), ssh_config=_ssh_config(c, ssh_config))
+    runner.rollback(c.config.sockops, _split(host), ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -211,9 +212,7 @@ def status(c, host, json=False, ssh_config=""):
     """Show the current release and every supervised program (state, pid, uptime) per host."""
     from deploy import runner
 
-    runner.status(
-        c.config.sockops, _split(",".join(host)), as_json=json, ssh_config=_ssh_config(c, ssh_config)
-    )
+    runner.status(c.config.sockops, _split(host), as_json=json, ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -229,7 +228,7 @@ def restart(c, host, program, ssh_config=""):
     """Restart supervised programs (all, or the given --program sockops-tcp-echo ...)."""
     from deploy import runner
 
-    runner.restart(c.config.sockops, _split(",".join(host)), program, ssh_config=_ssh_config(c, ssh_config))
+    runner.restart(c.config.sockops, _split(host), program, ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -249,7 +248,7 @@ def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0
 
     runner.logs(
         c.config.sockops,
-        _split(",".join(host)),
+        _split(host),
         program,
         lines=int(lines),
         follow=follow,
@@ -270,9 +269,7 @@ def undeploy(c, host, purge=False, ssh_config=""):
     """Stop sockops' supervisord and remove releases, config and logs from the host(s)."""
     from deploy import runner
 
-    runner.undeploy(
-        c.config.sockops, _split(",".join(host)), purge=purge, ssh_config=_ssh_config(c, ssh_config)
-    )
+    runner.undeploy(c.config.sockops, _split(host), purge=purge, ssh_config=_ssh_config(c, ssh_config))
 
 
 for _t in (deploy, rollback, status, restart, logs, undeploy):
@@ -300,7 +297,7 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
 
     code = health_mod.health(
         c.config.sockops,
-        _split(",".join(host)),
+        _split(host),
         as_json=json,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
@@ -362,7 +359,7 @@ def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
 
     prometheus.prometheus_config(
         c.config.sockops,
-        _split(",".join(host)),
+        _split(host),
         out=out,
         port=int(port),
         ssh_config=_ssh_config(c, ssh_config),

@@ -34,6 +34,7 @@ from paramiko.config import SSHConfig
 from paramiko.pkey import PKey
 
 from deploy.errors import DeployError, HostError, HostKeyError
+from deploy.hostspec import keygen_remove, known_hosts_name, parse_host
 from deploy.trust import check_trusted
 
 T = TypeVar("T")
@@ -76,13 +77,20 @@ class VerifyPolicy(MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
-def changed_key_message(host: str, hostname: str, offered: PKey, expected: PKey, known_hosts: Path) -> str:
-    """What a user sees when a host presents a different key than known_hosts records (pure)."""
+def changed_key_message(
+    host: str, hostname: str, port: int, *, offered: PKey, expected: PKey, known_hosts: Path
+) -> str:
+    """What a user sees when a host presents a different key than known_hosts records (pure).
+
+    The fix names the entry as known_hosts writes it: `[127.0.0.1]:2222` off port 22 (`-R 127.0.0.1` would
+    remove nothing there).
+    """
     return (
-        f"{host}: HOST KEY CHANGED for {hostname}: known_hosts ({known_hosts}) expects {expected.get_name()} "
-        f"{key_fingerprint(expected)}, the server offered {offered.get_name()} {key_fingerprint(offered)}. "
-        "This may be an attack or a reinstalled host. If the change is legitimate, remove the old key with "
-        f"`ssh-keygen -f {known_hosts} -R {hostname}` and re-run with --accept-new-host-key"
+        f"{host}: HOST KEY CHANGED for {known_hosts_name(hostname, port)}: known_hosts ({known_hosts}) "
+        f"expects {expected.get_name()} {key_fingerprint(expected)}, the server offered {offered.get_name()} "
+        f"{key_fingerprint(offered)}. This may be an attack or a reinstalled host. If the change is "
+        f"legitimate, remove the old key with `{keygen_remove(str(known_hosts), hostname, port)}` and re-run "
+        "with --accept-new-host-key"
     )
 
 
@@ -179,10 +187,20 @@ class VerifiedConnection(fabric.Connection):
 
     jump_for = ""  # set on a ProxyJump hop: the target it leads to, for messages
 
+    def __init__(self, host: str, **kwargs: Any) -> None:
+        self._set(given=host)  # as the operator wrote it (`root@[::1]:2222`): messages start with it
+        super().__init__(host, **kwargs)
+
     @property
     def label(self) -> str:
         """How messages name this connection: `web1`, or `web1: jump host bastion` for a hop."""
-        return f"{self.jump_for}: jump host {self.original_host}" if self.jump_for else self.original_host
+        return f"{self.jump_for}: jump host {self.given}" if self.jump_for else self.given
+
+    def derive_shorthand(self, host_string: str) -> dict[str, Any]:
+        """`[user@]host[:port]`, IPv6 literals bare or in brackets, ProxyJump's `ssh://` form; a bad port is a
+        one-line ConfigError (Fabric's own parser raises ValueError and keeps `[::1]:22` as a host name)."""
+        spec = parse_host(host_string.removeprefix("ssh://"))
+        return {"user": spec.user, "host": spec.host, "port": spec.port}
 
     def get_gateway(self) -> Any:
         """ProxyJump hops as VerifiedConnections, visited in the order listed, like OpenSSH.
@@ -243,7 +261,14 @@ class VerifiedConnection(fabric.Connection):
             raise
         except paramiko.BadHostKeyException as exc:
             raise HostKeyError(
-                changed_key_message(self.label, exc.hostname, exc.key, exc.expected_key, self.known_hosts)
+                changed_key_message(
+                    self.label,
+                    exc.hostname,
+                    self.port,
+                    offered=exc.key,
+                    expected=exc.expected_key,
+                    known_hosts=self.known_hosts,
+                )
             ) from exc
         except socket.gaierror as exc:
             raise HostError(

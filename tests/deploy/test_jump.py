@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ def inner_sshd_config() -> str:
     return "\n".join(
         [
             "ListenAddress 127.0.0.1",
+            "ListenAddress ::1",
             f"Port {INNER_PORT}",
             f"HostKey {INSIDE}/inner_host_key",
             f"PidFile {INSIDE}/inner.pid",
@@ -68,7 +70,11 @@ class Lab:
 
     def known_hosts(self, *, bastion: str | None) -> str:
         """known_hosts lines: the bastion with key `bastion` (None: left out), the inner hosts' right keys."""
-        lines = [f"[127.0.0.1]:{INNER_PORT} {self.inner_public}", f"127.0.0.1 {self.bastion_public}"]
+        lines = [
+            f"[127.0.0.1]:{INNER_PORT} {self.inner_public}",
+            f"[::1]:{INNER_PORT} {self.inner_public}",
+            f"127.0.0.1 {self.bastion_public}",
+        ]
         if bastion is not None:
             lines.append(f"{self.bastion.address} {bastion}")
         return "\n".join(lines) + "\n"
@@ -82,6 +88,7 @@ class Lab:
             f"Host inner\n    HostName 127.0.0.1\n    Port {INNER_PORT}\n"
             f"    ProxyJump {self.bastion.name}\n\n"
             f"Host loop\n    HostName 127.0.0.1\n    ProxyJump {self.bastion.name},inner\n\n"
+            f"Host ::1\n    ProxyJump {self.bastion.name}\n\n"
             "Host *\n    User root\n"
             f"    IdentityFile {self.fleet.identity}\n    IdentitiesOnly yes\n"
             f"    UserKnownHostsFile {kh}\n    GlobalKnownHostsFile /dev/null\n"
@@ -183,3 +190,31 @@ def test_sockops_status_refuses_a_wrong_bastion_key(lab, config_with, tmp_path):
     [doc] = json.loads(proc.stdout[: proc.stdout.rindex("]") + 1])
     assert f"jump host {lab.bastion.name}: HOST KEY CHANGED" in doc["error"]
     assert doc.get("release", "-") == "-"
+
+
+def test_ipv6_host_string_with_user_and_port(lab, config_with):
+    # `user@[v6]:port` as the operator writes it; ssh_config's `Host ::1` routes it through the bastion
+    cfg = config_with(bastion=lab.bastion_public)
+    assert ssh_connection("root@[::1]:2222", cfg)[2:] == ["::1", str(INNER_PORT)]
+
+
+def test_changed_key_on_a_non_22_port_hint_removes_the_real_entry(lab, tmp_path, config_with):
+    cfg = config_with(bastion=lab.bastion_public)
+    kh = tmp_path / "known_hosts"
+    _, wrong = keypair()
+    kh.write_text(
+        kh.read_text().replace(
+            f"[127.0.0.1]:{INNER_PORT} {lab.inner_public}", f"[127.0.0.1]:{INNER_PORT} {wrong}"
+        )
+    )
+    with pytest.raises(HostKeyError) as info:
+        ssh_connection("inner", cfg, accept_new_host_key=True)  # a changed key: refused even so
+    message = str(info.value)
+    assert message.startswith(f"inner: HOST KEY CHANGED for [127.0.0.1]:{INNER_PORT}: ")
+    hint = message.split("`")[1]
+    assert hint == f"ssh-keygen -f {kh} -R '[127.0.0.1]:{INNER_PORT}'"
+    # the hint does what it says: the old entry goes, and the new key can then be accepted
+    subprocess.run(shlex.split(hint), check=True, capture_output=True, timeout=30)
+    assert wrong not in kh.read_text()
+    assert ssh_connection("inner", cfg, accept_new_host_key=True)[2:] == ["127.0.0.1", str(INNER_PORT)]
+    assert f"[127.0.0.1]:{INNER_PORT} {lab.inner_public}" in kh.read_text()
