@@ -10,7 +10,19 @@ from typing import Any, Protocol, TextIO
 
 from deploy.python_build.options import count_compile_lines
 
-STAGES = ("state", "source", "deps", "upload", "configure", "compile", "install", "check", "swap", "profile")
+STAGES = (
+    "state",
+    "source",
+    "deps",
+    "upload",
+    "configure",
+    "compile",
+    "install",
+    "check",
+    "pack",
+    "swap",
+    "profile",
+)
 
 
 class Reporter(Protocol):

@@ -1,17 +1,21 @@
-"""build-python on a fleet: the request checked once, the source fetched once, build_on on every host."""
+"""build-python on a fleet: the request checked once, the source fetched once, one compile per platform
+(groups.py), a per-host summary and the exit status."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from invoke import Context
+
 from deploy.cpython_catalog import load_catalog
+from deploy.python_build.artifact import ARTIFACT_DIR, ArtifactCache
+from deploy.python_build.groups import FleetBuild, RunOn, build_by_platform
 from deploy.python_build.progress import Reporter, make_reporter
 from deploy.python_build.request import BuildError, BuildRequest, validate_request
 from deploy.python_build.source import CACHE_DIR, SourceFetcher, resolve_source
-from deploy.python_build.steps import BuildOutcome, build_on
 
 
 def build_python(
@@ -22,31 +26,40 @@ def build_python(
     accept_new_host_key: bool = False,
     reporter: Reporter | None = None,
     cache_dir: Path = CACHE_DIR,
+    artifact_dir: Path = ARTIFACT_DIR,
 ) -> list[Any]:
-    """Build on every host in parallel; returns deploy.hosts.HostOutcome[BuildOutcome] per host, in order.
+    """Build on every host, compiling once per platform; one HostOutcome[BuildOutcome] per host, in order.
 
     Bad flags raise ConfigError before any host is contacted; per-host failures are in the outcomes.
     """
-    from deploy.hosts import connect, on_hosts
-
     validate_request(req)
     plan = resolve_source(req, load_catalog())
     rep = reporter or make_reporter()
     fetcher = SourceFetcher(plan, cache_dir, rep)
-
-    def step(host: str) -> BuildOutcome:
-        c = connect(host, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
-        try:
-            return build_on(c, host, req, plan=plan, fetcher=fetcher, reporter=rep)
-        finally:
-            close = getattr(c, "close", None)
-            if close is not None:
-                close()
-
     try:
-        return on_hosts(list(hosts), step)
+        runner = _runner(ssh_config, accept_new_host_key)
+        run = FleetBuild(req, plan, fetcher, rep, ArtifactCache(artifact_dir), runner)
+        return build_by_platform(run, list(hosts))
     finally:
         rep.close()
+
+
+def _runner(ssh_config: str | None, accept_new_host_key: bool) -> RunOn:
+    from deploy.hosts import connect, on_hosts
+
+    def run_on(hosts: Sequence[str], step: Callable[[Context, str], Any]) -> list[Any]:
+        def one(host: str) -> Any:
+            c = connect(host, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
+            try:
+                return step(c, host)
+            finally:
+                close = getattr(c, "close", None)
+                if close is not None:
+                    close()
+
+        return on_hosts(list(hosts), one)
+
+    return run_on
 
 
 def _first_line(text: str) -> str:

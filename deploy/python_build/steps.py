@@ -6,15 +6,17 @@ build_on(c, host, ...): state -> (lock) -> deps -> upload -> configure / compile
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
@@ -53,7 +55,7 @@ from deploy.python_build.source import SourceFetcher, SourcePlan
 
 PROFILE_PATH = "/etc/profile.d/python3.sh"
 # The host-side helper lives in the shipped host room; it is uploaded as one file next to the tarball.
-HOST_HELPER = Path(__file__).resolve().parent.parent / "hostctl" / "pybuild.py"
+HOST_HELPER = Path(__file__).resolve().parents[2] / "hostctl" / "pybuild.py"
 MANIFEST_FORMAT = 1
 # A plain build needs ~0.6 GB for the source tree and objects, an install ~0.25 GB (twice during the swap).
 MIN_BUILD_BYTES = 1 << 30
@@ -85,7 +87,7 @@ class BuildOutcome:
 
 
 @dataclass
-class _HostRun:
+class HostRun:
     """Per-host mutable bookkeeping of one build (paths to clean up, log to tail)."""
 
     c: Context
@@ -136,12 +138,23 @@ class _HostRun:
         else:  # invoke.Context: the host is this machine
             shutil.copyfile(local, remote)
 
+    def get(self, remote: str, local: Path) -> None:
+        if hasattr(self.c, "get"):
+            self.c.get(remote, str(local))
+        else:
+            shutil.copyfile(remote, local)
+
+
+P = TypeVar("P")
+# Called with the staged prefix once its interpreter passed the check (see build_on).
+AfterCheck = Callable[["HostRun", str], None]
+
 
 def read_state(c: Context, prefix: str) -> InstalledState:
     return parse_state(c.run(state_command(prefix), hide=True, in_stream=False).stdout)
 
 
-def _swap_layout(h: _HostRun, prefix: str, state: InstalledState, tag: str) -> tuple[str, str, str]:
+def swap_layout(h: HostRun, prefix: str, state: InstalledState, tag: str) -> tuple[str, str, str]:
     """(stage_root, old_dir, mode): every path on the prefix's filesystem so each move is a rename.
 
     A prefix that is itself a mount point cannot be renamed: stage inside it and swap its entries instead.
@@ -152,7 +165,7 @@ def _swap_layout(h: _HostRun, prefix: str, state: InstalledState, tag: str) -> t
     return f"{parent}/.{name}.sockops-stage.{tag}", f"{parent}/.{name}.sockops-old.{tag}", "whole"
 
 
-def _cleanup_leftovers(h: _HostRun, prefix: str) -> None:
+def _cleanup_leftovers(h: HostRun, prefix: str) -> None:
     """Remove stage/old trees of earlier runs that were killed (never one whose swap was cut mid-way)."""
     parent, name = os.path.dirname(prefix) or "/", os.path.basename(prefix)
     globs = " ".join(
@@ -169,7 +182,7 @@ def _cleanup_leftovers(h: _HostRun, prefix: str) -> None:
         h.warn(f"{line}: a swap was cut mid-way; its journal says what moved where")
 
 
-def _deps(h: _HostRun, req: BuildRequest) -> None:
+def _deps(h: HostRun, req: BuildRequest) -> None:
     release = facts.os_release(h.c)
     family = release.family
     if family not in BUILD_PACKAGES:
@@ -197,7 +210,7 @@ def _deps(h: _HostRun, req: BuildRequest) -> None:
     )
 
 
-def _compile(h: _HostRun, src: str, jobs: int, optimize: bool) -> None:
+def _compile(h: HostRun, src: str, jobs: int, optimize: bool) -> None:
     total = int(h.run(compile_total_command(src)).stdout.strip() or 1) * (2 if optimize else 1)
     pidfile, rcfile = f"{h.build_dir}/make.pid", f"{h.build_dir}/make.rc"
     make = f"make -j{jobs}"
@@ -231,7 +244,7 @@ def _compile(h: _HostRun, src: str, jobs: int, optimize: bool) -> None:
     h.reporter.progress(h.host, 1.0)
 
 
-def _check_staged(h: _HostRun, staged: str, family: str, version: str) -> None:
+def _check_staged(h: HostRun, staged: str, family: str, version: str) -> None:
     env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
     py = f"{env} {shlex.quote(staged + '/bin/python3')}"
     helper = shlex.quote(f"{h.build_dir}/pybuild.py")
@@ -260,7 +273,7 @@ def _check_staged(h: _HostRun, staged: str, family: str, version: str) -> None:
         )
 
 
-def _swap(h: _HostRun, prefix: str, staged: str, old: str, *, mode: str, version: str) -> None:
+def _swap(h: HostRun, prefix: str, staged: str, old: str, *, mode: str, version: str) -> None:
     env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
     helper = shlex.quote(f"{h.build_dir}/pybuild.py")
     args = " ".join(shlex.quote(a) for a in (prefix, staged, old, mode))
@@ -289,7 +302,7 @@ def facts_version_cmd(python: str, prelude: str = "") -> str:
     return f"{shlex.quote(python)} -c {shlex.quote(snippet)}"
 
 
-def _write_profile(h: _HostRun, prefix: str) -> bool:
+def _write_profile(h: HostRun, prefix: str) -> bool:
     text = profile_script(prefix)
     current = h.run(f"cat {PROFILE_PATH} 2>/dev/null", warn=True).stdout
     if current == text:
@@ -320,8 +333,38 @@ def build_on(
     plan: SourcePlan,
     fetcher: SourceFetcher,
     reporter: Reporter,
+    after_check: AfterCheck | None = None,
 ) -> BuildOutcome:
-    """Bring one host to the requested build; a no-op (changed=False) when it already is."""
+    """Bring one host to the requested build; a no-op (changed=False) when it already is.
+
+    `after_check(h, staged)` runs once the staged interpreter has passed its check, before the swap (the
+    fleet packs the staged tree there to ship it to hosts of the same platform).
+    """
+
+    def work(h: HostRun, source: tuple[Path, str], state: InstalledState, tag: str, started: float) -> Any:
+        return _build(
+            h, req, plan=plan, source=source, state=state, tag=tag, started=started, hook=after_check
+        )
+
+    # the source is fetched and verified on the operator before anything is written to the host
+    prepare = functools.partial(fetcher.get, host)
+    return on_prefix(c, host, req, plan=plan, reporter=reporter, verb="building", prepare=prepare, work=work)
+
+
+def on_prefix(
+    c: Context,
+    host: str,
+    req: BuildRequest,
+    *,
+    plan: SourcePlan,
+    reporter: Reporter,
+    verb: str,
+    prepare: Callable[[], P],
+    work: Callable[[HostRun, P, InstalledState, str, float], BuildOutcome],
+) -> BuildOutcome:
+    """The frame of every change to a prefix: state (no-op if up to date), `prepare()` on the operator, a
+    log, the per-prefix lock, the state again under it, leftovers of killed runs removed, `work(h, prepared,
+    state, tag, started)`, and its temp dirs removed afterwards."""
     started = time.monotonic()
     prefix = req.prefix.rstrip("/")
     reporter.stage(host, "state", prefix)
@@ -333,13 +376,13 @@ def build_on(
             f"{host}: {prefix} exists and is not a Python install ({', '.join(state.entries[:5])} ...); "
             "build-python replaces its prefix whole. Pick another --prefix or move that directory away."
         )
-    source = fetcher.get(host)  # verified on the operator before anything is written to the host
-    h = _HostRun(c, host, reporter, root=facts.user_id(c) == 0)
+    prepared = prepare()
+    h = HostRun(c, host, reporter, root=facts.user_id(c) == 0)
     tag = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     logdir = "/var/log/sockops-build" if h.root else "$HOME/.local/state/sockops/build-python"
     h.log = h.run(f'd="{logdir}"; mkdir -p "$d" && echo "$d/{req.version}-{tag}.log"').stdout.strip()
     h.run(f"echo {shlex.quote(f'sockops build-python {req}')} > {shlex.quote(h.log)}")
-    reporter.stage(host, "state", f"building (log {h.log})")
+    reporter.stage(host, "state", f"{verb} (log {h.log})")
     # One build per prefix at a time: a flock held by a command on the host, released when we finish or die.
     with HostLock(c, host, lock_path(prefix), command="build-python"):
         state = read_state(c, prefix)  # again, under the lock: another build may have just finished
@@ -347,7 +390,7 @@ def build_on(
             return _noop(host, req, prefix, state, started)
         _cleanup_leftovers(h, prefix)
         try:
-            return _build(h, req, plan=plan, source=source, state=state, tag=tag, started=started)
+            return work(h, prepared, state, tag, started)
         finally:
             paths = " ".join(shlex.quote(p) for p in (h.build_dir, h.stage_root) if p)
             if paths:
@@ -355,7 +398,7 @@ def build_on(
 
 
 def _build(
-    h: _HostRun,
+    h: HostRun,
     req: BuildRequest,
     *,
     plan: SourcePlan,
@@ -363,16 +406,17 @@ def _build(
     state: InstalledState,
     tag: str,
     started: float,
+    hook: AfterCheck | None = None,
 ) -> BuildOutcome:
     prefix = req.prefix.rstrip("/")
-    jobs = _prepare_build_dir(h, req, prefix)
+    jobs = prepare_build_dir(h, req, prefix, need_build_dir=True)
     h.reporter.stage(h.host, "deps")
     _deps(h, req)
     family = facts.os_release(h.c).family
     src = _upload_source(h, plan, source)
     _configure_and_compile(h, req, src, jobs)
     staged, old, mode = _install_staged(h, req, src, state, tag, sha=source[1])
-    _check_swap_profile(h, req, staged, old, mode=mode, family=family)
+    check_swap_profile(h, req, staged, old, mode=mode, family=family, hook=hook)
     seconds = time.monotonic() - started
     warn_note = f", {len(h.warnings)} warning(s)" if h.warnings else ""
     return BuildOutcome(
@@ -382,14 +426,15 @@ def _build(
     )  # fmt: skip
 
 
-def _prepare_build_dir(h: _HostRun, req: BuildRequest, prefix: str) -> int:
-    """A fresh build dir on the host, enough free space for it and the prefix; returns the make -j."""
+def prepare_build_dir(h: HostRun, req: BuildRequest, prefix: str, *, need_build_dir: bool) -> int:
+    """A fresh work dir on the host, enough free space for it (when it holds a build) and the prefix;
+    returns the make -j."""
     jobs = req.jobs or facts.cpu_count(h.c)
     h.build_dir = h.run("mktemp -d /var/tmp/sockops-build.XXXXXX").stdout.strip()
-    for path, need, what in (
-        (h.build_dir, MIN_BUILD_BYTES, "build dir"),
-        (prefix, MIN_PREFIX_BYTES, "prefix"),
-    ):
+    needs = [(prefix, MIN_PREFIX_BYTES, "prefix")]
+    if need_build_dir:
+        needs.insert(0, (h.build_dir, MIN_BUILD_BYTES, "build dir"))
+    for path, need, what in needs:
         free = facts.free_disk(h.c, path)
         if free < need:
             raise BuildError(
@@ -399,7 +444,7 @@ def _prepare_build_dir(h: _HostRun, req: BuildRequest, prefix: str) -> int:
     return jobs
 
 
-def _upload_source(h: _HostRun, plan: SourcePlan, source: tuple[Path, str]) -> str:
+def _upload_source(h: HostRun, plan: SourcePlan, source: tuple[Path, str]) -> str:
     """Tarball and helper into the build dir, the tarball's SHA-256 checked there again; the src dir."""
     tarball, sha = source
     h.reporter.stage(h.host, "upload", plan.name)
@@ -421,7 +466,7 @@ def _upload_source(h: _HostRun, plan: SourcePlan, source: tuple[Path, str]) -> s
     return src
 
 
-def _configure_and_compile(h: _HostRun, req: BuildRequest, src: str, jobs: int) -> None:
+def _configure_and_compile(h: HostRun, req: BuildRequest, src: str, jobs: int) -> None:
     prefix = req.prefix.rstrip("/")
     args = configure_args(prefix, req.optimize)
     h.reporter.stage(h.host, "configure", " ".join(args[1:]))
@@ -438,32 +483,56 @@ def _configure_and_compile(h: _HostRun, req: BuildRequest, src: str, jobs: int) 
 
 
 def _install_staged(
-    h: _HostRun, req: BuildRequest, src: str, state: InstalledState, tag: str, *, sha: str
+    h: HostRun, req: BuildRequest, src: str, state: InstalledState, tag: str, *, sha: str
 ) -> tuple[str, str, str]:
     """`make install` into a stage on the prefix's filesystem, plus the manifest; (staged, old, mode)."""
-    prefix = req.prefix.rstrip("/")
-    stage_root, old, mode = _swap_layout(h, prefix, state, tag)
-    h.stage_root = stage_root
-    staged = stage_root + prefix
-    h.reporter.stage(h.host, "install", f"staging in {stage_root}")
-    h.logged(
-        "install",
-        f"cd {shlex.quote(src)} && make install DESTDIR={shlex.quote(stage_root)}",
-        f"check free space and permissions under {os.path.dirname(prefix)}; the prefix is unchanged",
-        priv=True,
-    )
-    manifest = json.dumps(manifest_for(req, sha, log=h.log, host=h.host), indent=1)
-    h.priv(f"printf '%s\\n' {shlex.quote(manifest)} > {shlex.quote(staged + '/' + MANIFEST_NAME)}")
+    staged, old, mode = fill_stage(
+        h, req.prefix.rstrip("/"), state, tag, step="install",
+        command=lambda root, _: f"cd {shlex.quote(src)} && make install DESTDIR={shlex.quote(root)}",
+    )  # fmt: skip
+    write_manifest(h, staged, manifest_for(req, sha, log=h.log, host=h.host))
     return staged, old, mode
 
 
-def _check_swap_profile(
-    h: _HostRun, req: BuildRequest, staged: str, old: str, *, mode: str, family: str
+def fill_stage(
+    h: HostRun, prefix: str, state: InstalledState, tag: str, *, step: str, command: Callable[[str, str], str]
+) -> tuple[str, str, str]:
+    """A stage on the prefix's filesystem, filled as root by `command(stage_root, staged_prefix)`;
+    returns (staged prefix, where the old install goes, swap mode)."""
+    stage_root, old, mode = swap_layout(h, prefix, state, tag)
+    h.stage_root = stage_root
+    h.reporter.stage(h.host, "install", f"{step} into {stage_root}")
+    h.logged(
+        step,
+        command(stage_root, stage_root + prefix),
+        f"check free space and permissions under {os.path.dirname(prefix)}; the prefix is unchanged",
+        priv=True,
+    )
+    return stage_root + prefix, old, mode
+
+
+def write_manifest(h: HostRun, staged: str, doc: Mapping[str, Any]) -> None:
+    """The prefix's identity (see request.is_up_to_date), written into the staged tree before the check."""
+    text = json.dumps(doc, indent=1)
+    h.priv(f"printf '%s\\n' {shlex.quote(text)} > {shlex.quote(staged + '/' + MANIFEST_NAME)}")
+
+
+def check_swap_profile(
+    h: HostRun,
+    req: BuildRequest,
+    staged: str,
+    old: str,
+    *,
+    mode: str,
+    family: str,
+    hook: AfterCheck | None = None,
 ) -> None:
     """The staged interpreter passes its check, then (only then) replaces the prefix; PATH via profile.d."""
     prefix = req.prefix.rstrip("/")
     h.reporter.stage(h.host, "check")
     _check_staged(h, staged, family, req.version)
+    if hook is not None:
+        hook(h, staged)
     h.reporter.stage(h.host, "swap", f"{mode} -> {prefix}")
     _swap(h, prefix, staged, old, mode=mode, version=req.version)
     if req.profile_d:

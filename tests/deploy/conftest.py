@@ -1,8 +1,9 @@
 """Fixtures for the deploy tests: the CPython 3.9.2 source as Debian ships it, and ONE real build of it.
 
-`built_python` (session scope) builds CPython 3.9.2 into /usr/local/python3 on a disposable SSH test host,
-through the same code path as `invoke build-python --host testhost1 --ssh-config ...`. Every test that needs
-an interpreter on a host shares it (the CI budget is one real build):
+`built_python` (session scope) builds CPython 3.9.2 into /usr/local/python3 on disposable SSH test hosts,
+through the same code path as `invoke build-python --host bpyhost1,bpyhost2 --ssh-config ...`: the two hosts
+have one platform, so bpyhost1 compiles and bpyhost2 gets its packed build. Every test that needs an
+interpreter on a host shares it (the CI budget is one real build):
 
     def test_x(built_python):
         built_python.fleet          # devtools.testhosts.Fleet (ssh_config, exec, ...)
@@ -13,13 +14,19 @@ an interpreter on a host shares it (the CI budget is one real build):
         built_python.version        # "3.9.2"
         built_python.tarball        # local path of the verified source tarball
         built_python.outcome        # the first build's BuildOutcome
+        built_python.shipped_to     # "bpyhost2", installed from bpyhost1's packed build (.shipped: outcome)
+        built_python.spare          # "bpyhost3", same platform, untouched by the first run
+        built_python.artifact_dir   # the operator's artifact cache of that run
+        built_python.progress       # the run's stage lines ("[bpyhost1] compile 40%", ...)
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,11 +100,16 @@ def cpython_tarball() -> Path:
 @dataclass(frozen=True)
 class BuiltPython:
     fleet: th.Fleet
-    host: str
+    host: str  # compiled CPython
     prefix: str
     version: str
     tarball: Path
     outcome: pb.BuildOutcome
+    shipped_to: str = ""  # same platform: got host's packed build in the same run, compiled nothing
+    shipped: pb.BuildOutcome | None = None
+    spare: str = ""  # same platform, untouched by the first run (for the artifact cache)
+    artifact_dir: Path = Path()
+    progress: str = ""  # the first run's stage lines, every host's
 
     @property
     def python(self) -> str:
@@ -113,18 +125,35 @@ class BuiltPython:
         return pb.BuildRequest(**fields)  # type: ignore[arg-type]
 
 
+class _Tee(io.StringIO):
+    """Stage lines kept for the tests and shown as they come (a real build takes minutes)."""
+
+    def write(self, s: str) -> int:
+        sys.stdout.write(s)
+        return super().write(s)
+
+
 @pytest.fixture(scope="session")
-def built_python(cpython_tarball: Path) -> Iterator[BuiltPython]:
+def built_python(cpython_tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltPython]:
     from tests.conftest import FleetFactory
 
     factory = FleetFactory()  # skips loudly (fails with CI=true) without root/netns
     try:
-        fleet = factory(1, prefix="bpyhost")
-        host = fleet.names[0]
+        fleet = factory(3, prefix="bpyhost")
+        host, shipped_to, spare = fleet.names
+        artifacts = tmp_path_factory.mktemp("artifacts")
         req = pb.BuildRequest(PY_VERSION, prefix=pb.DEFAULT_PREFIX, source=str(cpython_tarball))
-        [outcome] = pb.build_python([host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter())
-        if not outcome.ok:
-            pytest.fail(f"the real CPython build failed:\n{outcome.error}", pytrace=False)
-        yield BuiltPython(fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, outcome.value)
+        lines = _Tee()
+        first, second = pb.build_python(
+            [host, shipped_to], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(lines),
+            artifact_dir=artifacts,
+        )  # fmt: skip
+        for o in (first, second):
+            if not o.ok:
+                pytest.fail(f"the real CPython build failed on {o.host}:\n{o.error}", pytrace=False)
+        yield BuiltPython(
+            fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, first.value,
+            shipped_to, second.value, spare, artifacts, lines.getvalue(),
+        )  # fmt: skip
     finally:
         factory.close()

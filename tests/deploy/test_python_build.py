@@ -28,12 +28,26 @@ import deploy.cpython_catalog
 from deploy import python_build as pb
 from deploy.cpython_catalog import SourceFile, load_catalog, parse_pyenv_definition
 from deploy.errors import ConfigError
-from deploy.python_build import options, progress, request, requirements, run, source, steps
+from deploy.python_build import (
+    artifact,
+    fingerprint,
+    groups,
+    options,
+    progress,
+    request,
+    requirements,
+    run,
+    source,
+    steps,
+)
 from tests.deploy.conftest import BuiltPython
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = REPO / "hostctl" / "pybuild.py"
-PACKAGE_MODULES = (deploy.cpython_catalog, pb, options, progress, request, requirements, run, source, steps)
+PACKAGE_MODULES = (
+    deploy.cpython_catalog, pb, artifact, fingerprint, groups, options, progress, request, requirements, run,
+    source, steps,
+)  # fmt: skip
 SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
 
 
@@ -229,6 +243,11 @@ def test_profile_script_puts_prefix_first_once(tmp_path: Path) -> None:
         check=True,
     ).stdout.strip()
     assert out == "/opt/py/bin:/usr/bin:/bin"
+
+
+def test_the_host_helper_is_where_the_steps_upload_it_from() -> None:
+    assert steps.HOST_HELPER == HELPER
+    assert HELPER.is_file()
 
 
 def test_count_compile_lines() -> None:
@@ -513,7 +532,11 @@ BUILD_TIMEOUT = pytest.mark.timeout(2400)
 
 
 def _on_host(built: BuiltPython, *argv: str) -> str:
-    return built.fleet.exec(built.host, list(argv)).stdout
+    return _on(built, built.host, *argv)
+
+
+def _on(built: BuiltPython, host: str, *argv: str) -> str:
+    return built.fleet.exec(host, list(argv)).stdout
 
 
 def _invoke(built: BuiltPython, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -614,6 +637,55 @@ def test_tampered_tarball_is_refused_and_prefix_untouched(built_python: BuiltPyt
     assert _prefix_identity(b) == before
     version = _on_host(b, b.python, "-c", "import sys; print(sys.version_info[:3])")
     assert version.strip() == "(3, 9, 2)"
+
+
+@pytest.mark.build
+@pytest.mark.hosts
+@BUILD_TIMEOUT
+def test_one_compile_per_platform_the_other_host_gets_the_packed_build(built_python: BuiltPython) -> None:
+    b = built_python
+    assert b.shipped is not None
+    assert b.shipped.changed
+    assert f"from the build on {b.host}" in b.shipped.message
+    # exactly one compile: only the build host ever reached the compile stage; it also packed
+    assert set(re.findall(r"^\[(\S+)\] compile", b.progress, re.MULTILINE)) == {b.host}
+    assert f"[{b.host}] pack: " in b.progress
+    assert f"[{b.shipped_to}] configure" not in b.progress
+    code = "import sys, ssl, zlib, sqlite3, ctypes; print(sys.version.split()[0], sys.prefix)"
+    assert _on(b, b.shipped_to, b.python, "-c", code).split() == ["3.9.2", "/usr/local/python3"]
+    [entry] = [p for p in b.artifact_dir.iterdir() if p.suffix == ".json"]
+    cached = json.loads(entry.read_text())
+    manifest = json.loads(_on(b, b.shipped_to, "cat", f"{b.prefix}/{pb.MANIFEST_NAME}"))
+    assert (manifest["artifact"], manifest["built_on"], manifest["sha256"]) == (
+        cached["sha256"],
+        b.host,
+        SHA_392,
+    )
+    assert (
+        cached["sha256"]
+        == hashlib.sha256(
+            entry.with_name(entry.name.removesuffix(".json") + ".tar.gz").read_bytes()
+        ).hexdigest()
+    )
+    assert _on(b, b.shipped_to, "sh", "-c", "ls -A /usr/local | grep sockops || true").strip() == ""
+
+
+@pytest.mark.build
+@pytest.mark.hosts
+@BUILD_TIMEOUT
+def test_a_cached_platform_builds_nothing(built_python: BuiltPython) -> None:
+    b = built_python
+    lines = io.StringIO()
+    [outcome] = pb.build_python(
+        [b.spare], b.request(), ssh_config=b.ssh_config, reporter=pb.LineReporter(lines),
+        artifact_dir=b.artifact_dir,
+    )  # fmt: skip
+    assert outcome.ok, outcome.error
+    assert outcome.value.changed
+    assert f"from the build on {b.host}" in outcome.value.message
+    assert "] compile" not in lines.getvalue()
+    code = "import ssl, sys; print(sys.version.split()[0])"
+    assert _on(b, b.spare, b.python, "-c", code).strip() == "3.9.2"
 
 
 class _KillDuringCompile:

@@ -1,0 +1,161 @@
+"""build-python once per platform, without compiling: fingerprints and groups on real test hosts, the artifact
+cache, and a packed build refused on upload when its checksum is wrong (prefix untouched).
+
+The compile-once-ship-to-the-rest path with a real build is proven by the shared build (`built_python` in
+conftest.py builds on two hosts: one compiles, one installs the packed build) in test_python_build.py.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from deploy import python_build as pb
+from deploy.cpython_catalog import load_catalog
+from deploy.hosts import connect
+from deploy.python_build import fingerprint as fp
+from deploy.python_build import groups, run
+from deploy.python_build.artifact import Artifact, ArtifactCache, ArtifactError, ArtifactManifest, install_on
+from deploy.python_build.source import sha256_file
+
+SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
+
+
+def _sh(fleet: object, host: str, script: str) -> str:
+    return fleet.exec(host, ["sh", "-c", script]).stdout  # type: ignore[attr-defined]
+
+
+def _fake_pack(tmp_path: Path, platform_key: str = "k" * 16) -> Artifact:
+    """A packed tree that is not a Python (bin/python3 is a text file), with a manifest that matches it."""
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "python3").write_text("not an interpreter\n")
+    tar = tmp_path / "fake.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(tree, arcname=".")
+    manifest = ArtifactManifest(
+        "3.9.2", SHA_392, platform_key, "test", sha256_file(tar), tar.stat().st_size, "builder", "now"
+    )
+    return Artifact(tar, manifest)
+
+
+def test_artifact_cache_finds_only_verified_entries(tmp_path: Path) -> None:
+    platform = fp.Platform("debian 12", "x86_64", "glibc 2.36", (("libssl3", "3.0.1"),), "{}")
+    cache = ArtifactCache(tmp_path / "cache")
+    fake = _fake_pack(tmp_path, platform.key)
+    part = cache.part()
+    part.write_bytes(fake.path.read_bytes())
+    stored = cache.store(part, fake.manifest)
+    assert cache.find("3.9.2", (SHA_392,), platform) == stored
+    assert cache.find("3.9.2", ("0" * 64,), platform) is None  # another source: another entry
+    other = fp.Platform("debian 12", "x86_64", "glibc 2.36", (("libssl3", "3.0.2"),), "{}")
+    assert cache.find("3.9.2", (SHA_392,), other) is None  # another library version: another platform
+    data = bytearray(stored.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.path.write_bytes(bytes(data))
+    assert cache.find("3.9.2", (SHA_392,), platform) is None  # damaged: dropped, to be built again
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.hosts
+def test_hosts_grouped_by_platform_and_a_cached_platform_builds_nothing(testhosts, tmp_path: Path) -> None:
+    fleet = testhosts(3, prefix="pfp")
+    h1, h2, h3 = fleet.names
+    # h3 claims another release of the distribution: fake the fingerprint, not the build
+    _sh(
+        fleet,
+        h3,
+        "sed 's/^VERSION_ID=.*/VERSION_ID=\"99\"/' /etc/os-release > /tmp/osr && rm -f /etc/os-release "
+        "&& cp /tmp/osr /etc/os-release",
+    )
+    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pfp/python3", profile_d=False)
+    plan = pb.resolve_source(req, load_catalog())
+    cache = ArtifactCache(tmp_path / "artifacts")
+    lines = io.StringIO()
+    reporter = pb.LineReporter(lines)
+
+    def plan_now() -> list[groups.GroupPlan]:
+        runner = run._runner(str(fleet.ssh_config), False)
+        build = groups.FleetBuild(
+            req, plan, pb.SourceFetcher(plan, tmp_path, reporter), reporter, cache, runner
+        )
+        failed, plans = groups.plan_fleet(build, fleet.names)
+        assert failed == []
+        return plans
+
+    plans = plan_now()
+    assert [(g.hosts, g.builder, g.pack) for g in plans] == [((h1, h2), h1, True), ((h3,), h3, False)]
+    assert plans[0].platform.distro != plans[1].platform.distro
+    assert plans[1].platform.distro.endswith(" 99")
+    assert plans[0].platform.key != plans[1].platform.key
+    assert plans[0].platform.packages, "runtime library versions are part of the fingerprint"
+    assert f"[{h1}] platform: " in lines.getvalue()
+
+    # an artifact of h1/h2's platform in the operator's cache: nobody of that group compiles
+    fake = _fake_pack(tmp_path, plans[0].platform.key)
+    part = cache.part()
+    part.write_bytes(fake.path.read_bytes())
+    stored = cache.store(part, fake.manifest)
+    again = plan_now()
+    assert [(g.builder, g.cached) for g in again] == [("", stored), (h3, None)]
+    # --force compiles again
+    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pfp/python3", profile_d=False, force=True)
+    assert [g.builder for g in plan_now()] == [h1, h3]
+
+
+@pytest.mark.hosts
+def test_tampered_artifact_is_refused_on_upload_and_the_prefix_is_untouched(
+    testhosts, tmp_path: Path
+) -> None:
+    fleet = testhosts(1, prefix="part")
+    host = fleet.names[0]
+    prefix = "/opt/sockops-art/python3"
+    _sh(
+        fleet,
+        host,
+        f"mkdir -p {prefix}/bin {prefix}/lib && echo old > {prefix}/bin/python3 && echo l > {prefix}/lib/x",
+    )
+    snapshot = (
+        f"cd {prefix} && stat -c %i . && find . -type f | sort | xargs sha256sum; ls -A /opt/sockops-art"
+    )
+    before = _sh(fleet, host, snapshot)
+    req = pb.BuildRequest("3.9.2", prefix=prefix, profile_d=False)
+    plan = pb.resolve_source(req, load_catalog())
+    genuine = _fake_pack(tmp_path)
+    tampered_path = tmp_path / "tampered.tar.gz"
+    data = bytearray(genuine.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered_path.write_bytes(bytes(data))
+    lines = io.StringIO()
+    c = connect(host, ssh_config=fleet.ssh_config)
+    try:
+        with pytest.raises(ArtifactError, match="refused, nothing was unpacked") as exc:
+            install_on(
+                c, host, req, plan=plan, artifact=Artifact(tampered_path, genuine.manifest),
+                reporter=pb.LineReporter(lines),
+            )  # fmt: skip
+        assert genuine.manifest.sha256 in str(exc.value)
+        assert "] install:" not in lines.getvalue()  # refused before the unpack stage
+        assert _sh(fleet, host, snapshot) == before
+        # the checksum matches but it is not a working Python: unpacked, fails its check, still not installed
+        with pytest.raises(pb.BuildError, match="does not run"):
+            install_on(c, host, req, plan=plan, artifact=genuine, reporter=pb.LineReporter(lines))
+        assert _sh(fleet, host, snapshot) == before
+    finally:
+        c.close()
+    # nothing of either attempt is left on the host
+    assert _sh(fleet, host, "ls -d /var/tmp/sockops-build.* 2>/dev/null || true").strip() == ""
+
+
+def test_probe_command_runs_here() -> None:
+    out = subprocess.run(
+        ["sh", "-c", fp.probe_command()], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    platform = fp.fingerprint(out, {})
+    assert platform.arch
+    assert platform.libc.startswith(("glibc", "musl", "ldd"))
+    assert platform.distro != "? ?"
