@@ -16,7 +16,7 @@ import sys
 import time
 from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
 
-from monitoring import probes, render
+from monitoring import metrics, probes, render
 from monitoring.collect import Collector
 from monitoring.errors import MonitoringError, UsageError
 from monitoring.targets import DEFAULT_MANIFEST, port_targets, read_manifest
@@ -107,7 +107,7 @@ def render_once(fmt: str, collector: Collector, th: Thresholds, compact: bool = 
     elif fmt == "nagios":
         text = render.nagios_line(snap, verdict, th) + "\n"
     elif fmt == "prometheus":
-        text = render.prometheus_text(render.metric_families(snap))
+        text = metrics.prometheus_text(metrics.metric_families(snap))
     else:
         text = render.table(snap, verdict)
     return text, verdict.exit_code

@@ -23,3 +23,7 @@ class ManifestError(MonitoringError):
 
 class UsageError(MonitoringError):
     """Bad command-line input (a --port value, an unknown option combination)."""
+
+
+class SupervisorDown(SupervisorError):
+    """No supervisord at the socket: it does not exist, or nobody accepts on it (a stale socket)."""

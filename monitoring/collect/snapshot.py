@@ -1,24 +1,45 @@
 """One look at a host: sockets per target port, system figures, supervisord programs, processes, probes.
 
-`Collector` keeps what must survive between looks (previous CPU samples, restarts seen), so `--watch`, the
-Prometheus exporter and a one-shot run share one code path. Every part that fails becomes a note in the
-snapshot; only a failure to count sockets at all raises.
+This is sockops' one snapshot assembler: `python -m monitoring`, the Prometheus exporter and the benchmarks
+all take their looks through `Collector`. A look runs in named parts (sockets, system, supervisor, processes,
+probes); a part that fails is a `PartResult` with ok=False and a note in the snapshot, while the other parts
+are still collected (a broken supervisord must not hide the socket counts). `Collector.snapshot()` is the
+strict form for one-shot use: it raises when the sockets could not be counted at all, because a snapshot
+without counts would read as "nothing listening".
+
+`Collector` keeps what must survive between looks (previous CPU samples, restarts seen, cached probe
+results), so `--watch`, the exporter and a one-shot run share one code path.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
 from monitoring.collect.overlap import concurrently
 from monitoring.collect.sockets import PortTable
-from monitoring.errors import SupervisorError
-from monitoring.model import ProbeResult, ProcessSample, ServiceSample, Snapshot, SystemSample, Target
+from monitoring.errors import CollectError, MonitoringError
+from monitoring.model import (
+    PortSample,
+    ProbeResult,
+    ProcessSample,
+    ProgramSample,
+    ServiceSample,
+    Snapshot,
+    SystemSample,
+    Target,
+    frozen_map,
+)
 
 ProbeFn = Callable[[Target], Optional[ProbeResult]]
+Groups = Dict[int, Tuple[processes.Scanned, ...]]
+NO_SYSTEM = SystemSample(None, None, None, None, None, None, None, None, None, None, None)
+# probes run at once (one probe timeout per look, not one per service), at most this many together
+PROBE_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -34,12 +55,112 @@ class SocketView:
         return self.tcp if proto == "tcp" else self.udp
 
 
+@dataclass(frozen=True)
+class PartResult:
+    """How one part of a look fared."""
+
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Look:
+    """A snapshot and how each of its parts fared (the exporter exports both)."""
+
+    snapshot: Snapshot
+    parts: Tuple[PartResult, ...]
+
+    def part(self, name: str) -> Optional[PartResult]:
+        return next((p for p in self.parts if p.name == name), None)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line: our own errors already say what to check."""
+    return str(exc) if isinstance(exc, MonitoringError) else f"{type(exc).__name__}: {exc}"
+
+
+class _Parts:
+    """Runs the parts of one look, timing each and keeping its failure instead of raising it."""
+
+    def __init__(self, before: Sequence[PartResult] = ()) -> None:
+        self.results: List[PartResult] = list(before)
+        self.notes: List[str] = []
+
+    def run(self, name: str, fn: Callable[[], Tuple[Any, str]]) -> Any:
+        start = time.monotonic()
+        try:
+            value, problem = fn()
+        except Exception as exc:  # any failure of one part must leave the others collected
+            value, problem = None, describe(exc)
+        self.results.append(PartResult(name, not problem, round(time.monotonic() - start, 6), problem))
+        return value
+
+
+# --- pure: the parts -> a Snapshot ----------------------------------------------------------------------
+
+
+def unknown_port(t: Target) -> PortSample:
+    """The sockets part failed: no counts at all (zeros would claim an idle service)."""
+    return PortSample(proto=t.proto, port=t.port, states=frozen_map({}))
+
+
+def assemble(
+    targets: Sequence[Target],
+    view: Optional[SocketView],
+    *,
+    system_sample: SystemSample,
+    programs: Mapping[str, ProgramSample],
+    procs: Mapping[str, Tuple[ProcessSample, ...]],
+    probes: Mapping[str, Optional[ProbeResult]],
+    parts: Sequence[PartResult] = (),
+    notes: Sequence[str] = (),
+    release: str = "",
+    hostname: str = "",
+    now: float = 0.0,
+) -> Snapshot:
+    """The snapshot of one look from its parts, keyed by target name (pure); failed parts are notes first.
+
+    >>> t = Target("tcp-echo", "tcp", 8080, program="sockops-tcp-echo")
+    >>> failed = [PartResult("sockets", False, 0.1, "boom")]
+    >>> snap = assemble([t], None, system_sample=NO_SYSTEM, programs={}, procs={}, probes={}, parts=failed)
+    >>> snap.service("tcp-echo").port.states == {}, snap.service("tcp-echo").program, snap.notes
+    (True, None, ('sockets: boom',))
+    """
+    services = tuple(
+        ServiceSample(
+            target=t,
+            port=view.table(t.proto).sample(t.port) if view is not None else unknown_port(t),
+            program=programs.get(t.name),
+            processes=procs.get(t.name, ()),
+            pool=processes.pool_totals(procs[t.name]) if procs.get(t.name) else None,
+            probe=probes.get(t.name),
+        )
+        for t in targets
+    )
+    return Snapshot(
+        hostname=hostname,
+        time=now,
+        source=view.source if view is not None else "",
+        system=system_sample,
+        services=services,
+        notes=tuple(f"{p.name}: {p.error}" for p in parts if not p.ok) + tuple(notes),
+        release=release,
+    )
+
+
+# --- the collector --------------------------------------------------------------------------------------
+
+
 class Collector:
-    """Collects Snapshots for a fixed list of targets.
+    """Collects looks for a fixed list of targets.
 
     source: auto | netlink | proc (socket tables); supervisor_socket: "" to skip supervisord;
     probe: a function Target -> ProbeResult (None disables probes); cpu_window: the shortest CPU sampling
-    window in seconds when a process is seen for the first time (later looks reuse the previous sample).
+    window in seconds when a process is seen for the first time (later looks reuse the previous sample);
+    probe_ttl: seconds a probe result is reused (0: probe on every look), so a fast scraper does not drive
+    load on the services.
     """
 
     def __init__(
@@ -53,6 +174,7 @@ class Collector:
         cpu_window: float = 0.5,
         state_file: str = "",
         release: str = "",
+        probe_ttl: float = 0.0,
     ) -> None:
         self.targets = tuple(targets)
         self.supervisor_socket = supervisor_socket
@@ -61,10 +183,18 @@ class Collector:
         self.probe = probe
         self.cpu_window = cpu_window
         self.release = release
+        self.probe_ttl = probe_ttl
         self.cpu = processes.CpuTracker()
         self.restarts = supervisor.RestartTracker(state_file)
+        self._probed: Dict[Target, Tuple[float, Optional[ProbeResult]]] = {}  # target -> (when, result)
 
-    # -- the parts, usable one by one (the Prometheus exporter calls them separately) ---------------------
+    def carry_over(self, previous: Collector) -> None:
+        """Keep what must survive a change of targets: restarts seen, CPU samples, recent probe results."""
+        self.restarts = previous.restarts
+        self.cpu = previous.cpu
+        self._probed = {t: r for t, r in previous._probed.items() if t in self.targets}
+
+    # -- the parts, usable one by one (the benchmarks time them separately) -----------------------------
 
     def sockets(self) -> SocketView:
         """Socket counts for every target port per protocol, and the exact machine-wide TIME_WAIT total."""
@@ -84,9 +214,7 @@ class Collector:
         udp, _ = sockets.read_ports("udp", udp_ports, "proc", self.proc_root)
         return SocketView(tcp, udp, "proc", sum(1 for s in tcp_all if s.state == "TIME_WAIT"))
 
-    def sockets_and_groups(
-        self, main_pids: Sequence[int]
-    ) -> Tuple[SocketView, Dict[int, Tuple[processes.Scanned, ...]]]:
+    def sockets_and_groups(self, main_pids: Sequence[int]) -> Tuple[SocketView, Groups]:
         """sockets() and, at the same time, a scan of each program's processes (main pid -> its group).
 
         The fd scans don't need the socket tables, only their attribution does (processes.attribute_group),
@@ -94,7 +222,7 @@ class Collector:
         """
         pids = sorted({p for p in main_pids if p})
 
-        def scan() -> Dict[int, Tuple[processes.Scanned, ...]]:
+        def scan() -> Groups:
             return {pid: processes.scan_group(pid, self.cpu, self.proc_root) for pid in pids}
 
         if not pids or not processes.available():
@@ -102,105 +230,107 @@ class Collector:
         view, groups = concurrently(self.sockets, scan)
         return view, groups
 
-    def system(self, view: SocketView, notes: List[str]) -> SystemSample:
+    def system(self, view: Optional[SocketView], notes: List[str]) -> SystemSample:
         """System figures; the exact TIME_WAIT total comes from the socket view (no second kernel walk)."""
-        return system.system_sample(lambda: view.time_wait, self.proc_root, notes)
+        return system.system_sample(lambda: view.time_wait if view else None, self.proc_root, notes)
 
-    def programs(self, notes: List[str]) -> Optional[Dict[str, dict]]:
-        """supervisord's process info by program name (None when supervisord could not be asked)."""
-        if not self.supervisor_socket:
-            return None
-        try:
-            return {str(i.get("name")): i for i in supervisor.all_process_info(self.supervisor_socket)}
-        except SupervisorError as exc:
-            notes.append(str(exc))
-            return None
+    def programs(self) -> Dict[str, ProgramSample]:
+        """Each target's supervisord program by target name (supervisor.program_samples' rule)."""
+        infos = supervisor.all_process_info(self.supervisor_socket)
+        return supervisor.program_samples(self.targets, {str(i.get("name")): i for i in infos}, self.restarts)
+
+    def probes(self) -> Dict[str, Optional[ProbeResult]]:
+        """Every target's probe at once (results younger than probe_ttl are reused)."""
+        probe = self.probe
+        if probe is None or not self.targets:
+            return {}
+        now = time.monotonic()
+        fresh = {t: r for t, (when, r) in self._probed.items() if now - when < self.probe_ttl}
+        due = [t for t in self.targets if t not in fresh]
+        if due:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(due))) as pool:
+                for t, result in zip(due, pool.map(probe, due)):
+                    fresh[t] = result
+                    self._probed[t] = (now, result)
+        return {t.name: fresh[t] for t in self.targets}
+
+    def processes(
+        self, programs: Mapping[str, ProgramSample], view: Optional[SocketView], groups: Groups
+    ) -> Tuple[Dict[str, Tuple[ProcessSample, ...]], str]:
+        """Each program's processes with their connections; (samples, what could not be read)."""
+        if not processes.available():
+            return {}, "psutil is not installed in this interpreter: no per-process figures"
+        proto_of = {t.name: t.proto for t in self.targets}
+        out: Dict[str, Tuple[ProcessSample, ...]] = {}
+        for name, program in programs.items():
+            scanned = groups.get(program.pid)
+            if scanned is None:
+                scanned = processes.scan_group(program.pid, self.cpu, self.proc_root)
+            inodes = view.table(proto_of[name]).inodes if view is not None else frozen_map({})
+            out[name] = processes.attribute_group(scanned, inodes)
+        self.cpu.retain((p.pid, p.started) for group in out.values() for p in group)
+        denied = sorted({f"{p.pid}:{d}" for group in out.values() for p in group for d in p.denied})
+        return out, (f"not readable (AccessDenied; run as root): {', '.join(denied)}" if denied else "")
 
     # -- everything ------------------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        notes: List[str] = []
+    def look(self, before: Sequence[PartResult] = ()) -> Look:
+        """One look, part by part; `before`: parts the caller ran first (the exporter's manifest)."""
+        parts = _Parts(before)
         if self.restarts.note:
-            notes.append(self.restarts.note)
-        if not processes.available():
-            notes.append("psutil is not installed: per-process figures unavailable")
-        infos = self.programs(notes)
-        main_pids = {
-            t.name: int(infos[t.program].get("pid") or 0)
-            for t in self.targets
-            if infos is not None and t.program in infos
-        }
-        all_pids = [p for pid in main_pids.values() if pid for p in [pid, *processes.children(pid)]]
+            parts.notes.append(self.restarts.note)
+        programs: Dict[str, ProgramSample] = {}
+        if self.supervisor_socket:
+            programs = parts.run("supervisor", lambda: (self.programs(), "")) or {}
+        main_pids = [p.pid for p in programs.values() if p.pid]
+        all_pids = [p for pid in main_pids for p in [pid, *processes.children(pid, self.proc_root)]]
         oldest = processes.prime(all_pids, self.cpu)
 
         # CPU% needs a real window. When the previous look's samples are old enough (--watch, the exporter),
         # the processes are scanned while the kernel dumps the sockets; a first look primes, counts sockets,
         # probes, waits out what's left of the window and only then scans.
-        groups: Optional[Dict[int, Tuple[processes.Scanned, ...]]] = None
-        if all_pids and self.cpu_window - (time.monotonic() - oldest) <= 0:
-            view, groups = self.sockets_and_groups(list(main_pids.values()))
-        else:
-            view = self.sockets()
-        used = view.source
-        sys_sample = self.system(view, notes)
-        probes = {t.name: self.probe(t) if self.probe else None for t in self.targets}
-
-        wait = self.cpu_window - (time.monotonic() - oldest)
-        if all_pids and groups is None and wait > 0:
-            time.sleep(wait)
-        groups = {} if groups is None else groups
-
-        services = []
-        seen_keys = []
-        denied_any = False
-        for t in self.targets:
-            table = view.table(t.proto)
-            program = None
-            procs: Tuple[ProcessSample, ...] = ()
-            if infos is not None and t.program:
-                info = infos.get(t.program)
-                if info is None:
-                    notes.append(f"supervisord has no program {t.program!r} (for {t.name})")
-                else:
-                    program = supervisor.program_sample(
-                        info, self.restarts.observe(t.program, float(info["start"]))
-                    )
-                    procs = self._processes(program.pid, table, groups)
-                    denied_any = denied_any or any(p.denied for p in procs)
-                    seen_keys.extend((p.pid, p.started) for p in procs)
-            services.append(
-                ServiceSample(
-                    target=t,
-                    port=table.sample(t.port),
-                    program=program,
-                    processes=procs,
-                    pool=processes.pool_totals(procs) if procs else None,
-                    probe=probes[t.name],
-                )
+        overlap = bool(all_pids) and self.cpu_window - (time.monotonic() - oldest) <= 0
+        counted = parts.run("sockets", lambda: (self.sockets_and_groups(main_pids if overlap else ()), ""))
+        view, groups = counted if counted is not None else (None, {})
+        if view is not None and view.source == "proc":
+            parts.notes.append(
+                "socket counts from /proc/net (netlink sock_diag unavailable): no listen backlog"
             )
-        self.cpu.retain(seen_keys)
-        saved = self.restarts.save()
-        if saved:
-            notes.append(saved)
-        if denied_any:
-            notes.append("some per-process figures were not readable (AccessDenied): run as root to see them")
-        if used == "proc":
-            notes.append("socket counts from /proc/net (netlink sock_diag unavailable): no listen backlog")
-        return Snapshot(
-            hostname=socket.gethostname(),
-            time=time.time(),
-            source=used,
-            system=sys_sample,
-            services=tuple(services),
-            notes=tuple(notes),
-            release=self.release,
+        sys_sample = parts.run("system", lambda: self._system_part(view)) or NO_SYSTEM
+        probe_results = (
+            parts.run("probes", lambda: (self.probes(), "")) if self.probe and self.targets else {}
         )
 
-    def _processes(
-        self, main_pid: int, table: PortTable, groups: Dict[int, Tuple[processes.Scanned, ...]]
-    ) -> Tuple[ProcessSample, ...]:
-        """The program's processes with connections; scanned here unless sockets_and_groups already did."""
-        scanned = groups.get(main_pid)
-        if scanned is None:
-            scanned = groups[main_pid] = processes.scan_group(main_pid, self.cpu, self.proc_root)
-        return processes.attribute_group(scanned, table.inodes)
+        wait = self.cpu_window - (time.monotonic() - oldest)
+        if all_pids and not groups and wait > 0:
+            time.sleep(wait)
+        procs = parts.run("processes", lambda: self.processes(programs, view, groups)) if programs else {}
+        saved = self.restarts.save()
+        if saved:
+            parts.notes.append(saved)
+        snap = assemble(
+            self.targets,
+            view,
+            system_sample=sys_sample,
+            programs=programs,
+            procs=procs or {},
+            probes=probe_results or {},
+            parts=parts.results,
+            notes=parts.notes,
+            release=self.release,
+            hostname=socket.gethostname(),
+            now=time.time(),
+        )
+        return Look(snap, tuple(parts.results))
+
+    def _system_part(self, view: Optional[SocketView]) -> Tuple[SystemSample, str]:
+        notes: List[str] = []
+        return self.system(view, notes), "; ".join(notes)
+
+    def snapshot(self) -> Snapshot:
+        """One look for one-shot use; CollectError when the sockets could not be counted at all."""
+        look = self.look()
+        counted = look.part("sockets")
+        if counted is not None and not counted.ok:
+            raise CollectError(f"counting sockets failed: {counted.error}")
+        return look.snapshot

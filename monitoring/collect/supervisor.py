@@ -1,25 +1,27 @@
 """supervisord's XML-RPC interface over its unix socket, with the standard library only.
 
 supervisord serves XML-RPC at /RPC2 on its [unix_http_server] socket; xmlrpc.client just needs a transport
-that connects to a path instead of a TCP address.
+that connects to a path instead of a TCP address. This is sockops' one supervisord client: the monitoring
+collectors and the host control program (hostctl) both talk through `proxy` / `connect` / `translated`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
 import time
 import xmlrpc.client
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from monitoring.errors import SupervisorError
-from monitoring.model import ProgramSample
+from monitoring.errors import SupervisorDown, SupervisorError
+from monitoring.model import ProgramSample, Target
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: Optional[float]) -> None:
         super().__init__("localhost", timeout=timeout)
         self._unix_path = path
 
@@ -37,7 +39,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class UnixTransport(xmlrpc.client.Transport):
     """xmlrpc.client transport speaking HTTP over a unix stream socket."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: Optional[float] = 5.0) -> None:
         super().__init__()
         self._unix_path = path
         self._timeout = timeout
@@ -50,17 +52,26 @@ class UnixTransport(xmlrpc.client.Transport):
         return self._connection[1]
 
 
-def proxy(socket_path: str, timeout: float = 5.0) -> xmlrpc.client.ServerProxy:
+def proxy(socket_path: str, timeout: Optional[float] = 5.0) -> xmlrpc.client.ServerProxy:
+    """A proxy for supervisord at `socket_path`; use it in `with` so its connection is closed.
+
+    timeout: seconds per socket operation; None for calls that wait on supervisord (stopProcessGroup with
+    wait=True answers only once the group stopped, which may take the programs' stopwaitsecs).
+    """
     return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(socket_path, timeout))
 
 
-def all_process_info(socket_path: str, timeout: float = 5.0) -> List[Dict[str, Any]]:
-    """supervisor.getAllProcessInfo(), with errors that say what to check."""
+@contextlib.contextmanager
+def translated(socket_path: str) -> Iterator[None]:
+    """Turn what talking to supervisord can raise into a SupervisorError that says what to check.
+
+    SupervisorDown is kept apart: there is no supervisord (no socket, or nobody accepts on it), which is a
+    fact about the host, not a failure to look.
+    """
     try:
-        with proxy(socket_path, timeout) as server:
-            return list(server.supervisor.getAllProcessInfo())
+        yield
     except FileNotFoundError as exc:
-        raise SupervisorError(
+        raise SupervisorDown(
             f"supervisord socket {socket_path} does not exist: is sockops deployed and supervisord running?"
         ) from exc
     except PermissionError as exc:
@@ -69,13 +80,42 @@ def all_process_info(socket_path: str, timeout: float = 5.0) -> List[Dict[str, A
             "run as root or with sudo)"
         ) from exc
     except ConnectionRefusedError as exc:
-        raise SupervisorError(
+        raise SupervisorDown(
             f"supervisord socket {socket_path}: connection refused (stale socket: supervisord is not running)"
         ) from exc
     except xmlrpc.client.Fault as exc:
         raise SupervisorError(f"supervisord at {socket_path}: {exc.faultString}") from exc
     except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
         raise SupervisorError(f"supervisord socket {socket_path}: {exc}") from exc
+
+
+def connect(socket_path: str, timeout: Optional[float] = 5.0, wait: float = 0.0) -> xmlrpc.client.ServerProxy:
+    """A proxy once supervisord answers getState(), retried for up to `wait` seconds (it may just have been
+    started); raises SupervisorError / SupervisorDown. Close it with `with` like any proxy."""
+    deadline = time.monotonic() + wait
+    while True:
+        server = proxy(socket_path, timeout)
+        try:
+            with translated(socket_path):
+                server.supervisor.getState()
+            return server
+        except SupervisorError:
+            server("close")()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def all_process_info(socket_path: str, timeout: float = 5.0) -> List[Dict[str, Any]]:
+    """supervisor.getAllProcessInfo(), with errors that say what to check."""
+    with translated(socket_path), proxy(socket_path, timeout) as server:
+        return list(server.supervisor.getAllProcessInfo())
+
+
+def state_and_infos(socket_path: str, timeout: float = 5.0) -> Tuple[int, List[Dict[str, Any]]]:
+    """(supervisord's own pid, getAllProcessInfo()) over one connection."""
+    with translated(socket_path), proxy(socket_path, timeout) as server:
+        return int(server.supervisor.getPID()), list(server.supervisor.getAllProcessInfo())
 
 
 def program_sample(info: Dict[str, Any], restarts: Optional[int] = None) -> ProgramSample:
@@ -100,6 +140,44 @@ def program_sample(info: Dict[str, Any], restarts: Optional[int] = None) -> Prog
         spawn_error=str(info.get("spawnerr") or ""),
         description=str(info.get("description") or ""),
     )
+
+
+MISSING = "MISSING"  # the state of a program supervisord answers for but does not know
+
+
+def missing_program(name: str) -> ProgramSample:
+    """A program in the manifest that the answering supervisord does not know: as down as a stopped one."""
+    return ProgramSample(name, MISSING, 0, 0.0, None, None, 0, "", "not in supervisord")
+
+
+def program_samples(
+    targets: Sequence[Target], infos: Optional[Mapping[str, Mapping[str, Any]]], tracker: RestartTracker
+) -> Dict[str, ProgramSample]:
+    """Each target's program by target name: the one rule every consumer shares (pure but for the tracker).
+
+    supervisord answered (`infos` given): a program it does not know is MISSING (down, CRITICAL in the
+    verdict, program_up 0 in Prometheus). supervisord could not be asked (`infos` None): no sample at all, so
+    the verdict says UNKNOWN rather than guessing. Targets without a program (bare --port) get none either.
+
+    >>> t = [Target("a", "tcp", 1, program="p-a"), Target("b", "tcp", 2, program="p-b")]
+    >>> t.append(Target("c", "tcp", 3))
+    >>> infos = {"p-a": {"name": "p-a", "statename": "RUNNING", "start": 5}}
+    >>> out = program_samples(t, infos, RestartTracker())
+    >>> sorted((k, v.state) for k, v in out.items()), program_samples(t, None, RestartTracker())
+    ([('a', 'RUNNING'), ('b', 'MISSING')], {})
+    """
+    if infos is None:
+        return {}
+    out = {}
+    for t in targets:
+        if not t.program:
+            continue
+        info = infos.get(t.program)
+        if info is None:
+            out[t.name] = missing_program(t.program)
+        else:
+            out[t.name] = program_sample(info, tracker.observe(t.program, float(info.get("start") or 0)))
+    return out
 
 
 class RestartTracker:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from monitoring import probes, render
+from monitoring import metrics, probes, render
 from monitoring.collect import Collector
 from monitoring.model import Snapshot, from_dict, to_dict
 from monitoring.targets import read_manifest
@@ -30,6 +30,8 @@ MODULES = [
     "monitoring.targets",
     "monitoring.probes",
     "monitoring.render",
+    "monitoring.metrics",
+    "monitoring.collect.snapshot",
     "monitoring.verdict",
 ]
 
@@ -129,7 +131,7 @@ def test_renderers(supervised: Supervised) -> None:
     assert "\n" not in nagios
     assert "tcp-echo_latency=" in nagios
     assert nagios.startswith(f"SOCKOPS {verdict.status} - ")
-    prom = render.prometheus_text(render.metric_families(snap))
+    prom = metrics.prometheus_text(metrics.metric_families(snap))
     assert 'sockops_program_processes{program="sockops-tcp-echo"} 4' in prom
     assert 'sockops_program_up{program="sockops-udp-echo"} 1' in prom
     assert 'sockops_probe_success{service="transfer"} 1' in prom

@@ -131,7 +131,7 @@ def served(supervised: Supervised) -> Iterator[Exporter]:
 def test_worked_examples_in_docstrings() -> None:
     result = doctest.testmod(monitoring.exporter)
     assert result.failed == 0
-    assert result.attempted >= 2
+    assert result.attempted >= 1  # fd_usage moved to monitoring.metrics (tested with the other modules)
 
 
 def test_metrics_follow_conventions_and_pass_promtool(served: Exporter) -> None:

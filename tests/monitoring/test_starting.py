@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import hostctl.__main__ as hostctl
+from hostctl import control as hostctl
 from monitoring import probes
 from monitoring.collect import Collector
 from monitoring.model import ServiceSample, Snapshot
