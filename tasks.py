@@ -158,7 +158,7 @@ ns.add_task(build_python)
 # --- end build-python ---
 
 
-# --- deploy, rollback, status, restart, logs, undeploy (deploy/release.py, deploy/supervisor.py) ---------
+# --- deploy, rollback, status, restart, logs, undeploy (deploy/commands.py) -----------------------------
 @task(
     iterable=["host"],
     # automatic short flags would give ssh_config a broken `--` (s and h are taken): long flags only
@@ -180,9 +180,9 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
     c, host, python="", variant="", dry_run=False, accept_new_host_key=False, serial=0, ssh_config=""
 ):
     """Deploy the services under supervisord: new release, switch, restart what changed, health gate."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.deploy(
+    commands.deploy(
         c.config.sockops,
         _split(host),
         python=python,
@@ -198,9 +198,9 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
 @_user_errors
 def rollback(c, host, ssh_config=""):
     """Switch back to the previous release (health-gated; on failure returns to the current one)."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.rollback(c.config.sockops, _split(host), ssh_config=_ssh_config(c, ssh_config))
+    commands.rollback(c.config.sockops, _split(host), ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -210,9 +210,9 @@ def rollback(c, host, ssh_config=""):
 @_user_errors
 def status(c, host, json=False, ssh_config=""):
     """Show the current release and every supervised program (state, pid, uptime) per host."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.status(c.config.sockops, _split(host), as_json=json, ssh_config=_ssh_config(c, ssh_config))
+    commands.status(c.config.sockops, _split(host), as_json=json, ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -226,9 +226,9 @@ def status(c, host, json=False, ssh_config=""):
 @_user_errors
 def restart(c, host, program, ssh_config=""):
     """Restart supervised programs (all, or the given --program sockops-tcp-echo ...)."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.restart(c.config.sockops, _split(host), program, ssh_config=_ssh_config(c, ssh_config))
+    commands.restart(c.config.sockops, _split(host), program, ssh_config=_ssh_config(c, ssh_config))
 
 
 @task(
@@ -244,9 +244,9 @@ def restart(c, host, program, ssh_config=""):
 @_user_errors
 def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0917 - signature = the CLI
     """Show the tail of the services' logs from /var/log/sockops."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.logs(
+    commands.logs(
         c.config.sockops,
         _split(host),
         program,
@@ -267,9 +267,9 @@ def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0
 @_user_errors
 def undeploy(c, host, purge=False, ssh_config=""):
     """Stop sockops' supervisord and remove releases, config and logs from the host(s)."""
-    from deploy import runner
+    from deploy import commands
 
-    runner.undeploy(c.config.sockops, _split(host), purge=purge, ssh_config=_ssh_config(c, ssh_config))
+    commands.undeploy(c.config.sockops, _split(host), purge=purge, ssh_config=_ssh_config(c, ssh_config))
 
 
 for _t in (deploy, rollback, status, restart, logs, undeploy):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from invoke import Collection, Program
+
+from deploy.report import silence_stdout
 
 
 def _version() -> str:
@@ -20,4 +23,10 @@ def main() -> None:
     program = Program(
         namespace=Collection.from_module(tasks), name="sockops", binary="sockops", version=_version()
     )
-    program.run()
+    try:
+        program.run()
+    except BrokenPipeError:
+        # the reader went away (`sockops status | head`): no traceback, like other CLI tools; deploy output
+        # goes through deploy.report, which already drops it and lets the work finish
+        silence_stdout()
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command killed by the closed pipe

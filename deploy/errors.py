@@ -21,3 +21,15 @@ class HostKeyError(HostError):
 
 class ConfigError(DeployError):
     """Bad operator input: a flag value or an invoke.yaml entry."""
+
+
+class ReleaseError(DeployError):
+    """A deploy, rollback, restart or undeploy step failed on a host."""
+
+
+class PythonMissingError(ReleaseError):
+    """The target interpreter is missing or too old."""
+
+
+class HealthGateError(ReleaseError):
+    """The new release did not answer; the previous one was restored."""

@@ -15,15 +15,26 @@ Public API used by other modules:
     same_filesystem(c, a, b) -> bool         whether rename(2) between a and b can work
     missing_packages(c, family, names) -> tuple[str, ...]
                                              which of the distribution packages are not installed
+    read_facts(c, settings) -> HostFacts     everything a deploy needs about a host, in ONE command
+                                             (probe_script + parse_facts): OS, interpreter, releases,
+                                             wheelhouses, supervisord, installed config digests
+    parse_target(host, python, probe) -> wheelhouse.Target
+                                             the interpreter a wheelhouse is built for, or a clear error
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import shlex
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from invoke import Context, Result
+
+from deploy import wheelhouse
+from deploy.config import DeploySettings
+from deploy.errors import PythonMissingError, ReleaseError
 
 
 def _run(c: Context, cmd: str, *, warn: bool = False) -> Result:
@@ -225,3 +236,160 @@ def missing_packages(c: Context, family: str, names: Iterable[str]) -> tuple[str
     else:
         raise ValueError(f"no package manager known for distribution family {family!r}")
     return tuple(n for n in wanted if n not in installed)
+
+
+# --- the deploy's host facts: one probe, one parser ------------------------------------------------------
+
+MIN_PYTHON = (3, 7)
+_PY_PROBE = (
+    "import sys,sysconfig,platform,os;sys.stdout.write('%d.%d.%d %s %s %s' % (sys.version_info[0],"
+    "sys.version_info[1],sys.version_info[2],sysconfig.get_config_var('SOABI') or '-',platform.machine(),"
+    "(os.confstr('CS_GNU_LIBC_VERSION') or '-').replace(' ','-')))"
+)
+
+
+@dataclass(frozen=True)
+class ReleaseFact:
+    id: str
+    key: str
+    code: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Everything a deploy needs to know about a host, read in one command."""
+
+    uid: int
+    os: str
+    arch: str
+    systemd: bool
+    user_exists: bool
+    python: str  # raw probe output: "3.11.2 cpython-311-x86_64-linux-gnu x86_64 glibc-2.36" or "missing"
+    current: str  # release id `current` points at, "" if none
+    releases: tuple[ReleaseFact, ...]  # complete releases, sorted by id
+    incomplete: tuple[str, ...]
+    wheelhouses: tuple[str, ...]
+    supervisord_pid: int  # 0 = not running
+    supervisord_release: str
+    sha: dict[str, str] = field(default_factory=dict)  # installed file -> sha256 ("" if missing)
+    applied: dict[str, str] = field(default_factory=dict)
+
+    def release(self, rid: str) -> ReleaseFact | None:
+        return next((r for r in self.releases if r.id == rid), None)
+
+
+def probe_script(settings: DeploySettings) -> str:
+    p = settings.paths
+    q = shlex.quote
+    return f"""
+P={q(settings.python)}; B={q(p.base)}; E={q(p.etc)}; R={q(p.run)}
+echo "uid=$(id -u)"
+echo "arch=$(uname -m)"
+echo "osrelease=$(base64 -w0 /etc/os-release 2>/dev/null)"
+[ -d /run/systemd/system ] && echo systemd=1
+id -u {q(settings.user)} >/dev/null 2>&1 && echo user=1
+if [ -x "$P" ]; then echo "python=$("$P" -c {q(_PY_PROBE)} 2>&1 | head -c 300 | tr '\\n' ' ')"
+else echo python=missing; fi
+echo "current=$(basename "$(readlink "$B/current" 2>/dev/null)" 2>/dev/null)"
+for d in "$B"/releases/*/; do
+  [ -d "$d" ] || continue; n=$(basename "$d")
+  if [ -f "$d/release.json" ]; then echo "release=$n $(cat "$d/KEY") $(cat "$d/CODE")"
+  else echo "incomplete=$n"; fi
+done
+for d in "$B"/wheelhouse/*/; do [ -d "$d" ] && echo "wheelhouse=$(basename "$d")"; done
+pid=$(cat "$R/supervisord.pid" 2>/dev/null)
+if [ -n "$pid" ] && tr '\\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q supervisord; then
+  echo "supervisord=$pid $(cat "$R/supervisord.release" 2>/dev/null)"
+fi
+for f in "$E/supervisord.conf" "$E/services.json" {q(p.systemd_unit)}; do
+  echo "sha=$f $(sha256sum "$f" 2>/dev/null | cut -c1-64)"
+done
+echo "applied=$(base64 -w0 "$E/applied.json" 2>/dev/null)"
+"""
+
+
+def parse_facts(text: str) -> HostFacts:
+    """HostFacts from the probe's output (pure).
+
+    >>> f = parse_facts("uid=0\\npython=missing\\ncurrent=\\nrelease=r1 k1 c1\\nincomplete=r2\\n")
+    >>> f.uid, f.python, f.current, f.releases[0].key, f.incomplete, f.supervisord_pid
+    (0, 'missing', '', 'k1', ('r2',), 0)
+    """
+    values: dict[str, str] = {}
+    releases, incomplete, wheelhouses = [], [], []
+    sha: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key == "release":
+            parts = value.split()
+            if len(parts) == 3:
+                releases.append(ReleaseFact(*parts))
+        elif key == "incomplete":
+            incomplete.append(value)
+        elif key == "wheelhouse":
+            wheelhouses.append(value)
+        elif key == "sha":
+            path, _, digest = value.partition(" ")
+            sha[path] = digest.strip()
+        else:
+            values[key] = value.strip()
+    osname = ""
+    if values.get("osrelease"):
+        try:
+            osname = parse_os_release(base64.b64decode(values["osrelease"]).decode()).pretty_name
+        except (ValueError, UnicodeDecodeError):
+            osname = "unknown"
+    applied: dict[str, str] = {}
+    if values.get("applied"):
+        try:
+            applied = json.loads(base64.b64decode(values["applied"]))
+        except ValueError:
+            applied = {}
+    sup = values.get("supervisord", "").split()
+    return HostFacts(
+        uid=int(values.get("uid") or -1),
+        os=osname,
+        arch=values.get("arch", ""),
+        systemd=values.get("systemd") == "1",
+        user_exists=values.get("user") == "1",
+        python=values.get("python", "missing"),
+        current=values.get("current", ""),
+        releases=tuple(sorted(releases, key=lambda r: r.id)),
+        incomplete=tuple(incomplete),
+        wheelhouses=tuple(wheelhouses),
+        supervisord_pid=int(sup[0]) if sup else 0,
+        supervisord_release=sup[1] if len(sup) > 1 else "",
+        sha=sha,
+        applied=applied if isinstance(applied, dict) else {},
+    )
+
+
+def parse_target(host: str, python: str, probe: str) -> wheelhouse.Target:
+    """The interpreter facts, or a clear error pointing at `invoke build-python`."""
+    fix = f"run `invoke build-python --host {host}` (or pass --python PATH to a Python 3.7+ on the host)"
+    if probe == "missing":
+        raise PythonMissingError(f"{host}: no Python at {python}; {fix}")
+    parts = probe.split()
+    version = parse_python_version(parts[0]) if parts else None
+    if version is None:
+        raise PythonMissingError(f"{host}: {python} does not run ({probe.strip()[:200]!r}); {fix}")
+    if version[:2] < MIN_PYTHON:
+        found = ".".join(map(str, version))
+        raise PythonMissingError(f"{host}: {python} is Python {found}, sockops needs 3.7 or newer; {fix}")
+    if len(parts) < 4 or not parts[3].startswith("glibc-"):
+        raise PythonMissingError(
+            f"{host}: {python} is not linked against glibc ({probe!r}); sockops needs glibc"
+        )
+    major, _, minor = parts[3][len("glibc-") :].partition(".")
+    return wheelhouse.Target(
+        version=version, soabi=parts[1], machine=parts[2], glibc=(int(major), int(minor.split(".")[0]))
+    )
+
+
+def read_facts(c: Context, settings: DeploySettings) -> HostFacts:
+    out = c.run(probe_script(settings), hide=True, warn=True)
+    if out.failed and "uid=" not in out.stdout:
+        raise ReleaseError(f"reading host facts failed: {out.stderr.strip()[-300:]}")
+    return parse_facts(out.stdout)

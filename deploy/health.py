@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, TextIO
 
 from invoke import Context
 
+from deploy import fleet, report
 from deploy.config import Paths, deploy_settings
 from deploy.errors import ConfigError, DeployError
 from monitoring import render
@@ -185,18 +185,6 @@ def render_json(results: Sequence[HostHealth]) -> str:
 # --- tasks ----------------------------------------------------------------------------------------------
 
 
-def _connect(host: str, ssh_config: str, accept_new_host_key: bool) -> Context:
-    from deploy import hosts
-
-    return hosts.connect(host, ssh_config=ssh_config or None, accept_new_host_key=accept_new_host_key)
-
-
-def _close(c: Context) -> None:
-    close = getattr(c, "close", None)
-    if callable(close):
-        close()
-
-
 def check_hosts(
     cfg: Mapping[str, Any],
     hosts: Sequence[str],
@@ -205,27 +193,23 @@ def check_hosts(
     accept_new_host_key: bool = False,
     connect: Callable[[str], Context] | None = None,
 ) -> list[HostHealth]:
-    """Snapshot every host in parallel and judge each; a host that fails to answer is UNKNOWN."""
-    from deploy.hosts import on_hosts
-
+    """Snapshot every host in parallel (deploy.fleet) and judge each; a host that cannot answer is UNKNOWN."""
     th = thresholds(cfg)
     paths = host_paths(cfg)
-    connect = connect or (lambda h: _connect(h, ssh_config, accept_new_host_key))
-
-    def step(host: str) -> Snapshot:
-        c = connect(host)
-        try:
-            return fetch(c, host, paths, th)
-        finally:
-            _close(c)
-
-    results = []
-    for outcome in on_hosts(list(hosts), step):
-        if outcome.ok and outcome.value is not None:
-            results.append(judge(outcome.host, outcome.value, th))
-        else:
-            results.append(HostHealth(outcome.host, UNKNOWN, None, None, error=outcome.error))
-    return results
+    outcomes = fleet.run(
+        list(hosts),
+        lambda c, host: fetch(c, host, paths, th),
+        ssh_config=ssh_config,
+        accept_new_host_key=accept_new_host_key,
+        connect=connect,
+        say_failures=False,
+    )
+    return [
+        judge(o.host, o.value, th)
+        if o.ok and o.value is not None
+        else HostHealth(o.host, UNKNOWN, None, None, error=o.error)
+        for o in outcomes
+    ]
 
 
 def health(
@@ -239,9 +223,7 @@ def health(
 ) -> int:
     """`invoke health`: print the per-service lines (or JSON); return the Nagios exit code of the fleet."""
     results = check_hosts(cfg, hosts, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
-    out = out or sys.stdout
-    out.write((render_json(results) if as_json else render_lines(results)) + "\n")
-    out.flush()
+    report.emit(render_json(results) if as_json else render_lines(results), out)
     return EXIT_CODES[worst(r.status for r in results)]
 
 
@@ -292,16 +274,15 @@ def monitor(
     console = Console(file=out)
     if not console.is_terminal:  # piped or captured: don't squeeze the tables into 80 columns
         console = Console(file=out, width=200)
-    c = _connect(host, ssh_config, accept_new_host_key)
-    try:
+    # one interactive host: connected here (not in a fleet worker thread) so Ctrl-C reaches the watch loop
+    connect = fleet.connector(ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
+    with fleet.connected(host, connect) as c:
         if not watch:
             snap = fetch(c, host, paths, th)
             verdict = evaluate(snap, th)
             console.print(render.rich_renderable(snap, verdict))
             return verdict.exit_code
         return _watch(c, host, paths, th, console, interval=interval, count=count)
-    finally:
-        _close(c)
 
 
 def _watch(

@@ -1,4 +1,4 @@
-"""Turn `--host` values into Contexts, verify SSH host keys, and run one step per host in parallel.
+"""Turn `--host` values into Contexts and verify SSH host keys (deploy.fleet runs the steps on them).
 
 `connect("local")` is an `invoke.Context`; anything else is a `fabric.Connection` whose host key is checked
 against known_hosts like OpenSSH with `StrictHostKeyChecking yes` (Fabric alone would accept any key:
@@ -19,12 +19,9 @@ import hashlib
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import fabric
 import invoke
@@ -36,8 +33,6 @@ from paramiko.pkey import PKey
 from deploy.errors import DeployError, HostError, HostKeyError
 from deploy.hostspec import keygen_remove, known_hosts_name, parse_host
 from deploy.trust import check_trusted
-
-T = TypeVar("T")
 
 LOCAL = "local"
 ENV_SSH_CONFIG = "SOCKOPS_SSH_CONFIG"
@@ -288,98 +283,32 @@ class VerifiedConnection(fabric.Connection):
             raise HostError(f"{where}: SSH failed: {exc}") from exc
 
 
-# --- parallel steps ---------------------------------------------------------------------------------------
+# --- transitional: build-python's imports, until it moves onto deploy.fleet and deploy.report ------------
+# deploy/python_build.py still imports on_hosts, HostOutcome and summary_text from here. The first two are
+# the fleet's own (no second runner); summary_text is the old table layout its test checks. All three go when
+# build-python calls fleet.run and report.table.
 
 
-@dataclass(frozen=True)
-class HostOutcome(Generic[T]):
-    """What one host's step produced: a value, or the error message."""
+def __getattr__(name: str) -> Any:
+    if name == "on_hosts":
+        from deploy.fleet import fan_out
 
-    host: str
-    ok: bool
-    value: T | None
-    error: str
-    seconds: float
+        return fan_out
+    if name == "HostOutcome":
+        from deploy.outcome import HostOutcome
 
-
-def _describe(exc: BaseException) -> str:
-    """A DeployError already says host + fix; anything else gets its type so it is recognisable."""
-    return str(exc) if isinstance(exc, DeployError) else f"{type(exc).__name__}: {exc}"
+        return HostOutcome
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run_step(host: str, step: Callable[[str], T]) -> HostOutcome[T]:
-    start = time.monotonic()
-    try:
-        value = step(host)
-    except Exception as exc:  # one host failing must not stop the others; the outcome carries the message
-        return HostOutcome(
-            host=host, ok=False, value=None, error=_describe(exc), seconds=time.monotonic() - start
-        )
-    return HostOutcome(host=host, ok=True, value=value, error="", seconds=time.monotonic() - start)
-
-
-def on_hosts(
-    hosts: Sequence[str], step: Callable[[str], T], *, max_workers: int | None = None
-) -> list[HostOutcome[T]]:
-    """Run `step(host)` for every host, one host per worker thread; outcomes in the order of `hosts`."""
-    if not hosts:
-        return []
-    if len(set(hosts)) != len(hosts):
-        dupes = sorted({h for h in hosts if list(hosts).count(h) > 1})
-        raise HostError(f"host(s) given twice: {', '.join(dupes)}")
-    with ThreadPoolExecutor(max_workers=max_workers or len(hosts), thread_name_prefix="sockops-host") as pool:
-        return list(pool.map(lambda h: run_step(h, step), hosts))
-
-
-def failures(outcomes: Sequence[HostOutcome[Any]]) -> list[HostOutcome[Any]]:
-    return [o for o in outcomes if not o.ok]
-
-
-def raise_for_failures(outcomes: Sequence[HostOutcome[Any]], *, what: str) -> None:
-    """One DeployError naming every failed host, if any failed."""
-    failed = failures(outcomes)
-    if failed:
-        # a DeployError message already starts with its host
-        detail = "; ".join(o.error if o.error.startswith(o.host) else f"{o.host}: {o.error}" for o in failed)
-        raise DeployError(f"{what} failed on {len(failed)} of {len(outcomes)} host(s): {detail}")
-
-
-def summary_rows(
-    outcomes: Sequence[HostOutcome[Any]], *, describe: Callable[[Any], str] = str
-) -> list[tuple[str, str, str, str]]:
-    """(host, status, seconds, detail) per outcome; pure, shared by the table and the text renderer.
-
-    >>> summary_rows([HostOutcome("web1", True, "3 changed", "", 1.234)])
-    [('web1', 'ok', '1.2s', '3 changed')]
-    """
-    rows = []
+def summary_text(outcomes: Sequence[Any], *, describe: Callable[[Any], str] = str) -> str:
+    """The old build-python table: HOST STATUS TIME DETAIL and a totals line (transitional, see above)."""
+    rows = [("HOST", "STATUS", "TIME", "DETAIL")]
     for o in outcomes:
         detail = describe(o.value) if o.ok and o.value is not None else o.error
         rows.append((o.host, "ok" if o.ok else "FAILED", f"{o.seconds:.1f}s", detail))
-    return rows
-
-
-def summary_text(outcomes: Sequence[HostOutcome[Any]], *, describe: Callable[[Any], str] = str) -> str:
-    """Plain-text per-host summary, columns aligned, plus a totals line."""
-    rows = [("HOST", "STATUS", "TIME", "DETAIL"), *summary_rows(outcomes, describe=describe)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
-    bad = len(failures(outcomes))
+    bad = sum(1 for o in outcomes if not o.ok)
     lines.append(f"{len(outcomes) - bad} ok, {bad} failed")
     return "\n".join(lines)
-
-
-def summary_table(
-    outcomes: Sequence[HostOutcome[Any]], *, title: str = "", describe: Callable[[Any], str] = str
-) -> Any:
-    """The same summary as a rich Table (print it with rich.console.Console)."""
-    from rich.table import Table
-
-    table = Table(title=title or None)
-    for name, justify in (("host", "left"), ("status", "left"), ("time", "right"), ("detail", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for host, status, seconds, detail in summary_rows(outcomes, describe=describe):
-        table.add_row(
-            host, f"[green]{status}[/]" if status == "ok" else f"[bold red]{status}[/]", seconds, detail
-        )
-    return table

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from deploy import release, supervisor, wheelhouse
+from deploy import operate, supervisor, wheelhouse
+from deploy import plan as planning
 from deploy.config import DEFAULTS, ConfigError, Paths, deploy_settings
-from deploy.release import HostFacts, ReleaseFact, parse_facts, parse_target, plan
+from deploy.errors import PythonMissingError
+from deploy.facts import HostFacts, ReleaseFact, parse_facts, parse_target
+from deploy.plan import plan
 
 PY37 = Path("/root/.pyenv/versions/3.7.16/bin/python3")
 
@@ -183,19 +186,19 @@ def test_parse_facts():
     assert (f.supervisord_pid, f.supervisord_release) == (4242, "r1")
     assert f.sha["/etc/sockops/supervisord.conf"] == "abc"
     assert f.applied == {"sockops-tcp-echo": "f1"}
-    assert release.previous_release(f) == "r1"
+    assert operate.previous_release(f) == "r1"
 
 
 def test_parse_target_and_clear_python_errors():
     t = parse_target("web1", "/p", "3.7.16 cpython-37m-x86_64-linux-gnu x86_64 glibc-2.36")
     assert (t.version, t.abi, t.glibc) == ((3, 7, 16), "cp37m", (2, 36))
     with pytest.raises(
-        release.PythonMissingError, match=r"web1: no Python at /p; run `invoke build-python --host web1`"
+        PythonMissingError, match=r"web1: no Python at /p; run `invoke build-python --host web1`"
     ):
         parse_target("web1", "/p", "missing")
-    with pytest.raises(release.PythonMissingError, match=r"Python 3\.6\.15, sockops needs 3\.7 or newer"):
+    with pytest.raises(PythonMissingError, match=r"Python 3\.6\.15, sockops needs 3\.7 or newer"):
         parse_target("web1", "/p", "3.6.15 cpython-36m-x86_64-linux-gnu x86_64 glibc-2.36")
-    with pytest.raises(release.PythonMissingError, match="does not run"):
+    with pytest.raises(PythonMissingError, match="does not run"):
         parse_target("web1", "/p", "/p: cannot execute binary file")
 
 
@@ -221,8 +224,8 @@ def _converged(s, wh, desired) -> HostFacts:
         supervisord_pid=7,
         supervisord_release=rid,
         sha={
-            s.paths.conf: release._sha(desired.conf),
-            s.paths.manifest: release._sha(desired.manifest(s, rid)),
+            s.paths.conf: planning.sha(desired.conf),
+            s.paths.manifest: planning.sha(desired.manifest(s, rid)),
         },
         applied=dict(desired.fingerprints),
     )
@@ -230,7 +233,7 @@ def _converged(s, wh, desired) -> HostFacts:
 
 def test_plan_converged_host_is_unchanged_and_drift_is_repaired():
     s, wh = settings(), _wh()
-    desired = release.desired_state(s, wh, python_probe="3.11.2 x", systemd=False)
+    desired = planning.desired_state(s, wh, python_probe="3.11.2 x", systemd=False)
     facts = _converged(s, wh, desired)
     assert plan(s, facts, desired, wh).changes == ()
     stopped = plan(s, replace(facts, supervisord_pid=0), desired, wh)
@@ -244,7 +247,7 @@ def test_plan_converged_host_is_unchanged_and_drift_is_repaired():
 
 def test_plan_variant_change_makes_new_release_restarting_one_program():
     s, wh = settings(), _wh()
-    desired = release.desired_state(s, wh, python_probe="3.11.2 x", systemd=False)
+    desired = planning.desired_state(s, wh, python_probe="3.11.2 x", systemd=False)
     facts = _converged(s, wh, desired)
     s2 = deploy_settings(
         {
@@ -255,7 +258,7 @@ def test_plan_variant_change_makes_new_release_restarting_one_program():
             },
         }
     )
-    d2 = release.desired_state(s2, wh, python_probe="3.11.2 x", systemd=False)
+    d2 = planning.desired_state(s2, wh, python_probe="3.11.2 x", systemd=False)
     p = plan(s2, facts, d2, wh)
     assert not p.reuse
     assert not p.upload  # the wheelhouse is already on the host
@@ -265,7 +268,7 @@ def test_plan_variant_change_makes_new_release_restarting_one_program():
 
 def test_prune_keeps_newest_current_and_supervisords_release():
     f = parse_facts("\n".join(f"release=r{i} k{i} c{i % 2}" for i in range(8)) + "\nincomplete=rX\n")
-    doomed, codes = release.prune_plan(f, keep=5, protect=["r0", "r1"])
+    doomed, codes = planning.prune_plan(f, keep=5, protect=["r0", "r1"])
     assert doomed == ["r2", "rX"]
     assert codes == {"c0", "c1"}
 

@@ -1,0 +1,323 @@
+"""The steps of a deploy on one host; each takes a Context and uses only run/sudo/put.
+
+Every step is idempotent, acts on what deploy.plan found different, and raises ReleaseError naming the host
+and what failed. In order: base (user, directories) -> upload (wheelhouse) -> release (venv + config files,
+release.json last) -> switch (`current`) -> supervisord -> apply (restart what changed) -> health gate (on
+failure: back to the previous release) -> prune. Host-side work goes through the release's own
+`python -m hostctl`, run as root.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from invoke import Context
+
+from deploy import plan, wheelhouse
+from deploy.config import DeploySettings
+from deploy.errors import DeployError, HealthGateError, ReleaseError
+from deploy.facts import HostFacts
+from deploy.plan import Desired, sha
+
+Say = Callable[[str], None]
+HOST_COMPILED = ("services", "monitoring", "supervisor", "psutil", "prometheus_client", "hostctl")
+
+
+def root_run(c: Context, script: str, *, uid: int, what: str, host: str, warn: bool = False) -> Any:
+    """Run a shell script with root rights (sudo when the login user is not root)."""
+    cmd = f"sh -c {shlex.quote('set -e; ' + script)}"
+    result = c.run(cmd, hide=True, warn=True) if uid == 0 else c.sudo(cmd, hide=True, warn=True)
+    if result.failed and not warn:
+        detail = (result.stderr.strip() or result.stdout.strip())[-800:]
+        raise ReleaseError(f"{host}: {what} failed (exit {result.exited}): {detail}")
+    return result
+
+
+def write_files_script(files: dict[str, tuple[str, str]]) -> str:
+    """Shell that writes each path atomically (tmp + rename) from base64 content; {path: (content, mode)}."""
+    lines = []
+    for path, (content, mode) in files.items():
+        q, tmp = shlex.quote(path), shlex.quote(path + ".sockops-tmp")
+        b64 = base64.b64encode(content.encode()).decode()
+        lines.append(
+            f"mkdir -p $(dirname {q}); printf %s {b64} | base64 -d > {tmp}; chmod {mode} {tmp}; "
+            f"mv -f {tmp} {q}"
+        )
+    return "\n".join(lines)
+
+
+def step_base(c: Context, settings: DeploySettings, facts: HostFacts, *, host: str) -> None:
+    """System user + directories (idempotent)."""
+    p, q = settings.paths, shlex.quote
+    user = q(settings.user)
+    script = (
+        f"id -u {user} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent "
+        f"--shell /usr/sbin/nologin {user}\n"
+        f"mkdir -p {q(p.releases)} {q(p.wheelhouses)} {q(p.etc)} {q(p.run)} {q(p.log)} {q(p.files)}\n"
+        f"chmod 0700 {q(p.run)}\nchmod 0755 {q(p.files)}"
+    )
+    root_run(c, script, uid=facts.uid, what="creating the service user and directories", host=host)
+
+
+def put(c: Context, local: str, remote: str) -> None:
+    """Upload a file: Fabric's put over SSH, a plain copy for the local host."""
+    if hasattr(c, "put"):
+        c.put(local, remote=remote)
+    else:
+        c.run(f"cp {shlex.quote(local)} {shlex.quote(remote)}", hide=True)
+
+
+def step_upload(
+    c: Context, settings: DeploySettings, wh: wheelhouse.Wheelhouse, facts: HostFacts, *, host: str
+) -> None:
+    """Ship the wheelhouse tar and unpack it to <base>/wheelhouse/<hash> (staged, then renamed)."""
+    p = settings.paths
+    tar = f"{p.wheelhouses}/.upload-{wh.short}-{os.getpid()}.tar"
+    put(c, str(wh.bundle), tar)
+    final, stage = f"{p.wheelhouses}/{wh.short}", f"{p.wheelhouses}/.stage-{wh.short}"
+    q = shlex.quote
+    script = f"rm -rf {q(stage)}; mkdir -p {q(stage)}; tar -xf {q(tar)} -C {q(stage)}; rm -f {q(tar)}; "
+    script += f"rm -rf {q(final)}; mv {q(stage)} {q(final)}"
+    root_run(c, script, uid=facts.uid, what="unpacking the wheelhouse", host=host)
+
+
+def step_release(  # noqa: PLR0917 - one positional per input a release is made of
+    c: Context,
+    settings: DeploySettings,
+    wh: wheelhouse.Wheelhouse,
+    desired: Desired,
+    release: str,
+    facts: HostFacts,
+    *,
+    host: str,
+) -> None:
+    """Fresh venv from the wheelhouse (--no-index), the release's config files, release.json last."""
+    p, q = settings.paths, shlex.quote
+    rdir, whdir = f"{p.releases}/{release}", f"{p.wheelhouses}/{wh.short}"
+    meta = {
+        "id": release,
+        "key": desired.key,
+        "code": wh.code_hash,
+        "python": settings.python,
+        "python_probe": facts.python,
+        "wheels": list(wh.wheels),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": f"{os.environ.get('USER', '?')}@{os.uname().nodename}",
+    }
+    files = {
+        f"{rdir}/supervisord.conf": (desired.conf, "0644"),
+        f"{rdir}/services.json": (desired.manifest(settings, release), "0644"),
+        f"{rdir}/fingerprints.json": (json.dumps(desired.fingerprints, sort_keys=True), "0644"),
+        f"{rdir}/KEY": (desired.key, "0644"),
+        f"{rdir}/CODE": (wh.code_hash[:16], "0644"),
+    }
+    reqs = " ".join(wheelhouse.install_requirements(wh.target.version))
+    # the services run as the service user: an interpreter under e.g. /root (mode 0700) would exit 127
+    user_check = (
+        f"runuser -u {q(settings.user)} -- {q(settings.python)} -c pass || "
+        f"{{ echo 'the service user {settings.user} cannot run {settings.python} (check the permissions of "
+        f"its directories, or set sockops.user)' >&2; exit 3; }}\n"
+    )
+    script = (
+        user_check + f"rm -rf {q(rdir)}; mkdir -p {q(rdir)}\n"
+        f"{q(settings.python)} -m venv --without-pip {q(rdir + '/venv')}\n"
+        f'set -- {q(whdir)}/pip-*.whl; [ -f "$1" ] || {{ echo "no pip wheel in {whdir}" >&2; exit 3; }}\n'
+        f'{q(rdir + "/venv/bin/python")} "$1/pip" install --quiet --no-index --disable-pip-version-check '
+        f"--no-cache-dir --no-compile --find-links {q(whdir)} {reqs}\n"
+        # byte-compile only what runs on the host (services run as a user that cannot write __pycache__);
+        # compiling all of rich/pygments would double the venv build time
+        f"cd {q(rdir)}/venv/lib/python*/site-packages && "
+        f"{q(rdir + '/venv/bin/python')} -m compileall -q -j 0 "
+        f"{' '.join(HOST_COMPILED)} >/dev/null; cd /\n"
+        + write_files_script(files)
+        + "\n"
+        + write_files_script({f"{rdir}/release.json": (json.dumps(meta, indent=2) + "\n", "0644")})
+    )
+    root_run(c, script, uid=facts.uid, what=f"creating release {release}", host=host)
+
+
+def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str) -> None:
+    """Point `current` at the release (rename of a temp symlink) and install its config copies in /etc."""
+    p, q = settings.paths, shlex.quote
+    rdir = f"{p.releases}/{release}"
+    tmp_link = f"{p.base}/.current-{release}"
+    script = (
+        f"[ -f {q(rdir + '/release.json')} ] || {{ echo 'release {release} is incomplete' >&2; exit 3; }}\n"
+        f"ln -sfn releases/{q(release)} {q(tmp_link)}; mv -T {q(tmp_link)} {q(p.current)}\n"
+    )
+    for name, target in (("supervisord.conf", p.conf), ("services.json", p.manifest)):
+        tmp = q(target + ".sockops-tmp")
+        script += f"cp {q(rdir + '/' + name)} {tmp}; mv -f {tmp} {q(target)}\n"
+    root_run(c, script, uid=facts.uid, what=f"switching to release {release}", host=host)
+
+
+def hostctl(settings: DeploySettings, release: str, *args: str) -> str:
+    p, q = settings.paths, shlex.quote
+    py = f"{p.releases}/{release}/venv/bin/python"
+    return " ".join([q(py), "-m", wheelhouse.HOSTCTL_MODULE, "--socket", q(p.socket), *[q(a) for a in args]])
+
+
+def hostctl_json(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *args: str, what: str, host: str
+) -> dict[str, Any]:
+    """Run a hostctl command as root; its last stdout line is its JSON document, even on exit 1."""
+    cmd = hostctl(settings, release, *args)
+    result = root_run(c, cmd, uid=facts.uid, what=what, host=host, warn=True)
+    return json_result(result, host=host, what=what)
+
+
+def json_result(result: Any, *, host: str, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        detail = (result.stderr.strip() or result.stdout.strip())[-800:]
+        raise ReleaseError(f"{host}: {what}: unexpected output (exit {result.exited}): {detail}") from exc
+
+
+def step_supervisord(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, unit: str, host: str
+) -> bool:
+    """Start sockops' supervisord if it is not running; returns True when it was started now."""
+    p, q = settings.paths, shlex.quote
+    if unit and (facts.supervisord_pid == 0 or facts.sha.get(p.systemd_unit) != sha(unit)):
+        script = write_files_script({p.systemd_unit: (unit, "0644")})
+        script += "\nsystemctl daemon-reload\nsystemctl enable sockops-supervisord.service"
+        script += (
+            "\nsystemctl is-active --quiet sockops-supervisord.service || systemctl start sockops-supervisord"
+        )
+        root_run(c, script, uid=facts.uid, what="starting supervisord (systemd)", host=host)
+        return facts.supervisord_pid == 0
+    if facts.supervisord_pid:
+        return False
+    py = f"{p.releases}/{release}/venv/bin/python"
+    # supervisord daemonizes (setsid + fork) and so outlives this SSH session; we name the release's real path
+    # so pruning never deletes the code a running supervisord imports from.
+    script = (
+        f"mkdir -p {q(p.run)} {q(p.log)}; chmod 0700 {q(p.run)}\n"
+        f"echo {q(release)} > {q(p.run + '/supervisord.release')}\n"
+        f"{q(py)} -m supervisor.supervisord -c {q(p.conf)} </dev/null >>{q(p.log + '/supervisord.out')} 2>&1 "
+        f"|| {{ tail -n 15 {q(p.log + '/supervisord.out')} >&2; exit 1; }}"
+    )
+    root_run(c, script, uid=facts.uid, what="starting supervisord", host=host)
+    return True
+
+
+def step_apply(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, fresh: bool, host: str
+) -> dict[str, Any]:
+    """XML-RPC: reloadConfig, add/remove groups, restart programs whose fingerprint changed."""
+    p = settings.paths
+    want = f"{p.releases}/{release}/fingerprints.json"
+    args = ["apply", "--applied", p.applied, "--conf", p.conf, "--want-file", want]
+    args += ["--fresh"] if fresh else []
+    doc = hostctl_json(c, settings, release, facts, *args, what="applying supervisord changes", host=host)
+    if not doc.get("ok"):
+        raise ReleaseError(f"{host}: applying supervisord changes failed: {doc.get('error')}")
+    return doc
+
+
+def step_health(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str
+) -> dict[str, Any]:
+    """Every service in the manifest answers a real request within the health timeout."""
+    args = ("--timeout", str(settings.health_timeout), "health", "--manifest", settings.paths.manifest)
+    return hostctl_json(c, settings, release, facts, *args, what="health gate", host=host)
+
+
+def step_prune(
+    c: Context, settings: DeploySettings, facts: HostFacts, keep_ids: Sequence[str], *, host: str
+) -> list[str]:
+    """Remove releases past the newest N (never current/supervisord's), incomplete ones, unused wheels."""
+    doomed, keep_codes = plan.prune_plan(facts, keep=settings.keep_releases, protect=keep_ids)
+    old_wh = [w for w in facts.wheelhouses if w not in keep_codes]
+    if not doomed and not old_wh:
+        return []
+    p, q = settings.paths, shlex.quote
+    paths = [f"{p.releases}/{r}" for r in doomed] + [f"{p.wheelhouses}/{w}" for w in old_wh]
+    root_run(c, "rm -rf " + " ".join(q(x) for x in paths), uid=facts.uid, what="pruning releases", host=host)
+    return doomed
+
+
+def activate(
+    c: Context,
+    settings: DeploySettings,
+    release: str,
+    facts: HostFacts,
+    desired: Desired | None,
+    *,
+    host: str,
+    say: Say,
+) -> dict[str, Any]:
+    """Switch to `release`, make supervisord run it, restart what changed. Returns the apply summary."""
+    step_switch(c, settings, release, facts, host=host)
+    if facts.current != release:
+        say(f"current -> {release}")
+    unit = desired.unit if desired is not None else ""
+    fresh = step_supervisord(c, settings, release, facts, unit=unit, host=host)
+    if fresh:
+        say("started supervisord")
+    doc = step_apply(c, settings, release, facts, fresh=fresh, host=host)
+    for what in ("added", "changed", "removed", "restarted"):
+        if doc.get(what):
+            say(f"{what}: {', '.join(doc[what])}")
+    return doc
+
+
+def health_failure(doc: dict[str, Any]) -> str:
+    bad = {n: r for n, r in doc.get("services", {}).items() if not r.get("ok")}
+    lines = [f"  {n}: {r.get('state')} {r.get('error')}" for n, r in sorted(bad.items())]
+    if doc.get("error"):
+        lines.append(f"  {doc['error']}")
+    for program, tail in sorted(doc.get("logs", {}).items()):
+        lines.append(f"  --- log tail of {program} ---")
+        lines.extend("  " + ln for ln in tail.splitlines())
+    return "\n".join(lines)
+
+
+def health_gate(  # noqa: PLR0917 - internal; the call sites read as a sentence
+    c: Context,
+    settings: DeploySettings,
+    facts: HostFacts,
+    new: str,
+    previous: str,
+    desired: Desired | None,
+    *,
+    host: str,
+    say: Say,
+) -> None:
+    """Health gate; on failure go back to `previous`, verify it answers, raise with the new release's logs."""
+    doc = step_health(c, settings, new, facts, host=host)
+    if doc.get("ok"):
+        say("health gate passed: " + ", ".join(sorted(doc.get("services", {}))))
+        return
+    detail = health_failure(doc)
+    if not previous:
+        raise HealthGateError(
+            f"{host}: release {new} failed the health gate and there is no previous release:\n{detail}"
+        )
+    say(f"health gate FAILED for {new}; switching back to {previous}")
+    after = replace(facts, supervisord_pid=facts.supervisord_pid or 1)  # supervisord runs by now
+    try:
+        activate(c, settings, previous, after, desired, host=host, say=say)
+        back = step_health(c, settings, previous, after, host=host)
+    except DeployError as exc:
+        raise HealthGateError(
+            f"{host}: release {new} failed the health gate, and switching back to {previous} failed too: "
+            f"{exc}\n"
+            f"{detail}"
+        ) from exc
+    state = (
+        "previous release answers again"
+        if back.get("ok")
+        else "previous release ALSO fails:\n" + health_failure(back)
+    )
+    raise HealthGateError(
+        f"{host}: release {new} failed the health gate; switched back to {previous} ({state})\n{detail}"
+    )
