@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import os
 import subprocess
 import sys
@@ -10,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import python37 as py37
+from tests.python37 import python37
+
 ROOT = Path(__file__).resolve().parent.parent
 # Shipped to hosts and run on the interpreter built there (3.7+).
 HOST_SIDE = ("services", "monitoring", "hostctl")
-PY37_CANDIDATES = (
-    "/root/.pyenv/versions/3.7.16/bin/python3",
-    "/usr/local/bin/python3.7",
-    "/usr/bin/python3.7",
-)
 
 
 def _tool(name: str) -> str:
@@ -46,11 +45,6 @@ def test_host_side_needs_at_most_python_3_7(package: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _python37() -> str | None:
-    found = [p for p in PY37_CANDIDATES if os.access(p, os.X_OK)]
-    return found[0] if found else None
-
-
 def _modules(package: str) -> list[str]:
     return sorted(
         ".".join(p.relative_to(ROOT).with_suffix("").parts)
@@ -62,9 +56,9 @@ def _modules(package: str) -> list[str]:
 @pytest.mark.parametrize("package", HOST_SIDE)
 def test_host_side_compiles_on_a_real_python_3_7(package: str) -> None:
     """A real 3.7 compiler catches what a static checker may miss; services must import too (stdlib only)."""
-    python = _python37()
+    python = python37()
     if python is None:
-        pytest.skip("no Python 3.7 interpreter on this machine (vermin above still checks the floor)")
+        pytest.fail("no Python 3.7 found and none could be built (see tests/python37.py)")
     result = _run([python, "-m", "compileall", "-q", "-f", package])
     assert result.returncode == 0, result.stdout + result.stderr
     # monitoring needs psutil, which a bare 3.7 lacks; the deploy tests install and run it there
@@ -156,3 +150,57 @@ def test_cycle_finder_sees_a_cycle() -> None:
 def test_no_import_cycle_between_production_packages() -> None:
     graph = _package_graph()
     assert _cycle(graph) == [], f"import cycle between packages: {' -> '.join(_cycle(graph))}; graph: {graph}"
+
+
+def _fake_python(path: Path, version: str) -> Path:
+    """An executable that answers the version check like a Python `version` would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho {version}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_python37_is_looked_for_on_path_then_pyenv_then_the_prefix_then_the_cache(tmp_path):
+    home = tmp_path / "home"
+    for v in ("3.7.9", "3.7.16", "3.8.1"):
+        _fake_python(home / ".pyenv" / "versions" / v / "bin" / "python3", v[:3])
+    on_path = _fake_python(tmp_path / "bin" / "python3.7", "3.7")
+    env = {"PATH": str(tmp_path / "bin"), "PYENV_ROOT": str(home / ".pyenv")}
+    found = py37.candidates(env, home, prefix=tmp_path / "cache")
+    assert found[:3] == [
+        str(on_path),
+        str(home / ".pyenv/versions/3.7.16/bin/python3"),
+        str(home / ".pyenv/versions/3.7.9/bin/python3"),
+    ]
+    assert found[-2:] == ["/usr/local/python3/bin/python3", str(tmp_path / "cache/bin/python3")]
+    explicit = {**env, py37.ENV_PYTHON: "/opt/py37/bin/python3"}
+    assert py37.candidates(explicit, home, prefix=tmp_path / "cache")[0] == "/opt/py37/bin/python3"
+
+
+def test_python37_candidates_are_run_to_check_their_version(tmp_path):
+    wrong = _fake_python(tmp_path / "bin" / "python3.7", "3.8")  # e.g. a pyenv shim pointing elsewhere
+    env = {"PATH": str(tmp_path / "bin"), "PYENV_ROOT": str(tmp_path / "nopyenv")}
+    assert not py37.is_python37(str(wrong))
+    assert py37.is_python37(str(_fake_python(tmp_path / "cache" / "bin" / "python3", "3.7")))
+    found = py37.find(env, home=tmp_path / "home", prefix=tmp_path / "cache")
+    assert found == str(tmp_path / "cache/bin/python3")
+
+
+def test_python37_build_goes_through_build_python_and_verifies_the_source(tmp_path):
+    """The build path up to the checksum: a tarball that is not 3.7.17's is refused before any build."""
+    from deploy.python_build import BuildError
+
+    bogus = tmp_path / "Python-3.7.17.tar.xz"
+    bogus.write_bytes(b"not a tarball")
+    with pytest.raises(BuildError, match=r"checksum mismatch .* expected 7911051e"):
+        py37.build(tmp_path / "py37", source=str(bogus), stream=io.StringIO())
+    assert not (tmp_path / "py37" / "bin").exists()
+
+
+@pytest.mark.build
+@pytest.mark.skipif(not os.environ.get(py37.ENV_SOURCE), reason=f"set {py37.ENV_SOURCE} to a 3.7.17 tarball")
+def test_python37_builds_once_into_a_private_prefix(tmp_path):
+    prefix = tmp_path / "py37"
+    python = py37.build(prefix, source=os.environ[py37.ENV_SOURCE])
+    assert py37.is_python37(python)
+    assert py37.build(prefix, source=os.environ[py37.ENV_SOURCE]) == python  # second time: found, not built

@@ -22,6 +22,7 @@ import pytest
 from devtools import testhosts as th
 from services import client
 from services.errors import ClientError
+from tests.python37 import python37
 
 SOCKOPS = str(Path(sys.executable).with_name("sockops"))
 TCP, TRANSFER = 8080, 8081
@@ -267,7 +268,7 @@ def test_unknown_host_key_refused_accept_new_once_then_changed_key_refused(fleet
 
 def test_local_deploy_on_python37_then_311_then_undeploy(tmp_path):
     """`--host local` (no SSH) with private paths and ports; first onto a real 3.7, then the system 3.11."""
-    py37 = "/root/.pyenv/versions/3.7.16/bin/python3"
+    py37 = python37() or "/nonexistent/python3.7"  # found, or built once (tests/python37.py)
     if not Path(py37).exists():
         pytest.fail(f"{py37} is missing; install 3.7.16 with pyenv (oldest supported host Python)")
     base = tmp_path / "host"

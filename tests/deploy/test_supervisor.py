@@ -18,8 +18,9 @@ from deploy.config import DEFAULTS, ConfigError, Paths, deploy_settings
 from deploy.errors import PythonMissingError
 from deploy.facts import HostFacts, ReleaseFact, parse_facts, parse_target
 from deploy.plan import plan
+from tests.python37 import python37
 
-PY37 = Path("/root/.pyenv/versions/3.7.16/bin/python3")
+PY37 = Path(python37() or "/nonexistent/python3.7")  # found, or built once (tests/python37.py)
 
 
 def settings(**over):

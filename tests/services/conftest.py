@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from services.addr import VARIANTS
+from tests.python37 import python37
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_PYTHON = os.environ.get("SOCKOPS_SERVICE_PYTHON") or sys.executable
-PY37 = "/root/.pyenv/versions/3.7.16/bin/python"
+PY37 = python37() or "/nonexistent/python3.7"  # found, or built once (tests/python37.py)
 LISTENING = re.compile(r"listening (tcp|udp) (\S+):(\d+)")
 START_BOUND = 20.0  # seconds a server may take to log its address on a busy machine
 STOP_BOUND = 20.0
