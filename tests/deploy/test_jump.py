@@ -54,6 +54,8 @@ def inner_sshd_config() -> str:
             "UsePAM no",
             "StrictModes no",
             "UseDNS no",
+            "Subsystem sftp internal-sftp",  # deploys upload with SFTP
+            "MaxSessions 100",  # and open several sessions at once
             "",
         ]
     )
@@ -218,3 +220,19 @@ def test_changed_key_on_a_non_22_port_hint_removes_the_real_entry(lab, tmp_path,
     assert wrong not in kh.read_text()
     assert ssh_connection("inner", cfg, accept_new_host_key=True)[2:] == ["127.0.0.1", str(INNER_PORT)]
     assert f"[127.0.0.1]:{INNER_PORT} {lab.inner_public}" in kh.read_text()
+
+
+def test_deploy_health_status_undeploy_through_the_bastion(lab, config_with, tmp_path):
+    # the whole CLI path through ProxyJump, to a host the operator's machine cannot reach directly
+    from tests.deploy.test_release import ok, sockops, write_cfg
+
+    ssh = config_with(bastion=lab.bastion_public)
+    cfg = write_cfg(tmp_path / "c.yaml")
+    try:
+        assert "[inner] health gate passed" in ok(sockops(cfg, "deploy", "--host", "inner", ssh_config=ssh))
+        assert "=> OK" in ok(sockops(cfg, "health", "--host", "inner", ssh_config=ssh))
+        [doc] = json.loads(ok(sockops(cfg, "status", "--json", "--host", "inner", ssh_config=ssh)))
+        current = lab.fleet.exec(lab.bastion.name, ["readlink", "/srv/sockops/current"]).stdout.strip()
+        assert doc["release"] == os.path.basename(current)  # the host behind the bastion is the one deployed
+    finally:
+        ok(sockops(cfg, "undeploy", "--host", "inner", ssh_config=ssh))
