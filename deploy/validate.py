@@ -22,12 +22,14 @@ from typing import Any
 
 from invoke.util import yaml
 
+from deploy import trust
 from deploy.errors import ConfigError
 from services import addr
 
-# invoke's config files, in the order invoke reads them (later ones win); .py files are code, not data.
+# invoke's config files, in the order invoke reads them (later ones win). A .py file is code invoke executes:
+# it is only checked for who could have written it, never parsed here.
 CONFIG_PREFIXES = ("/etc/invoke", "~/.invoke")
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".py")
 MAX_WORKERS = 256
 RISKY_KEY = "allow_risky"
 
@@ -128,7 +130,11 @@ def config_files(project_dir: str | None, runtime: str | None = None) -> list[Pa
 
 
 def check_files(files: Sequence[Path], defaults: Mapping[str, Any]) -> None:
-    problems = [p for f in files for p in file_problems(str(f), f.read_text(errors="replace"), defaults)]
+    """Refuse files another user could have written (they decide what runs as root), then check shapes."""
+    for f in files:
+        trust.check_trusted(f, "invoke config file")
+    data = [f for f in files if f.suffix != ".py"]
+    problems = [p for f in data for p in file_problems(str(f), f.read_text(errors="replace"), defaults)]
     raise_for(problems, what="invoke config")
 
 

@@ -182,3 +182,22 @@ def test_readme_configuration_example_shows_the_code_defaults() -> None:
     wrong = {k: (v, defaults.get(k, "<no such key>")) for k, v in shown.items() if defaults.get(k) != v}
     assert not wrong, f"README value != code default (README, code): {wrong}"
     assert len(shown) >= 10
+
+
+def test_a_config_file_others_could_write_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    shared = tmp_path / "invoke.yaml"
+    shared.write_text("sockops:\n  variant: asyncio\n")
+    shared.chmod(0o664)
+    with pytest.raises(ConfigError, match=r"invoke config file .*invoke\.yaml"):
+        validate.check_files([shared], DEFAULTS)
+    shared.chmod(0o644)
+    validate.check_files([shared], DEFAULTS)
+
+
+def test_invoke_config_files_are_found_next_to_the_tasks_and_at_runtime(tmp_path: Path) -> None:
+    (tmp_path / "invoke.yaml").write_text("sockops: {}\n")
+    (tmp_path / "invoke.py").write_text("")
+    runtime = tmp_path / "other.yml"
+    runtime.write_text("")
+    found = validate.config_files(str(tmp_path), str(runtime))
+    assert found[-3:] == [tmp_path / "invoke.yaml", tmp_path / "invoke.py", runtime]
