@@ -1,13 +1,15 @@
-"""build-python: CPython from a verified tarball into a dedicated prefix, locally or over SSH, atomically.
+"""build-python: CPython from a verified tarball into a dedicated prefix, locally or over SSH, atomically,
+compiled once per platform.
 
-Flow (data flows one way: request -> source plan -> per-host steps -> facts/commands), one module each:
+Flow (data flows one way: request -> source plan -> platform groups -> per-host steps -> outcome -> report):
 
     request.py       validate_request, BuildRequest, the manifest and the prefix's state (pure)
     source.py        resolve_source (pure: flags + catalog -> what to download, which SHA-256s to accept);
                      SourceFetcher: operator side, once per run: download or read, cache, VERIFY
     options.py       ./configure arguments, the --optimize make command, compile progress (pure)
     requirements.py  -dev packages per distribution, modules the new interpreter must import (pure)
-    progress.py      stage lines / live rows per host
+    fingerprint.py   a host's platform (distro, arch, libc, runtime library versions, options); groups
+    groups.py        probe every host, plan one compile per platform group, build phase, install phase
     steps.py         build_on(c, host, ...): per host, through an invoke Context (local or fabric.Connection):
         state    manifest + interpreter in the prefix -> identical request = no-op, said so
         facts    distribution, cpus, free disk, uid
@@ -15,10 +17,14 @@ Flow (data flows one way: request -> source plan -> per-host steps -> facts/comm
         upload   tarball + host helper into a temp build dir on the host, checksum re-verified there
         configure / compile / install      full output appended to one log file kept on the host
         check    staged interpreter: version, fatal/warning modules naming their -dev package, pip
+        (pack)   when other hosts of the platform need it: the checked stage, packed and cached (artifact.py)
         swap     staged tree into the prefix (journaled renames), post-swap smoke test, old tree removed
         profile  /etc/profile.d/python3.sh puts <prefix>/bin on PATH
-    run.py           build_python(hosts, ...): build_on on every host in parallel; run_task: `invoke
-                     build-python` (build, per-host summary, exit status)
+    artifact.py      the packed build: cache on the operator, install_on(c, host, ...) = upload, SHA-256
+                     verified on the host, unpack into a stage, then the same check / swap / profile
+    progress.py      stage lines / live rows per host
+    run.py           build_python(hosts, ...) through deploy.fleet (one deploy.outcome per host); run_task:
+                     `invoke build-python` (deploy.report table, failures in full, exit status)
 
 A build holds a per-prefix flock on the host (deploy.lock.HostLock) from the second state read to the end, so
 two operators cannot build into one prefix at once; a killed operator's lock dies with its connection.
@@ -66,7 +72,7 @@ from deploy.python_build.request import (
 from deploy.python_build.requirements import MODULE_REQUIREMENTS, evaluate_check
 from deploy.python_build.run import build_python, render_outcomes, run_task
 from deploy.python_build.source import CACHE_DIR, SourceFetcher, SourcePlan, resolve_source
-from deploy.python_build.steps import BuildOutcome, build_on, profile_script
+from deploy.python_build.steps import BuildDone, Built, build_on, profile_script
 
 __all__ = [
     "CACHE_DIR",
@@ -76,9 +82,10 @@ __all__ = [
     "MANIFEST_NAME",
     "MODULE_REQUIREMENTS",
     "PROFILE_TESTS",
+    "BuildDone",
     "BuildError",
-    "BuildOutcome",
     "BuildRequest",
+    "Built",
     "InstalledState",
     "LineReporter",
     "Reporter",

@@ -35,7 +35,7 @@ from deploy.python_build.source import SourcePlan, sha256_file
 from deploy.python_build.steps import (
     HOST_HELPER,
     AfterCheck,
-    BuildOutcome,
+    BuildDone,
     HostRun,
     check_swap_profile,
     fill_stage,
@@ -180,10 +180,10 @@ def install_on(
     plan: SourcePlan,
     artifact: Artifact,
     reporter: Reporter,
-) -> BuildOutcome:
+) -> BuildDone:
     """Bring one host to the requested build from a packed build of its platform; no compiler needed."""
 
-    def work(h: HostRun, art: Artifact, state: InstalledState, tag: str, started: float) -> BuildOutcome:
+    def work(h: HostRun, art: Artifact, state: InstalledState, tag: str, started: float) -> BuildDone:
         prefix = req.prefix.rstrip("/")
         prepare_build_dir(h, req, prefix, need_build_dir=False)
         family = facts.os_release(h.c).family
@@ -200,12 +200,11 @@ def install_on(
         write_manifest(h, staged, doc)
         check_swap_profile(h, req, staged, old, mode=mode, family=family)
         seconds = time.monotonic() - started
-        return BuildOutcome(
-            h.host, True, req.version, prefix,
+        return h.done(
             f"installed Python {req.version} into {prefix} in {seconds:.0f} s from the build on {m.built_on} "
             f"(artifact sha256 {m.sha256[:12]}..., log {h.log})",
-            tuple(h.warnings), h.log, seconds,
-        )  # fmt: skip
+            req,
+        )
 
     return on_prefix(
         c, host, req, plan=plan, reporter=reporter, verb="installing a packed build",

@@ -32,7 +32,7 @@ from deploy.python_build.fingerprint import (
 from deploy.python_build.progress import Reporter
 from deploy.python_build.request import BuildError, BuildRequest, build_options, is_up_to_date
 from deploy.python_build.source import SourceFetcher, SourcePlan
-from deploy.python_build.steps import BuildOutcome, build_on, read_state
+from deploy.python_build.steps import BuildDone, build_on, read_state
 
 RunOn = Callable[[Sequence[str], Callable[[Context, str], Any]], list[Any]]
 
@@ -126,7 +126,7 @@ def _build_phase(run: FleetBuild, plans: Sequence[GroupPlan]) -> tuple[list[Any]
     builders = {g.builder: g for g in plans if g.builder}
     packed: dict[str, list[Artifact]] = {g.platform.key: [] for g in builders.values()}
 
-    def build(c: Context, host: str) -> BuildOutcome:
+    def build(c: Context, host: str) -> BuildDone:
         g = builders[host]
         hook = None
         if g.pack:
@@ -153,7 +153,7 @@ def _install_phase(
     """Every host that did not compile: from its group's artifact, else build_on (finds it up to date)."""
     group_of = {h: g for g in plans for h in g.hosts}
 
-    def install(c: Context, host: str) -> BuildOutcome:
+    def install(c: Context, host: str) -> BuildDone:
         g = group_of[host]
         art = artifacts.get(g.platform.key)
         if art is not None:

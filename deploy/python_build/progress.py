@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import Any, Protocol, TextIO
 
+from deploy import report
 from deploy.python_build.options import count_compile_lines
 
 STAGES = (
@@ -37,24 +38,23 @@ class LineReporter:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
-        self._lock = threading.Lock()
         self._last: dict[str, int] = {}
 
-    def _say(self, text: str) -> None:
-        with self._lock:
-            print(text, file=self.stream, flush=True)
+    def _say(self, host: str, text: str) -> None:
+        # deploy.report's "[host] ..." lines: whole lines from parallel hosts; a closed pipe is not an error
+        report.printer(host, self.stream)(text)
 
     def stage(self, host: str, stage: str, detail: str = "") -> None:
-        self._say(f"[{host}] {stage}" + (f": {detail}" if detail else ""))
+        self._say(host, stage + (f": {detail}" if detail else ""))
 
     def progress(self, host: str, fraction: float) -> None:
         decile = int(fraction * 10)
         if decile > self._last.get(host, 0):
             self._last[host] = decile
-            self._say(f"[{host}] compile {decile * 10}%")
+            self._say(host, f"compile {decile * 10}%")
 
     def warn(self, host: str, message: str) -> None:
-        self._say(f"[{host}] warning: {message}")
+        self._say(host, f"warning: {message}")
 
     def close(self) -> None:
         pass

@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from invoke import Context
-
+from deploy import fleet, report
 from deploy.cpython_catalog import load_catalog
+from deploy.outcome import HostOutcome
 from deploy.python_build.artifact import ARTIFACT_DIR, ArtifactCache
 from deploy.python_build.groups import FleetBuild, RunOn, build_by_platform
 from deploy.python_build.progress import Reporter, make_reporter
-from deploy.python_build.request import BuildError, BuildRequest, validate_request
+from deploy.python_build.request import BuildRequest, validate_request
 from deploy.python_build.source import CACHE_DIR, SourceFetcher, resolve_source
 
 
@@ -28,7 +28,8 @@ def build_python(
     cache_dir: Path = CACHE_DIR,
     artifact_dir: Path = ARTIFACT_DIR,
 ) -> list[Any]:
-    """Build on every host, compiling once per platform; one HostOutcome[BuildOutcome] per host, in order.
+    """Build on every host, compiling once per platform; one deploy.outcome.HostOutcome per host
+    (status changed/unchanged/failed, value Built), in order.
 
     Bad flags raise ConfigError before any host is contacted; per-host failures are in the outcomes.
     """
@@ -45,42 +46,19 @@ def build_python(
 
 
 def _runner(ssh_config: str | None, accept_new_host_key: bool) -> RunOn:
-    from deploy.hosts import connect, on_hosts
-
-    def run_on(hosts: Sequence[str], step: Callable[[Context, str], Any]) -> list[Any]:
-        def one(host: str) -> Any:
-            c = connect(host, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
-            try:
-                return step(c, host)
-            finally:
-                close = getattr(c, "close", None)
-                if close is not None:
-                    close()
-
-        return on_hosts(list(hosts), one)
-
-    return run_on
+    """The fleet runner for each phase; failures are rendered at the end (with their log tail)."""
+    return functools.partial(
+        fleet.run, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key, say_failures=False
+    )
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
-
-
-def render_outcomes(outcomes: Sequence[Any]) -> str:
-    """Per-host summary table (one line per host), then each failure in full and each warning (pure)."""
-    import dataclasses
-
-    from deploy.hosts import summary_text
-
-    short = [dataclasses.replace(o, error=_first_line(o.error)) for o in outcomes]
-    lines = [
-        summary_text(short, describe=lambda v: ("changed: " if v.changed else "no change: ") + v.message)
-    ]
+def render_outcomes(outcomes: Sequence[HostOutcome[Any]]) -> str:
+    """The fleet's per-host table (deploy.report), then in full each failure the table could only show the
+    start of (a build's log tail and the advice) (pure)."""
+    lines = [report.table(outcomes, detail="RESULT")]
     for o in outcomes:
-        if not o.ok and "\n" in o.error.strip():
+        if o.error and report.error_line(o) != o.error.removeprefix(f"{o.host}: ").strip():
             lines += ["", f"--- {o.host} failed ---", o.error.strip()]
-        elif o.ok:
-            lines += [f"warning [{o.host}]: {w}" for w in o.value.warnings]
     return "\n".join(lines)
 
 
@@ -93,7 +71,6 @@ def run_task(
     stream: TextIO | None = None,
 ) -> list[Any]:
     """`invoke build-python`: build, print the per-host summary, raise DeployError if any host failed."""
-    out = stream or sys.stdout
     outcomes = build_python(
         hosts,
         req,
@@ -101,10 +78,6 @@ def run_task(
         accept_new_host_key=accept_new_host_key,
         reporter=make_reporter(stream),
     )
-    print(render_outcomes(outcomes), file=out, flush=True)
-    failed = [o.host for o in outcomes if not o.ok]
-    if failed:
-        raise BuildError(
-            f"build-python failed on {len(failed)} of {len(outcomes)} host(s): {', '.join(failed)}"
-        )
+    report.emit(render_outcomes(outcomes), stream)
+    fleet.raise_for_failures(outcomes, what="build-python")
     return outcomes

@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
-from deploy import facts
+from deploy import facts, outcome
 from deploy.cpython_catalog import version_key
 from deploy.lock import HostLock
+from deploy.outcome import Done
 from deploy.python_build.options import (
     LTO_CORE_VARS,
     compile_total_command,
@@ -75,15 +76,17 @@ def profile_script(prefix: str) -> str:
 
 
 @dataclass(frozen=True)
-class BuildOutcome:
-    host: str
-    changed: bool
+class Built:
+    """The value of a build-python host's outcome (deploy.outcome.Done: changed/unchanged, detail, warnings):
+    which Python is in which prefix, and the host's log of the build."""
+
     version: str
     prefix: str
-    message: str
-    warnings: tuple[str, ...] = ()
     log: str = ""
-    seconds: float = 0.0
+
+
+# What every per-host step of build-python returns.
+BuildDone = Done[Built]
 
 
 @dataclass
@@ -137,6 +140,11 @@ class HostRun:
             self.c.put(str(local), remote)
         else:  # invoke.Context: the host is this machine
             shutil.copyfile(local, remote)
+
+    def done(self, detail: str, req: BuildRequest) -> BuildDone:
+        """The prefix now holds the requested build (the warnings shown on the way go with it)."""
+        value = Built(req.version, req.prefix.rstrip("/"), self.log)
+        return outcome.changed(detail, warnings=self.warnings, value=value)
 
     def get(self, remote: str, local: Path) -> None:
         if hasattr(self.c, "get"):
@@ -315,14 +323,13 @@ def _write_profile(h: HostRun, prefix: str) -> bool:
     return True
 
 
-def _noop(host: str, req: BuildRequest, prefix: str, state: InstalledState, started: float) -> BuildOutcome:
+def _noop(req: BuildRequest, prefix: str, state: InstalledState) -> BuildDone:
     m = state.manifest or {}
-    return BuildOutcome(
-        host, False, req.version, prefix,
+    return outcome.unchanged(
         f"Python {req.version} already built in {prefix} (sha256 {str(m.get('sha256'))[:12]}..., "
         f"same options, built {m.get('built_at', '?')}); nothing to do (use --force to rebuild)",
-        seconds=time.monotonic() - started,
-    )  # fmt: skip
+        value=Built(req.version, prefix, str(m.get("log") or "")),
+    )
 
 
 def build_on(
@@ -334,7 +341,7 @@ def build_on(
     fetcher: SourceFetcher,
     reporter: Reporter,
     after_check: AfterCheck | None = None,
-) -> BuildOutcome:
+) -> BuildDone:
     """Bring one host to the requested build; a no-op (changed=False) when it already is.
 
     `after_check(h, staged)` runs once the staged interpreter has passed its check, before the swap (the
@@ -360,8 +367,8 @@ def on_prefix(
     reporter: Reporter,
     verb: str,
     prepare: Callable[[], P],
-    work: Callable[[HostRun, P, InstalledState, str, float], BuildOutcome],
-) -> BuildOutcome:
+    work: Callable[[HostRun, P, InstalledState, str, float], BuildDone],
+) -> BuildDone:
     """The frame of every change to a prefix: state (no-op if up to date), `prepare()` on the operator, a
     log, the per-prefix lock, the state again under it, leftovers of killed runs removed, `work(h, prepared,
     state, tag, started)`, and its temp dirs removed afterwards."""
@@ -370,7 +377,7 @@ def on_prefix(
     reporter.stage(host, "state", prefix)
     state = read_state(c, prefix)
     if not req.force and is_up_to_date(state, req, plan):
-        return _noop(host, req, prefix, state, started)
+        return _noop(req, prefix, state)
     if foreign_prefix(state):
         raise BuildError(
             f"{host}: {prefix} exists and is not a Python install ({', '.join(state.entries[:5])} ...); "
@@ -387,7 +394,7 @@ def on_prefix(
     with HostLock(c, host, lock_path(prefix), command="build-python"):
         state = read_state(c, prefix)  # again, under the lock: another build may have just finished
         if not req.force and is_up_to_date(state, req, plan):
-            return _noop(host, req, prefix, state, started)
+            return _noop(req, prefix, state)
         _cleanup_leftovers(h, prefix)
         try:
             return work(h, prepared, state, tag, started)
@@ -407,7 +414,7 @@ def _build(
     tag: str,
     started: float,
     hook: AfterCheck | None = None,
-) -> BuildOutcome:
+) -> BuildDone:
     prefix = req.prefix.rstrip("/")
     jobs = prepare_build_dir(h, req, prefix, need_build_dir=True)
     h.reporter.stage(h.host, "deps")
@@ -418,12 +425,7 @@ def _build(
     staged, old, mode = _install_staged(h, req, src, state, tag, sha=source[1])
     check_swap_profile(h, req, staged, old, mode=mode, family=family, hook=hook)
     seconds = time.monotonic() - started
-    warn_note = f", {len(h.warnings)} warning(s)" if h.warnings else ""
-    return BuildOutcome(
-        h.host, True, req.version, prefix,
-        f"built Python {req.version} into {prefix} in {seconds:.0f} s{warn_note} (log {h.log})",
-        tuple(h.warnings), h.log, seconds,
-    )  # fmt: skip
+    return h.done(f"built Python {req.version} into {prefix} in {seconds:.0f} s (log {h.log})", req)
 
 
 def prepare_build_dir(h: HostRun, req: BuildRequest, prefix: str, *, need_build_dir: bool) -> int:

@@ -32,6 +32,7 @@ from invoke import Context
 
 from deploy import python_build as pb
 from deploy.cpython_catalog import load_catalog
+from deploy.outcome import CHANGED
 
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv"))
 PYTHON_BUILD = PYENV_ROOT / "plugins" / "python-build" / "bin" / "python-build"
@@ -102,7 +103,7 @@ def workload_seconds(prefix: Path) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def _sockops_build(req: pb.BuildRequest) -> tuple[float, pb.BuildOutcome]:
+def _sockops_build(req: pb.BuildRequest) -> tuple[float, pb.BuildDone]:
     plan = pb.resolve_source(req, load_catalog())
     reporter = pb.LineReporter(io.StringIO())
     fetcher = pb.SourceFetcher(plan, pb.CACHE_DIR, reporter)
@@ -155,17 +156,17 @@ def measure_build_vs_pyenv(
             profile_d=False,  # a temp prefix must not land on this machine's PATH
         )
         build_s, outcome = _sockops_build(req)
-        if not outcome.changed:
-            raise RuntimeError(f"expected a fresh build in {req.prefix}, got: {outcome.message}")
+        if outcome.status != CHANGED:
+            raise RuntimeError(f"expected a fresh build in {req.prefix}, got: {outcome.detail}")
         noop_s, again = _sockops_build(req)
-        if again.changed:
+        if again.status == CHANGED:
             raise RuntimeError("the second run rebuilt; it should have been a no-op")
         optimize_s = speedup = None
         if optimize:
             opt_req = dataclasses.replace(req, prefix=str(work / "sockops-pgo" / "python3"), optimize=True)
             optimize_s, opt = _sockops_build(opt_req)
-            if not opt.changed:
-                raise RuntimeError(f"expected a fresh --optimize build in {opt_req.prefix}: {opt.message}")
+            if opt.status != CHANGED:
+                raise RuntimeError(f"expected a fresh --optimize build in {opt_req.prefix}: {opt.detail}")
             plain_w = workload_seconds(Path(req.prefix))
             speedup = plain_w / workload_seconds(Path(opt_req.prefix))
         pyenv_s = None

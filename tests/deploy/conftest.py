@@ -13,7 +13,7 @@ interpreter on a host shares it (the CI budget is one real build):
         built_python.python         # "/usr/local/python3/bin/python3"
         built_python.version        # "3.9.2"
         built_python.tarball        # local path of the verified source tarball
-        built_python.outcome        # the first build's BuildOutcome
+        built_python.outcome        # the first build's deploy.outcome.HostOutcome
         built_python.shipped_to     # "bpyhost2", installed from bpyhost1's packed build (.shipped: outcome)
         built_python.spare          # "bpyhost3", same platform, untouched by the first run
         built_python.artifact_dir   # the operator's artifact cache of that run
@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from deploy import python_build as pb
+from deploy.outcome import HostOutcome
 from deploy.python_build.source import sha256_file
 from devtools import testhosts as th
 
@@ -104,9 +105,9 @@ class BuiltPython:
     prefix: str
     version: str
     tarball: Path
-    outcome: pb.BuildOutcome
+    outcome: HostOutcome[pb.Built]
     shipped_to: str = ""  # same platform: got host's packed build in the same run, compiled nothing
-    shipped: pb.BuildOutcome | None = None
+    shipped: HostOutcome[pb.Built] | None = None
     spare: str = ""  # same platform, untouched by the first run (for the artifact cache)
     artifact_dir: Path = Path()
     progress: str = ""  # the first run's stage lines, every host's
@@ -152,8 +153,8 @@ def built_python(cpython_tarball: Path, tmp_path_factory: pytest.TempPathFactory
             if not o.ok:
                 pytest.fail(f"the real CPython build failed on {o.host}:\n{o.error}", pytrace=False)
         yield BuiltPython(
-            fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, first.value,
-            shipped_to, second.value, spare, artifacts, lines.getvalue(),
+            fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, first,
+            shipped_to, second, spare, artifacts, lines.getvalue(),
         )  # fmt: skip
     finally:
         factory.close()

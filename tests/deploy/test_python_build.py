@@ -28,6 +28,7 @@ import deploy.cpython_catalog
 from deploy import python_build as pb
 from deploy.cpython_catalog import SourceFile, load_catalog, parse_pyenv_definition
 from deploy.errors import ConfigError
+from deploy.outcome import CHANGED, UNCHANGED
 from deploy.python_build import (
     artifact,
     fingerprint,
@@ -260,23 +261,30 @@ def test_count_compile_lines() -> None:
     assert pb.count_compile_lines(out) == 2
 
 
-def test_render_outcomes_summary_then_details() -> None:
-    from deploy.hosts import HostOutcome
+def test_render_outcomes_is_the_fleet_table_then_each_log_tail() -> None:
+    from deploy.outcome import HostOutcome
 
-    ok = pb.BuildOutcome("web1", False, "3.9.2", "/usr/local/python3", "nothing to do", ("bz2 is missing",))
     failed = (
         "web2: compile failed (exit 2). Last lines of the log:\nerror: x.h not found\nFull log on web2: /l"
     )
     text = pb.render_outcomes(
-        [HostOutcome("web1", True, ok, "", 0.4), HostOutcome("web2", False, None, failed, 61.0)]
+        [
+            HostOutcome(
+                "web1", "unchanged", seconds=0.4, detail="nothing to do", warnings=("bz2 is missing",)
+            ),
+            HostOutcome("web2", "failed", error=failed, seconds=61.0),
+            HostOutcome("web3", "failed", error="web3: cannot connect", seconds=1.0),
+        ]
     )
     lines = text.splitlines()
-    assert lines[0].split() == ["HOST", "STATUS", "TIME", "DETAIL"]
-    assert lines[1].split()[:4] == ["web1", "ok", "0.4s", "no"]
-    assert lines[2].endswith("web2: compile failed (exit 2). Last lines of the log:")
-    assert lines[3] == "1 ok, 1 failed"
-    assert "warning [web1]: bz2 is missing" in lines
+    assert lines[0].split() == ["HOST", "STATUS", "RESULT", "TIME"]
+    assert lines[1].split() == ["web1", "unchanged", "nothing", "to", "do", "0.4s"]
+    assert lines[2].split() == ["web2", "failed", "-", "61.0s"]
+    assert "web2: compile failed (exit 2). Last lines of the log:" in lines
+    assert "web1: warning: bz2 is missing" in lines
+    assert "--- web2 failed ---" in lines
     assert "error: x.h not found" in lines  # the full failure (log tail) follows the table
+    assert "--- web3 failed ---" not in lines  # its one line is already in the table's notes
 
 
 # --- source fetching and verification (real files, real HTTP on 127.0.0.1) -------------------------------
@@ -559,7 +567,7 @@ def _prefix_identity(built: BuiltPython) -> tuple[str, str]:
 @BUILD_TIMEOUT
 def test_built_interpreter_runs_and_reports_version(built_python: BuiltPython) -> None:
     b = built_python
-    assert b.outcome.changed
+    assert b.outcome.status == CHANGED
     assert b.outcome.warnings == ()
     code = "import sys, ssl, zlib, sqlite3, ctypes; print(sys.version.split()[0], sys.prefix)"
     assert _on_host(b, b.python, "-c", code).split() == ["3.9.2", "/usr/local/python3"]
@@ -605,14 +613,15 @@ def test_second_run_is_a_noop(built_python: BuiltPython) -> None:
         ssh_config=b.ssh_config,
         reporter=pb.LineReporter(io.StringIO()),
     )
-    assert outcome.ok, outcome.error
-    assert outcome.value.changed is False
-    assert "nothing to do" in outcome.value.message
+    assert outcome.status == UNCHANGED, outcome.error
+    assert "nothing to do" in outcome.detail
     assert _prefix_identity(b) == before
     # the same through the CLI: exit 0, and the summary says nothing changed
     proc = _invoke(b)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "no change: Python 3.9.2 already built in /usr/local/python3" in proc.stdout
+    assert re.search(
+        rf"^{b.host}\s+unchanged\s+Python 3.9.2 already built in /usr/local/python3", proc.stdout, re.M
+    )
     assert _prefix_identity(b) == before
 
 
@@ -629,7 +638,7 @@ def test_tampered_tarball_is_refused_and_prefix_untouched(built_python: BuiltPyt
     # through the CLI, as an operator would: a failed host means a non-zero exit and a per-host summary
     proc = _invoke(b, "--source", str(tampered), "--force")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"{b.host}  FAILED" in proc.stdout
+    assert re.search(rf"^{b.host}\s+failed\s", proc.stdout, re.M)
     assert "checksum mismatch" in proc.stdout
     assert "nothing was built" in proc.stdout
     assert "build-python failed on 1 of 1 host(s)" in proc.stderr
@@ -645,8 +654,8 @@ def test_tampered_tarball_is_refused_and_prefix_untouched(built_python: BuiltPyt
 def test_one_compile_per_platform_the_other_host_gets_the_packed_build(built_python: BuiltPython) -> None:
     b = built_python
     assert b.shipped is not None
-    assert b.shipped.changed
-    assert f"from the build on {b.host}" in b.shipped.message
+    assert b.shipped.status == CHANGED
+    assert f"from the build on {b.host}" in b.shipped.detail
     # exactly one compile: only the build host ever reached the compile stage; it also packed
     assert set(re.findall(r"^\[(\S+)\] compile", b.progress, re.MULTILINE)) == {b.host}
     assert f"[{b.host}] pack: " in b.progress
@@ -680,9 +689,8 @@ def test_a_cached_platform_builds_nothing(built_python: BuiltPython) -> None:
         [b.spare], b.request(), ssh_config=b.ssh_config, reporter=pb.LineReporter(lines),
         artifact_dir=b.artifact_dir,
     )  # fmt: skip
-    assert outcome.ok, outcome.error
-    assert outcome.value.changed
-    assert f"from the build on {b.host}" in outcome.value.message
+    assert outcome.status == CHANGED, outcome.error
+    assert f"from the build on {b.host}" in outcome.detail
     assert "] compile" not in lines.getvalue()
     code = "import ssl, sys; print(sys.version.split()[0])"
     assert _on(b, b.spare, b.python, "-c", code).strip() == "3.9.2"

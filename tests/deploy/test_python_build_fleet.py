@@ -8,6 +8,7 @@ conftest.py builds on two hosts: one compiles, one installs the packed build) in
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from deploy import python_build as pb
 from deploy.cpython_catalog import load_catalog
+from deploy.errors import DeployError
 from deploy.hosts import connect
 from deploy.python_build import fingerprint as fp
 from deploy.python_build import groups, run
@@ -159,3 +161,44 @@ def test_probe_command_runs_here() -> None:
     assert platform.arch
     assert platform.libc.startswith(("glibc", "musl", "ldd"))
     assert platform.distro != "? ?"
+
+
+@pytest.mark.hosts
+def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_host(
+    testhosts, tmp_path: Path
+) -> None:
+    """Through run_task (fleet runner, report table): a cached packed build of the hosts' platform is
+    installed on both hosts without compiling; it is not a working Python, so both fail their check, the
+    table says so per host, the full error follows, and the prefixes are untouched."""
+    fleet = testhosts(2, prefix="pfl")
+    prefix = "/opt/sockops-pfl/python3"
+    req = pb.BuildRequest("3.9.2", prefix=prefix, profile_d=False)
+    c = connect(fleet.names[0], ssh_config=fleet.ssh_config)
+    try:
+        probe = c.run(fp.probe_command(), hide=True, in_stream=False).stdout
+    finally:
+        c.close()
+    platform = fp.fingerprint(probe, pb.build_options(req))
+    cache = ArtifactCache(tmp_path / "artifacts")
+    fake = _fake_pack(tmp_path, platform.key)
+    part = cache.part()
+    part.write_bytes(fake.path.read_bytes())
+    cache.store(part, fake.manifest)
+    out = io.StringIO()
+    outcomes = run.build_python(
+        fleet.names, req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
+        artifact_dir=cache.root, cache_dir=tmp_path / "sources",
+    )  # fmt: skip
+    report_text = pb.render_outcomes(outcomes)
+    with pytest.raises(DeployError, match=r"build-python failed on 2 of 2 host\(s\)"):
+        run.fleet.raise_for_failures(outcomes, what="build-python")
+    progress = out.getvalue()
+    assert "] compile" not in progress  # nobody compiled: the platform's build was in the cache
+    for host in fleet.names:
+        assert f"[{host}] upload: {fake.path.name}" not in progress  # the cache entry's own name is used
+        assert re.search(rf"^\[{host}\] upload: Python-3\.9\.2-\w+-{platform.key}\.tar\.gz", progress, re.M)
+        assert re.search(rf"^{host}\s+failed\s", report_text, re.M)
+        assert f"--- {host} failed ---" in report_text
+        assert "does not run" in report_text
+        assert _sh(fleet, host, f"ls -A {prefix} 2>/dev/null; ls -A /opt/sockops-pfl").strip() == ""
+    assert list((tmp_path / "sources").glob("*")) == []  # no source was fetched: nothing to compile
