@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for sockops: system packages, then .venv with sockops installed.
 #   scripts/bootstrap.sh          what `sockops deploy --host local` needs
-#   scripts/bootstrap.sh --test   also what the test suite needs (sshd, netns tools, CPython build deps, prometheus)
+#   scripts/bootstrap.sh --test   also what the test suite needs (sshd, sudo, netns tools, CPython build deps,
+#                                 prometheus)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,7 +10,7 @@ mode="${1:-run}"
 
 run_pkgs=(python3 python3-venv python3-dev gcc iproute2)
 test_pkgs=(
-    openssh-server openssh-client dpkg-dev xz-utils curl ca-certificates prometheus
+    openssh-server openssh-client sudo dpkg-dev xz-utils curl ca-certificates prometheus
     build-essential pkg-config libssl-dev zlib1g-dev libffi-dev libsqlite3-dev libbz2-dev liblzma-dev
     libreadline-dev libncurses-dev uuid-dev libgdbm-dev tk-dev
 )
@@ -29,7 +30,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # On failure everything apt said is shown; on success all but debconf's "delaying package configuration,
+    # since apt-utils is not installed", which is noise to a newcomer.
+    apt_err="$(mktemp)"
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>"$apt_err"; then
+        cat "$apt_err" >&2
+        rm -f "$apt_err"
+        echo "bootstrap: installing ${missing[*]} failed (see apt's message above)" >&2
+        exit 1
+    fi
+    grep -v '^debconf: delaying package configuration' "$apt_err" >&2 || true
+    rm -f "$apt_err"
 fi
 # The Debian prometheus package starts its own server on :9090; the tests run their own on loopback.
 if [ "$mode" = "--test" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
