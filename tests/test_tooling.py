@@ -204,3 +204,39 @@ def test_python37_builds_once_into_a_private_prefix(tmp_path):
     python = py37.build(prefix, source=os.environ[py37.ENV_SOURCE])
     assert py37.is_python37(python)
     assert py37.build(prefix, source=os.environ[py37.ENV_SOURCE]) == python  # second time: found, not built
+
+
+def test_editable_install_prints_no_setuptools_notice(tmp_path):
+    """`pip install -e .` (what bootstrap runs) says nothing about editable-install caveats, and works."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # the tests' pip installs into the new venv: same command as bootstrap's, minus the dependencies
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-e",
+            str(ROOT),
+        ]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Editable installation" not in result.stderr
+    assert "be careful with folders" not in result.stderr
+    code = "import importlib.util as u\nfor m in ('deploy', 'devtools', 'hostctl', 'tasks'):\n"
+    code += "    print(u.find_spec(m).origin)"
+    check = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert check.stdout.split() == [
+        str(ROOT / "deploy/__init__.py"),
+        str(ROOT / "devtools/__init__.py"),
+        str(ROOT / "hostctl/__init__.py"),
+        str(ROOT / "tasks.py"),
+    ], check.stderr
