@@ -4,7 +4,8 @@ packed build to the others.
     probe     every host, in parallel: its platform (fingerprint.probe_command) and whether its prefix
               already holds this build
     plan      per group (plan_groups, pure): a cached artifact of the platform -> nobody compiles; else the
-              first host that needs the build compiles it, and packs it when other hosts of the group need it
+              first host that needs the build compiles it and packs it (for the others, and for the cache);
+              with compiling on targets off, hosts of a platform nobody has packed yet are refused
     build     the builders, in parallel (one per platform)
     install   every other host, in parallel: from the group's artifact (artifact.install_on), or, when the
               group needed no artifact, the ordinary build_on (which finds the prefix up to date)
@@ -41,33 +42,41 @@ RunOn = Callable[[Sequence[str], Callable[[Context, str], Any]], list[Any]]
 class GroupPlan:
     platform: Platform
     hosts: tuple[str, ...]
-    builder: str  # the host that compiles; "" when nobody needs to (cached artifact, or all up to date)
-    pack: bool  # whether the builder packs its build for the others
-    cached: Artifact | None = None
+    builder: str  # the host that compiles (and packs, for the others and the cache); "" when nobody does
+    cached: Artifact | None = None  # the operator already has this platform's build
+    refused: tuple[str, ...] = ()  # need a build, none is cached, and compiling on targets is not allowed
 
 
 def plan_groups(
     groups: Sequence[PlatformGroup],
     needs_build: Mapping[str, bool],
     cached: Mapping[str, Artifact | None],
+    *,
+    compile_on_targets: bool = True,
 ) -> list[GroupPlan]:
     """Who compiles in each platform group (pure; `cached` is keyed by Platform.key).
+
+    The first host that needs the build compiles it; a cached build of the platform means nobody does.
 
     >>> p = Platform("debian 12", "x86_64", "glibc 2.36", (), "{}")
     >>> q = Platform("debian 11", "x86_64", "glibc 2.31", (), "{}")
     >>> groups = [PlatformGroup(p, ("h1", "h2", "h3")), PlatformGroup(q, ("h4",))]
-    >>> plans = plan_groups(groups, {"h1": False, "h2": True, "h3": True, "h4": True}, {})
-    >>> [(g.builder, g.pack) for g in plans]
-    [('h2', True), ('h4', False)]
+    >>> needs = {"h1": False, "h2": True, "h3": True, "h4": True}
+    >>> [g.builder for g in plan_groups(groups, needs, {})]
+    ['h2', 'h4']
+    >>> [(g.builder, g.refused) for g in plan_groups(groups, needs, {}, compile_on_targets=False)]
+    [('', ('h2', 'h3')), ('', ('h4',))]
     """
     plans = []
     for group in groups:
         need = [h for h in group.hosts if needs_build[h]]
         hit = cached.get(group.platform.key)
         if hit is not None or not need:
-            plans.append(GroupPlan(group.platform, group.hosts, "", False, hit))
+            plans.append(GroupPlan(group.platform, group.hosts, "", hit))
+        elif not compile_on_targets:
+            plans.append(GroupPlan(group.platform, group.hosts, "", None, refused=tuple(need)))
         else:
-            plans.append(GroupPlan(group.platform, group.hosts, need[0], len(need) > 1))
+            plans.append(GroupPlan(group.platform, group.hosts, need[0]))
     return plans
 
 
@@ -87,6 +96,7 @@ class FleetBuild:
     reporter: Reporter
     cache: ArtifactCache
     run_on: RunOn
+    compile_on_targets: bool = True  # False: targets only get packed builds (no compiler, no -dev packages)
 
 
 def plan_fleet(run: FleetBuild, hosts: Sequence[str]) -> tuple[list[Any], list[GroupPlan]]:
@@ -107,7 +117,8 @@ def plan_fleet(run: FleetBuild, hosts: Sequence[str]) -> tuple[list[Any], list[G
     cached = {}
     if not req.force:  # --force means "compile again", never "reuse"
         cached = {g.platform.key: run.cache.find(req.version, plan.accepted, g.platform) for g in groups}
-    plans = plan_groups(groups, {h: p.needs_build for h, p in ok.items()}, cached)
+    needs = {h: p.needs_build for h, p in ok.items()}
+    plans = plan_groups(groups, needs, cached, compile_on_targets=run.compile_on_targets)
     return [o for o in probed if not o.ok], plans
 
 
@@ -128,10 +139,8 @@ def _build_phase(run: FleetBuild, plans: Sequence[GroupPlan]) -> tuple[list[Any]
 
     def build(c: Context, host: str) -> BuildDone:
         g = builders[host]
-        hook = None
-        if g.pack:
-            source_sha = run.fetcher.get(host)[1]
-            hook = packer(run.cache, run.req, g.platform, source_sha, packed[g.platform.key])
+        source_sha = run.fetcher.get(host)[1]
+        hook = packer(run.cache, run.req, g.platform, source_sha, packed[g.platform.key])
         return build_on(
             c, host, run.req, plan=run.plan, fetcher=run.fetcher, reporter=run.reporter, after_check=hook
         )
@@ -160,6 +169,12 @@ def _install_phase(
             return install_on(c, host, run.req, plan=run.plan, artifact=art, reporter=run.reporter)
         if g.builder in failed:
             raise BuildError(f"{host}: not installed: the build for its platform on {g.builder} failed")
+        if host in g.refused:
+            raise BuildError(
+                f"{host}: no packed build of its platform ({g.platform.describe()}, key {g.platform.key}) in "
+                f"{run.cache.root}, and compiling on targets is off: build-python once onto one host of this "
+                "platform with compiling allowed (its build is cached), then re-run"
+            )
         return build_on(c, host, run.req, plan=run.plan, fetcher=run.fetcher, reporter=run.reporter)
 
     return run.run_on(list(hosts), install)

@@ -27,11 +27,14 @@ def build_python(
     reporter: Reporter | None = None,
     cache_dir: Path = CACHE_DIR,
     artifact_dir: Path = ARTIFACT_DIR,
+    compile_on_targets: bool = True,
 ) -> list[Any]:
     """Build on every host, compiling once per platform; one deploy.outcome.HostOutcome per host
     (status changed/unchanged/failed, value Built), in order.
 
     Bad flags raise ConfigError before any host is contacted; per-host failures are in the outcomes.
+    compile_on_targets=False: hosts only get packed builds from the operator's cache (artifact_dir); a host
+    whose platform has none is refused instead of getting a compiler.
     """
     validate_request(req)
     plan = resolve_source(req, load_catalog())
@@ -39,7 +42,8 @@ def build_python(
     fetcher = SourceFetcher(plan, cache_dir, rep)
     try:
         runner = _runner(ssh_config, accept_new_host_key)
-        run = FleetBuild(req, plan, fetcher, rep, ArtifactCache(artifact_dir), runner)
+        cache = ArtifactCache(artifact_dir)
+        run = FleetBuild(req, plan, fetcher, rep, cache, runner, compile_on_targets=compile_on_targets)
         return build_by_platform(run, list(hosts))
     finally:
         rep.close()
@@ -69,6 +73,7 @@ def run_task(
     ssh_config: str = "",
     accept_new_host_key: bool = False,
     stream: TextIO | None = None,
+    compile_on_targets: bool = True,
 ) -> list[Any]:
     """`invoke build-python`: build, print the per-host summary, raise DeployError if any host failed."""
     outcomes = build_python(
@@ -77,6 +82,7 @@ def run_task(
         ssh_config=ssh_config or None,
         accept_new_host_key=accept_new_host_key,
         reporter=make_reporter(stream),
+        compile_on_targets=compile_on_targets,
     )
     report.emit(render_outcomes(outcomes), stream)
     fleet.raise_for_failures(outcomes, what="build-python")

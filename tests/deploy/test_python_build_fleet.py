@@ -90,7 +90,7 @@ def test_hosts_grouped_by_platform_and_a_cached_platform_builds_nothing(testhost
         return plans
 
     plans = plan_now()
-    assert [(g.hosts, g.builder, g.pack) for g in plans] == [((h1, h2), h1, True), ((h3,), h3, False)]
+    assert [(g.hosts, g.builder) for g in plans] == [((h1, h2), h1), ((h3,), h3)]
     assert plans[0].platform.distro != plans[1].platform.distro
     assert plans[1].platform.distro.endswith(" 99")
     assert plans[0].platform.key != plans[1].platform.key
@@ -202,3 +202,23 @@ def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_
         assert "does not run" in report_text
         assert _sh(fleet, host, f"ls -A {prefix} 2>/dev/null; ls -A /opt/sockops-pfl").strip() == ""
     assert list((tmp_path / "sources").glob("*")) == []  # no source was fetched: nothing to compile
+
+
+@pytest.mark.hosts
+def test_no_compile_on_targets_refuses_a_platform_nobody_has_packed(testhosts, tmp_path: Path) -> None:
+    fleet = testhosts(1, prefix="pnc")
+    [host] = fleet.names
+    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pnc/python3", profile_d=False)
+    out = io.StringIO()
+    [outcome] = run.build_python(
+        [host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
+        artifact_dir=tmp_path / "artifacts", cache_dir=tmp_path / "sources", compile_on_targets=False,
+    )  # fmt: skip
+    assert outcome.status == "failed"
+    assert "no packed build of its platform" in outcome.error
+    assert "compiling on targets is off" in outcome.error
+    progress = out.getvalue()
+    assert "] deps" not in progress  # no -dev package, no compiler was asked for
+    assert "] compile" not in progress
+    assert not (tmp_path / "sources").exists() or list((tmp_path / "sources").iterdir()) == []
+    assert _sh(fleet, host, "ls -A /opt 2>/dev/null | grep sockops || true").strip() == ""
