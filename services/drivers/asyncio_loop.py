@@ -19,6 +19,8 @@ from typing import Any, Callable, List, Optional
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    ConnectionLog,
+    Offload,
     RateLimited,
     Settings,
     StreamCore,
@@ -29,7 +31,7 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.files import FileBody, open_body
+from services.files import FileBody, Found, open_body
 
 DRAIN_TICK = 0.05
 READ_BUFFER = 65536
@@ -48,9 +50,16 @@ class _State:
         self.conns = set()  # type: Set[StreamProtocol]
         self.clock = loop.time()  # advanced by the ticker: one loop.time() per tick, not per read
         self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.connlog = ConnectionLog(log)
+        self.offload = Offload()
         # Safe to share: one loop thread, and buffer_updated copies the bytes out before the next read.
         self.view = memoryview(bytearray(READ_BUFFER))
         self.native_sendfile = isinstance(loop, asyncio.BaseEventLoop)  # asyncio's own loops, not uvloop
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    if not future.done():  # cancelled when the connection went away meanwhile
+        future.set_result(result)
 
 
 class StreamProtocol(asyncio.BufferedProtocol):
@@ -90,13 +99,24 @@ class StreamProtocol(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self.state.clock
-        outs = self.core.receive_data(data)
-        if self.sending is None and len(outs) == 1 and outs[0].__class__ is bytes:
-            self.transport.write(outs[0])  # every echo reply takes this path
-        else:
-            self._emit(outs)
-        if self.core.closing and self.sending is None:
-            self.transport.close()  # after the buffered replies are written
+        try:
+            outs = self.core.receive_data(data)
+            if self.sending is None and len(outs) == 1 and outs[0].__class__ is bytes:
+                self.transport.write(outs[0])  # every echo reply takes this path
+            else:
+                self._emit(outs)
+        except Exception as exc:  # the catch-all: one line, this connection closed, the others served
+            self.state.connlog.failure(self.state.clock, self.peer(), exc)
+            self.kill()
+            return
+        if self.core.closing:
+            self.state.connlog.fatal.hit(self.state.clock, self.peer())
+            if self.sending is None:
+                self.transport.close()  # after the buffered replies are written
+
+    def peer(self) -> str:
+        addr = self.transport.get_extra_info("peername")
+        return format_address(addr) if addr else "?"
 
     def eof_received(self) -> Optional[bool]:
         self.eof = True
@@ -132,7 +152,12 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
                 self.sending = self.state.loop.create_task(self._send_body(item))
             else:  # a file request from the core: answered here, replies in request order
-                self._emit(self.state.files.answer(item))
+                found = self.state.files.lookup(item)
+                if found.__class__ is list:
+                    self._emit(found)
+                else:  # the digest is computed off the loop; later replies queue behind this one
+                    self.transport.pause_reading()
+                    self.sending = self.state.loop.create_task(self._digest(found))
 
     async def _send_body(self, body: FileBody) -> None:
         transport = self.transport
@@ -148,13 +173,39 @@ class StreamProtocol(asyncio.BufferedProtocol):
             raise
         except (OSError, ServiceError, RuntimeError) as exc:
             if not isinstance(exc, ConnectionError):
-                self.state.log.warning("closing a transfer connection: %s", exc)
+                self.state.connlog.io.hit(self.state.clock, f"{self.peer()}: {exc}")
+            transport.abort()
+            return
+        except Exception as exc:  # the catch-all: a task's exception must not end as an unread traceback
+            self.state.connlog.failure(self.state.clock, self.peer(), exc)
             transport.abort()
             return
         self.last = self.state.clock
+        self._resume()
+
+    async def _digest(self, found: Found) -> None:
+        state = self.state
+        loop, ready = state.loop, state.loop.create_future()
+
+        def done(digest: Any) -> None:  # in an offload thread
+            loop.call_soon_threadsafe(_settle, ready, digest)
+
+        state.offload.submit(state.files.digest, found, done)
+        digest = await ready
+        self.queue.extendleft(reversed(state.files.reply(found, digest)))
+        self._resume()
+
+    def _resume(self) -> None:
+        """What a body in flight or a digest held back goes out now, in order; then reading resumes."""
+        transport = self.transport
         self.sending = None
         queued, self.queue = list(self.queue), collections.deque()
-        self._emit(queued)
+        try:
+            self._emit(queued)
+        except Exception as exc:  # the catch-all, as in data_received
+            self.state.connlog.failure(self.state.clock, self.peer(), exc)
+            transport.abort()
+            return
         if self.sending is not None:
             return
         if self.core.closing or self.eof:

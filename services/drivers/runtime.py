@@ -6,12 +6,14 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import resource
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from services.addr import SERVICES
 from services.drivers.lifecycle import ACTIONS
@@ -65,23 +67,45 @@ def make_logger(settings: Settings) -> logging.Logger:
 
 
 class RateLimited:
-    """Counts a repeated event and logs it at most once per `interval` seconds (no log floods under load)."""
+    """One class of log event, written at most once per `interval` (1 s); the next line says how many were
+    suppressed meanwhile. A hostile client can make an event happen thousands of times a second, never make
+    the log grow faster than a line a second per class (a flood must not rotate the history away).
 
-    __slots__ = ("_count", "_interval", "_log", "_next", "_what")
+    Shared by threads without a lock: a race can only miscount the suppressed lines, never add lines.
+    """
 
-    def __init__(self, log: logging.Logger, what: str, interval: float = 5.0) -> None:
+    __slots__ = ("_interval", "_log", "_next", "_suppressed", "_what")
+
+    def __init__(self, log: logging.Logger, what: str, interval: float = 1.0) -> None:
         self._log, self._what, self._interval = log, what, interval
-        self._count = 0
+        self._suppressed = 0
         self._next = 0.0
 
     def hit(self, now: float, detail: str = "") -> None:
-        self._count += 1
-        if now >= self._next:
-            self._log.warning(
-                "%s (%d since last report)%s", self._what, self._count, f": {detail}" if detail else ""
-            )
-            self._count = 0
-            self._next = now + self._interval
+        if now < self._next:
+            self._suppressed += 1
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._interval
+        self._log.warning(
+            "%s%s%s",
+            self._what,
+            f": {detail}" if detail else "",
+            f" ({suppressed} more suppressed)" if suppressed else "",
+        )
+
+
+class ConnectionLog:
+    """The per-connection events a client can cause, one rate-limited class each."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.failed = RateLimited(log, "closed a connection after an unexpected error")
+        self.fatal = RateLimited(log, "closed a connection after a frame that cannot be resynchronised")
+        self.io = RateLimited(log, "closed a connection after an I/O error")
+
+    def failure(self, now: float, peer: str, exc: BaseException) -> None:
+        """The catch-all of every driver: one line, no traceback, whatever a connection raised."""
+        self.failed.hit(now, f"{peer}: {exc.__class__.__name__}: {str(exc)[:200]}")
 
 
 # ---- sockets ---------------------------------------------------------------------------------------------
@@ -225,3 +249,33 @@ class Wakeup:
 def parent_alive(expected_ppid: int) -> bool:
     """A prefork worker whose master died is re-parented; it must then stop instead of serving orphaned."""
     return os.getppid() == expected_ppid
+
+
+# ---- blocking work off the event loop ----------------------------------------------------------------------
+
+
+class Offload:
+    """A few daemon threads for blocking work an event loop must not do itself (hashing a big file).
+
+    Not concurrent.futures: its threads are joined at interpreter exit, so QUIT or a drain timeout would wait
+    for a multi-gigabyte hash to finish. `done(result)` runs in the worker thread: the driver hops back to its
+    loop from there (a wake-up byte, call_soon_threadsafe).
+    """
+
+    def __init__(self, threads: int = 2) -> None:
+        self._jobs = queue.SimpleQueue()  # type: Any
+        self._threads = threads
+        self._started = False
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any, done: Callable[[Any], None]) -> None:
+        if not self._started:
+            self._started = True
+            for i in range(self._threads):
+                threading.Thread(target=self._work, name=f"offload-{i}", daemon=True).start()
+        self._jobs.put((fn, arg, done))
+
+    def _work(self) -> None:
+        while True:
+            fn, arg, done = self._jobs.get()
+            with contextlib.suppress(Exception):  # fn reports failures in its result; done must not kill us
+                done(fn(arg))

@@ -21,6 +21,8 @@ from typing import Any, Callable, List, Optional
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    ConnectionLog,
+    Offload,
     RateLimited,
     Settings,
     StreamCore,
@@ -33,7 +35,7 @@ from services.drivers.runtime import (
     unblock_stop_signals,
 )
 from services.errors import ServiceError
-from services.files import FileBody, FileRoot, open_body
+from services.files import FileBody, FileRoot, Found, open_body
 
 BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, cheap to allocate
 HIGH_WATER = 1 << 20  # queued output at which we stop reading a client
@@ -59,13 +61,36 @@ class _Sending:
         self.file, self.offset, self.left = file, 0, size
 
 
+class _Digest:
+    """Holds a reply's place in an output queue while its file's digest is computed off the loop."""
+
+    __slots__ = ("found",)
+
+    def __init__(self, found: Found) -> None:
+        self.found = found
+
+
 class Conn:
     """One client connection: its socket, protocol core and output queue."""
 
-    __slots__ = ("closed", "core", "eof", "fd", "last", "mask", "out", "pending", "reading", "sock", "srv")
+    __slots__ = (
+        "closed",
+        "core",
+        "eof",
+        "fd",
+        "last",
+        "mask",
+        "out",
+        "peer",
+        "pending",
+        "reading",
+        "sock",
+        "srv",
+        "waiting",
+    )
 
-    def __init__(self, srv: TcpServer, sock: socket.socket, core: StreamCore) -> None:
-        self.srv, self.sock, self.fd, self.core = srv, sock, sock.fileno(), core
+    def __init__(self, srv: TcpServer, sock: socket.socket, core: StreamCore, peer: Any) -> None:
+        self.srv, self.sock, self.fd, self.core, self.peer = srv, sock, sock.fileno(), core, peer
         self.out = collections.deque()  # type: Deque[Any]
         self.pending = 0
         self.reading = True
@@ -73,6 +98,7 @@ class Conn:
         self.mask = EVENT_READ
         self.last = srv.now
         self.closed = False
+        self.waiting = 0  # digests computed off the loop for this connection
 
     # -- reading --
     def on_read(self) -> None:
@@ -95,12 +121,7 @@ class Conn:
             else:
                 self.close()
             return
-        try:
-            outs = self.core.receive_data(data)
-        except Exception:  # a core bug must cost one connection, not every connection of this process
-            self.srv.log.exception("protocol core failed; closing its connection")
-            self.close()
-            return
+        outs = self.core.receive_data(data)  # an exception here is the run loop's catch-all's to handle
         if not self.out and len(outs) == 1 and outs[0].__class__ is bytes:
             # Fast path (every echo reply): try the send before queueing anything.
             item = outs[0]
@@ -126,9 +147,29 @@ class Conn:
         for item in outs:
             if item.__class__ is bytes:
                 self.queue(item)
-            else:  # a file request: the core never touches the filesystem, we do
-                for reply in self.srv.files.answer(item):
+                continue
+            # A file request: the core never touches the filesystem, we do. A digest not cached yet is
+            # computed off the loop; its place in the output queue is held so replies stay in order.
+            found = self.srv.files.lookup(item)
+            if found.__class__ is list:
+                for reply in found:
                     self.queue(reply)
+            else:
+                waiting = _Digest(found)
+                self.out.append(waiting)
+                self.waiting += 1
+                self.srv.hash_off_loop(self, waiting)
+
+    def digested(self, waiting: _Digest, digest: Any) -> None:
+        """The digest for `waiting` is known: its replies take its place in the queue."""
+        self.waiting -= 1
+        at = next(i for i, item in enumerate(self.out) if item is waiting)
+        del self.out[at]
+        for reply in reversed(self.srv.files.reply(waiting.found, digest)):
+            self.out.insert(at, reply)
+            self.pending += reply.size if reply.__class__ is FileBody else len(reply)
+        if self.flush():
+            self.update()
 
     def queue(self, item: Any) -> None:
         self.out.append(item)
@@ -145,6 +186,8 @@ class Conn:
         out, sock = self.out, self.sock
         while out:
             item = out[0]
+            if item.__class__ is _Digest:
+                return True  # the next reply waits for a digest: Conn.digested flushes again
             if item.__class__ is FileBody or item.__class__ is _Sending:
                 if not self._send_body(item):
                     return False
@@ -174,7 +217,7 @@ class Conn:
                 item = self.out[0] = _Sending(open_body(item), item.size)
             except (OSError, ServiceError) as exc:
                 # The header promised `size` bytes we cannot send: the stream cannot continue.
-                self.srv.log.warning("closing a transfer connection: %s", exc)
+                self.srv.connlog.io.hit(self.srv.now, f"{format_address(self.peer)}: {exc}")
                 self.close()
                 return False
         while item.left:
@@ -186,7 +229,7 @@ class Conn:
                 self.close()
                 return False
             if sent == 0:
-                self.srv.log.warning("closing a transfer connection: a served file shrank while being sent")
+                self.srv.connlog.io.hit(self.srv.now, f"{format_address(self.peer)}: a served file shrank")
                 self.close()
                 return False
             item.offset += sent
@@ -197,17 +240,28 @@ class Conn:
         return True
 
     def update(self) -> None:
-        """Register exactly the events we need: read unless backpressured/finished, write while queued."""
-        if self.core.closing or self.closed or (self.reading and self.pending > HIGH_WATER):
+        """Register exactly the events we need: read unless backpressured/finished/waiting for a digest,
+        write while output is ready (not while the next reply waits for its digest)."""
+        if self.core.closing or self.closed or (self.reading and (self.pending > HIGH_WATER or self.waiting)):
             self.reading = False
-        elif not self.reading and not self.eof and self.pending <= LOW_WATER:
+        elif not self.reading and not self.eof and not self.waiting and self.pending <= LOW_WATER:
             self.reading = True
-        mask = (EVENT_READ if self.reading else 0) | (EVENT_WRITE if self.out else 0)
-        if mask == 0:
+        out = self.out
+        mask = (EVENT_READ if self.reading else 0) | (
+            EVENT_WRITE if out and out[0].__class__ is not _Digest else 0
+        )
+        if mask == self.mask:
+            return
+        sel = self.srv.sel
+        if mask == 0 and not self.waiting:
             self.close()
-        elif mask != self.mask:
-            self.srv.sel.modify(self.sock, mask, self)
-            self.mask = mask
+        elif mask == 0:  # nothing to do until the digest arrives
+            sel.unregister(self.sock)
+        elif self.mask == 0:
+            sel.register(self.sock, mask, self)
+        else:
+            sel.modify(self.sock, mask, self)
+        self.mask = mask
 
     @property
     def idle(self) -> bool:
@@ -217,6 +271,8 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        if self.core.closing:
+            self.srv.connlog.fatal.hit(self.srv.now, format_address(self.peer))
         for item in self.out:
             if item.__class__ is _Sending:
                 item.file.close()
@@ -239,7 +295,7 @@ class _Loop:
         self.tick_every = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
 
     def _install(self) -> Wakeup:
-        wakeup = Wakeup()
+        wakeup = self.wakeup = Wakeup()
         self.sel.register(wakeup.reader, EVENT_READ, _WAKEUP)
         self.stop.install(worker=self.parent is not None)
         unblock_stop_signals()  # blocked since startup (and in a prefork worker since the fork)
@@ -269,6 +325,9 @@ class TcpServer(_Loop):
         self.conns = set()  # type: Set[Conn]
         self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
         self.accept_failed = RateLimited(log, "accept() failed")
+        self.connlog = ConnectionLog(log)
+        self.offload = Offload()
+        self.digests = collections.deque()  # type: Deque[Tuple[Conn, _Digest, Any]]  # from offload threads
         self.accept_paused_until = 0.0
         self.deadline = 0.0
         self.next_tick = 0.0
@@ -277,7 +336,7 @@ class TcpServer(_Loop):
     def accept(self, limit: int = 0) -> None:
         for _ in range(limit or self.accept_batch):
             try:
-                sock, _addr = self.listener.accept()
+                sock, addr = self.listener.accept()
             except _AGAIN:
                 return
             except OSError as exc:  # EMFILE and friends: pause accepting briefly instead of spinning
@@ -291,7 +350,7 @@ class TcpServer(_Loop):
                 continue
             sock.setblocking(False)
             set_nodelay(sock)
-            conn = Conn(self, sock, self.new_core())
+            conn = Conn(self, sock, self.new_core(), addr)
             self.sel.register(sock, EVENT_READ, conn)
             self.conns.add(conn)
 
@@ -311,11 +370,15 @@ class TcpServer(_Loop):
                         self.accept()
                     elif conn is _WAKEUP:
                         wakeup.drain()
+                        self._digested()
                     else:
-                        if mask & EVENT_READ:
-                            conn.on_read()
-                        if mask & EVENT_WRITE and not conn.closed:
-                            conn.on_write()
+                        try:
+                            if mask & EVENT_READ:
+                                conn.on_read()
+                            if mask & EVENT_WRITE and not conn.closed:
+                                conn.on_write()
+                        except Exception as exc:  # one connection's failure must cost only that connection
+                            self.failed(conn, exc)
                 code = self._between_events()
                 if code is not None:
                     return code
@@ -325,6 +388,29 @@ class TcpServer(_Loop):
             self._close_listener()
             wakeup.close()
             self.sel.close()
+
+    def hash_off_loop(self, conn: Conn, waiting: _Digest) -> None:
+        """Compute a digest in an offload thread; the loop gets it back through the wake-up socket."""
+
+        def done(digest: Any) -> None:  # in the offload thread
+            self.digests.append((conn, waiting, digest))
+            with contextlib.suppress(OSError):  # full: the loop has wake-ups pending anyway
+                self.wakeup.writer.send(b"\0")
+
+        self.offload.submit(self.files.digest, waiting.found, done)
+
+    def _digested(self) -> None:
+        while self.digests:
+            conn, waiting, digest = self.digests.popleft()
+            if not conn.closed:
+                try:
+                    conn.digested(waiting, digest)
+                except Exception as exc:  # the run loop's catch-all
+                    self.failed(conn, exc)
+
+    def failed(self, conn: Conn, exc: Exception) -> None:
+        self.connlog.failure(self.now, format_address(conn.peer), exc)
+        conn.close()
 
     def _between_events(self) -> Optional[int]:
         """Signals, drain progress and the periodic tick; an exit code once the loop should end."""
@@ -380,7 +466,10 @@ class TcpServer(_Loop):
             except OSError:
                 conn.close()
                 continue
-            conn.received(data)
+            try:
+                conn.received(data)
+            except Exception as exc:  # the run loop's catch-all, for the drain's own reads
+                self.failed(conn, exc)
         if not self.conns:
             lifecycle.log_drained(self.log)
             return 0

@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional, Union
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    ConnectionLog,
     RateLimited,
     Settings,
     StreamCore,
@@ -165,7 +166,7 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 return
             except OSError as exc:
                 if not isinstance(exc, ConnectionError):
-                    self.server.log.warning("closing connection from %s: %s", self.client_address[0], exc)
+                    self.server.connlog.io.hit(time.monotonic(), f"{self.client_address[0]}: {exc}")
                 return
             state.busy = False
 
@@ -192,10 +193,11 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 return
             except (OSError, ServiceError) as exc:
                 if not isinstance(exc, ConnectionError):
-                    self.server.log.warning("closing connection from %s: %s", self.client_address[0], exc)
+                    self.server.connlog.io.hit(time.monotonic(), f"{self.client_address[0]}: {exc}")
                 return
             state.busy = not core.idle
             if core.closing:
+                self.server.connlog.fatal.hit(time.monotonic(), format_address(self.client_address))
                 return
 
     def _answer_file(self, sock: socket.socket, reply: Callable[[bytes], None], request: Any) -> None:
@@ -237,6 +239,7 @@ class TcpServer(socketserver.ThreadingTCPServer):
         )
         self.accept_failed = RateLimited(log, "accept() failed; the connection stays queued")
         self.thread_failed = RateLimited(log, "cannot start a connection thread: closed the connection")
+        self.connlog = ConnectionLog(log)
         self._lock = threading.Lock()
         self.conns = {}  # type: Dict[int, _Tracked]
 
@@ -297,7 +300,8 @@ class TcpServer(socketserver.ThreadingTCPServer):
             self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        self.log.exception("unexpected error serving %s", client_address)
+        """socketserver's catch-all around a connection's handler: one rate-limited line, no traceback."""
+        self.connlog.failure(time.monotonic(), format_address(client_address), sys.exc_info()[1])
 
     def drain(self) -> int:
         deadline = time.monotonic() + self.settings.drain_timeout
@@ -330,6 +334,10 @@ class UdpServer(socketserver.UDPServer):
         self.core = udp_core(sock)
         self.log = log
         self.dropped = RateLimited(log, "udp datagrams dropped")
+        self.connlog = ConnectionLog(log)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.connlog.failure(time.monotonic(), format_address(client_address), sys.exc_info()[1])
 
     def service_ready(self) -> None:
         """Answer every queued datagram (up to ACCEPT_BATCH): one wake-up and no new selector per datagram."""

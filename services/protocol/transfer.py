@@ -11,6 +11,7 @@ answers it with services.files.FileRoot - the only code that touches the filesys
 from __future__ import annotations
 
 import json
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from services.errors import ProtocolError
 HEADER_LIMIT = 64 * 1024
 PREFIX = struct.Struct(">I")
 OPS = ("get", "list")
+# A request header is one flat object; deeper nesting is an attack on the parser, answered `bad-header`.
+MAX_DEPTH = 16
+# Linux's PATH_MAX; also keeps every reply header (which repeats the path) far below HEADER_LIMIT.
+PATH_LIMIT = 4096
+_SPECIAL = re.compile(rb'["\\\[\]{}]')
 
 
 # ---- events ----------------------------------------------------------------------------------------------
@@ -81,6 +87,44 @@ def encode_frame(header: Dict[str, Any]) -> bytes:
     return PREFIX.pack(len(raw)) + raw
 
 
+def nesting_depth(raw: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep JSON text nests arrays and objects, counted up to limit + 1 (strings are skipped).
+
+    Linear in the input and without recursion, so it can vet a hostile header before json.loads (whose C
+    parser recurses once per level: deep enough, and it raises RecursionError or exhausts a small thread
+    stack).
+
+    >>> nesting_depth(b'{"a": [1, {"b": "[[[["}]}')
+    3
+    >>> nesting_depth(b"[" * 60000)
+    17
+    """
+    depth = deepest = 0
+    in_string = False
+    skip = -1
+    for match in _SPECIAL.finditer(raw):
+        i = match.start()
+        if i == skip:  # the character after a backslash inside a string: escaped
+            continue
+        c = raw[i]
+        if in_string:
+            if c == 0x5C:
+                skip = i + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
 def decode_header(raw: bytes) -> "Union[Dict[str, Any], BadFrame]":  # noqa: UP037
     """A frame's header bytes as a dict, or the BadFrame that answers them.
 
@@ -88,11 +132,16 @@ def decode_header(raw: bytes) -> "Union[Dict[str, Any], BadFrame]":  # noqa: UP0
     {'op': 'get'}
     >>> decode_header(b'[1]').code
     'bad-header'
+    >>> decode_header(b'{"a":' * 5000).message
+    'header nests deeper than 16 levels'
     """
+    # Counting brackets is C speed; only a header with many of them pays for the exact scan.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nesting_depth(raw) > MAX_DEPTH:
+        return BadFrame("bad-header", f"header nests deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        return BadFrame("bad-header", f"header is not UTF-8 JSON: {exc}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return BadFrame("bad-header", f"header is not UTF-8 JSON: {exc.__class__.__name__}: {str(exc)[:200]}")
     if not isinstance(value, dict):
         return BadFrame("bad-header", f"header must be a JSON object, got {type(value).__name__}")
     return value
@@ -248,6 +297,8 @@ def check_relative(path: str) -> Optional[Rejected]:
     >>> check_relative("a/../../x").code
     'bad-path'
     """
+    if len(path) > PATH_LIMIT:
+        return Rejected("bad-path", f"path of {len(path)} characters refused: the limit is {PATH_LIMIT}")
     if "\x00" in path:
         return Rejected("bad-path", "path contains a NUL byte")
     if path.startswith("/"):

@@ -166,6 +166,15 @@ def services(tmp_path: Path) -> Iterator:
         svc.kill_group()  # workers a failed test left behind
 
 
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A served transfer root (make_tree) per test module: (root, {relative path: bytes})."""
+    base = tmp_path_factory.mktemp("transfer")
+    root = base / "root"
+    root.mkdir()
+    return root, make_tree(root, base / "outside")
+
+
 def make_tree(root: Path, outside: Path) -> dict[str, bytes]:
     """The transfer tests' file root, plus an `outside` directory holding a secret that must never be sent."""
     outside.mkdir(parents=True, exist_ok=True)

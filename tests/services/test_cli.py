@@ -14,7 +14,7 @@ import pytest
 
 from services import client
 from services.addr import VARIANTS
-from tests.services.conftest import PY37, REPO, SERVICE_PYTHON, has_uvloop, make_tree, service_env
+from tests.services.conftest import PY37, REPO, SERVICE_PYTHON, has_uvloop, service_env
 
 
 def run(*args: str, python: str = SERVICE_PYTHON, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -116,14 +116,6 @@ def test_hup_is_logged_by_single_process_variants(services) -> None:
 
 
 # ---- the client CLI ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    base = tmp_path_factory.mktemp("cli")
-    root = base / "root"
-    root.mkdir()
-    return root, make_tree(root, base / "outside")
 
 
 def test_client_cli_talks_to_every_service(services, tree: tuple, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 from services import client
 from services.errors import ClientError
 from services.protocol.transfer import HEADER_LIMIT, NEED_DATA, Frame, FrameReader, encode_frame
-from tests.services.conftest import SECRET, Service, make_tree, start_service
+from tests.services.conftest import SECRET, Service, start_service
 
 # Every test that takes the `variant` fixture (tests/services/conftest.py) runs once per variant, uvloop
 # included (a visible skip where it is not installed); `service` picks the services, module-scoped so one
@@ -31,14 +31,6 @@ from tests.services.conftest import SECRET, Service, make_tree, start_service
 SERVICES = ["tcp-echo", "udp-echo", "transfer"]
 STREAM = ["tcp-echo", "transfer"]
 BOUND = 30.0  # seconds any single wait may take before the test fails
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    base = tmp_path_factory.mktemp("transfer")
-    root = base / "root"
-    root.mkdir()
-    return root, make_tree(root, base / "outside")
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +337,18 @@ BAD_FRAMES = [
     ("get-a-dir", encode_frame({"op": "get", "path": "bin"}), "not-a-file", False),
     ("list-a-file", encode_frame({"op": "list", "path": "hello.txt"}), "not-a-directory", False),
     ("symlink-escape", encode_frame({"op": "get", "path": "escape.txt"}), "forbidden", False),
-    ("huge-path", encode_frame({"op": "get", "path": "a/" * 30000}), "not-found", False),
+    ("huge-path", encode_frame({"op": "get", "path": "a/" * 30000}), "bad-path", False),
+    ("long-path", encode_frame({"op": "get", "path": "a/" * 2000}), "not-found", False),
+    # Resolves to hello.txt; a reply header repeating it would not fit the header limit.
+    ("dot-path", encode_frame({"op": "get", "path": "./" * 20000 + "hello.txt"}), "bad-path", False),
+    ("deep-array", struct.pack(">I", 60000) + b"[" * 60000, "bad-header", False),
+    ("deep-object", struct.pack(">I", 50000) + b'{"a":' * 10000, "bad-header", False),
+    (
+        "deep-in-a-field",
+        encode_frame({"op": "get", "path": "x", "n": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}),
+        "bad-header",
+        False,
+    ),
     ("huge-dotdot-path", encode_frame({"op": "list", "path": "../" * 20000}), "bad-path", False),
     ("huge-op", encode_frame({"op": "x" * 60000, "path": "."}), "unknown-op", False),
     ("symlink-dir-escape", encode_frame({"op": "get", "path": "escape-dir/deep.txt"}), "forbidden", False),
@@ -368,6 +371,7 @@ def test_bad_input_gets_an_error_frame(
             assert recv_until_closed(sock) == b""
         else:  # still in sync: the connection keeps working
             assert request(sock, {"op": "list", "path": "docs"})[0]["entries"][0]["name"] == "a b"
+    assert "Traceback" not in running.log_text()
 
 
 ESCAPE_PATHS = [
