@@ -39,6 +39,15 @@ def _split(flags: list[str] | None) -> list[str]:
     return host_list(flags)
 
 
+def _hosts(flags: list[str] | None, inventory: str) -> list[str]:
+    """--host values; with --inventory FILE they are that inventory's hosts, groups and patterns."""
+    if not inventory:
+        return host_list(flags)
+    from deploy import inventory as inventory_mod  # only --inventory needs ansible-core
+
+    return host_list(inventory_mod.expand(flags or [], inventory))
+
+
 def _ssh_config(c: Any, flag: str) -> str:
     """The --ssh-config flag, else the `sockops.ssh_config` config value ('' = only ~/.ssh/config)."""
     return flag or str(c.config.sockops.get("ssh_config") or "")
@@ -46,6 +55,10 @@ def _ssh_config(c: Any, flag: str) -> str:
 
 _HOST_HELP = "host(s): comma-separated and/or repeated; 'local' = this machine without SSH (default)"
 _SSH_HELP = "extra ssh_config file (besides ~/.ssh/config), e.g. the one `invoke testhosts.up` prints"
+_INVENTORY_HELP = (
+    "Ansible inventory file (INI or YAML, read by ansible-core: pip install 'sockops[ansible]'); --host then "
+    "takes its hosts, groups and patterns (web, web:&eu, web:!db, web[0:3], all)"
+)
 _KEY_HELP = "record the key of a host not yet in known_hosts (like ssh accept-new); a changed key is refused"
 
 ns = Collection()
@@ -173,18 +186,27 @@ ns.add_task(build_python)
         "accept_new_host_key": _KEY_HELP,
         "serial": "deploy N hosts at a time and stop after the first batch with a failure (0 = all at once)",
         "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
     },
 )
 @_user_errors
 def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
-    c, host, python="", variant="", dry_run=False, accept_new_host_key=False, serial=0, ssh_config=""
+    c,
+    host,
+    python="",
+    variant="",
+    dry_run=False,
+    accept_new_host_key=False,
+    serial=0,
+    ssh_config="",
+    inventory="",
 ):
     """Deploy the services under supervisord: new release, switch, restart what changed, health gate."""
     from deploy import commands
 
     commands.deploy(
         c.config.sockops,
-        _split(host),
+        _hosts(host, inventory),
         python=python,
         variant=variant,
         dry_run=dry_run,
@@ -205,14 +227,21 @@ def rollback(c, host, ssh_config=""):
 
 @task(
     iterable=["host"],
-    help={"host": _HOST_HELP, "json": "print JSON instead of a table", "ssh_config": _SSH_HELP},
+    help={
+        "host": _HOST_HELP,
+        "json": "print JSON instead of a table",
+        "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
+    },
 )
 @_user_errors
-def status(c, host, json=False, ssh_config=""):
+def status(c, host, json=False, ssh_config="", inventory=""):
     """Show the current release and every supervised program (state, pid, uptime) per host."""
     from deploy import commands
 
-    commands.status(c.config.sockops, _split(host), as_json=json, ssh_config=_ssh_config(c, ssh_config))
+    commands.status(
+        c.config.sockops, _hosts(host, inventory), as_json=json, ssh_config=_ssh_config(c, ssh_config)
+    )
 
 
 @task(
@@ -285,10 +314,11 @@ for _t in (deploy, rollback, status, restart, logs, undeploy):
         "json": "print JSON (snapshots + verdicts) instead of one line per service",
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
+        "inventory": _INVENTORY_HELP,
     },
 )
 @_user_errors
-def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
+def health(c, host, json=False, ssh_config="", accept_new_host_key=False, inventory=""):  # noqa: PLR0917
     """Probe and judge every service on each host, in parallel; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
 
     Thresholds: sockops.health in invoke's config (e.g. close_wait_warning, latency_critical, fd_warning).
@@ -297,7 +327,7 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False):
 
     code = health_mod.health(
         c.config.sockops,
-        _split(host),
+        _hosts(host, inventory),
         as_json=json,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
