@@ -18,6 +18,26 @@ Contract (keys are stable; new keys may be added, none removed):
       {"ok", "restarted": [program], "errors": {program: message}}
   shutdown
       {"ok": true, "was_running": bool}
+  observe [--manifest M] [--conf C] [--base B] [--applied F] [--want-file W]
+      One round trip with the live state (hostctl.observe). "ok" is true when the host could be observed;
+      "converged" says whether it is as wanted:
+      {"ok", "converged": bool, "problems": [str], "seconds": float,
+       "repairs": [{"action", "program", "why"}]   (action, in this order: reap | relink-current |
+                   fix-release | start-supervisord | restart-supervisord | restart-program),
+       "supervisord": {"answers", "pid", "pidfile", "pidfile_pid", "agree", "release", "error"},
+       "current": {"path", "state": ok|missing|dangling|not-a-link, "release", "switched"},
+       "programs": {name: {"name", "state", "pid", "started", "code_current"}},
+       "ports": [{"service", "program", "proto", "port", "sockets", "supervised": [pid], "outside": [pid],
+                  "unattributed", "ok"}],
+       "strays": [{"pid", "ppid", "role", "release", "command", "ports": ["8080/tcp"]}],
+       "readable": {"user", "ok", "error"},
+       "probes": {service: {"ok", "error"}}}
+      Defaults: --manifest /etc/sockops/services.json, --conf /etc/sockops/supervisord.conf, --base
+      /srv/sockops, --applied <dir of --conf>/applied.json, --want-file <base>/current/fingerprints.json.
+  reap [--base B] [--drain S]
+      TERM every stray, KILL those left after S seconds (default 10), by pid + start time:
+      {"ok": no stray left, "supervisord_pid", "strays": [as in observe], "left": [pid],
+       "signals": [{"pid", "role", "command", "signal": TERM|KILL, "at": epoch}]}
 
 --socket is supervisord's unix socket; --timeout (default 20) bounds waits (supervisord answering, programs
 reaching RUNNING, the health gate).
@@ -31,9 +51,11 @@ import sys
 import xmlrpc.client
 from typing import Any, Callable, Dict, List, Optional
 
-from hostctl import control
+from hostctl import control, observe, reap
 from monitoring.errors import MonitoringError
+from monitoring.targets import DEFAULT_MANIFEST
 
+DEFAULT_BASE = "/srv/sockops"
 Handler = Callable[[argparse.Namespace], Dict[str, Any]]
 
 
@@ -55,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     restart = sub.add_parser("restart")
     restart.add_argument("programs", nargs="*")
     sub.add_parser("shutdown")
+    obs = sub.add_parser("observe")
+    obs.add_argument("--manifest", default=DEFAULT_MANIFEST)
+    obs.add_argument("--conf", default="/etc/sockops/supervisord.conf")
+    obs.add_argument("--base", default=DEFAULT_BASE)
+    obs.add_argument("--applied", default="", help="applied.json (default: beside --conf)")
+    obs.add_argument("--want-file", default="", help="fingerprints.json (default: the current release's)")
+    rp = sub.add_parser("reap")
+    rp.add_argument("--base", default=DEFAULT_BASE)
+    rp.add_argument("--drain", type=float, default=10.0, help="seconds between TERM and KILL")
     return parser
 
 
@@ -64,6 +95,8 @@ HANDLERS: Dict[str, Handler] = {
     "status": control.cmd_status,
     "restart": control.cmd_restart,
     "shutdown": control.cmd_shutdown,
+    "observe": observe.cmd_observe,
+    "reap": reap.cmd_reap,
 }
 
 

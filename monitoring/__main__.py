@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-window", type=float, default=0.5, help="first CPU%% sampling window in seconds")
     p.add_argument("--state-file", default="", help="keep restart counts here between runs")
     p.add_argument(
+        "--base",
+        default=None,
+        help="sockops base dir, to find strays (default: the one this interpreter's release venv is in)",
+    )
+    p.add_argument(
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override a verdict threshold"
     )
     p.set_defaults(format="table")
@@ -96,6 +101,7 @@ def make_collector(args: argparse.Namespace, th: Thresholds) -> Collector:
         cpu_window=args.cpu_window,
         state_file=args.state_file,
         release=manifest.release,
+        base=args.base,
     )
 
 

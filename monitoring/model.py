@@ -216,6 +216,18 @@ class ServiceSample:
 
 
 @dataclass(frozen=True)
+class Stray:
+    """A process started from a sockops release venv that supervisord does not supervise."""
+
+    pid: int
+    ppid: int
+    role: str  # supervisord | service | exporter | hostctl | other
+    release: str  # the release its interpreter lives in; "" when started through <base>/current
+    command: str
+    ports: Tuple[str, ...] = ()  # watched ports it holds sockets on, as "8080/tcp"
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One look at a host."""
 
@@ -227,6 +239,8 @@ class Snapshot:
     notes: Tuple[str, ...] = ()  # what could not be seen, and why (AccessDenied, supervisord down, ...)
     release: str = ""
     version: int = 1
+    supervisord: str = ""  # running | down | "" (not asked, or could not tell: e.g. permission denied)
+    strays: Tuple[Stray, ...] = ()  # sockops processes outside supervisord's tree (when it could tell)
 
     def service(self, name: str) -> ServiceSample:
         for svc in self.services:
@@ -302,6 +316,7 @@ __all__ = [
     "ServiceSample",
     "Snapshot",
     "SocketInfo",
+    "Stray",
     "SystemSample",
     "Target",
     "from_dict",

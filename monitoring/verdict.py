@@ -113,8 +113,10 @@ def system_findings(snap: Snapshot, th: Thresholds) -> List[Finding]:
     return out
 
 
-def _program_findings(svc: ServiceSample) -> List[Tuple[str, str]]:
+def _program_findings(svc: ServiceSample, supervisord: str = "") -> List[Tuple[str, str]]:
     prog = svc.program
+    if svc.target.program and prog is None and supervisord == "down":
+        return [(CRITICAL, f"{svc.target.program} is not supervised: supervisord is not running")]
     if svc.target.program and prog is None:
         return [(UNKNOWN, f"supervisord state of {svc.target.program} unknown")]
     if prog is not None and prog.state != "RUNNING":
@@ -167,10 +169,37 @@ def _probe_findings(svc: ServiceSample, th: Thresholds) -> List[Tuple[str, str]]
     return []
 
 
-def service_findings(svc: ServiceSample, th: Thresholds) -> List[Finding]:
+def supervision_findings(snap: Snapshot) -> List[Finding]:
+    """supervisord dead while its programs still listen, and sockops processes outside its tree (strays).
+
+    >>> from monitoring.model import Stray, SystemSample
+    >>> stray = Stray(42, 1, "service", "", "python -m services tcp-echo", ("8080/tcp",))
+    >>> snap = Snapshot("h", 0.0, "", SystemSample(*[None] * 11), (), supervisord="down", strays=(stray,))
+    >>> for f in supervision_findings(snap): print(f.status, f.message)
+    CRITICAL supervisord is not running
+    CRITICAL stray service pid 42 outside supervisord, holding 8080/tcp: python -m services tcp-echo
+    """
+    out = []
+    if snap.supervisord == "down":
+        held = [
+            f"{svc.target.name} on {svc.port.port}/{svc.port.proto}"
+            for svc in snap.services
+            if svc.target.program
+            and (svc.port.count("LISTEN") or (svc.port.proto == "udp" and svc.port.sockets))
+        ]
+        still = f", yet its programs still listen: {', '.join(held)}" if held else ""
+        out.append(Finding(CRITICAL, "supervisord", f"supervisord is not running{still}"))
+    for stray in snap.strays:
+        holding = f", holding {', '.join(stray.ports)}" if stray.ports else ""
+        message = f"stray {stray.role} pid {stray.pid} outside supervisord{holding}: {stray.command[:160]}"
+        out.append(Finding(CRITICAL, "supervisord", message))
+    return out
+
+
+def service_findings(svc: ServiceSample, th: Thresholds, supervisord: str = "") -> List[Finding]:
     """Everything wrong with one service (an empty list or only OK findings when healthy)."""
     found = (
-        _program_findings(svc)
+        _program_findings(svc, supervisord)
         + _socket_findings(svc, th)
         + _process_findings(svc, th)
         + _probe_findings(svc, th)
@@ -181,10 +210,10 @@ def service_findings(svc: ServiceSample, th: Thresholds) -> List[Finding]:
 def evaluate(snap: Snapshot, th: Optional[Thresholds] = None) -> Verdict:
     """The host's verdict: the worst of the system's and every service's findings."""
     th = th or Thresholds()
-    findings = system_findings(snap, th)
+    findings = system_findings(snap, th) + supervision_findings(snap)
     per_service = []
     for svc in snap.services:
-        found = service_findings(svc, th)
+        found = service_findings(svc, th, snap.supervisord)
         findings.extend(found)
         per_service.append((svc.target.name, worst(f.status for f in found)))
     return Verdict(

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
+from monitoring.collect import netlink, processes, procnet, ptree, sockets, supervisor, system
 from monitoring.collect.overlap import concurrently
 from monitoring.collect.sockets import PortTable
-from monitoring.errors import CollectError, MonitoringError
+from monitoring.errors import CollectError, MonitoringError, SupervisorDown
 from monitoring.model import (
     PortSample,
     ProbeResult,
@@ -30,6 +30,7 @@ from monitoring.model import (
     ProgramSample,
     ServiceSample,
     Snapshot,
+    Stray,
     SystemSample,
     Target,
     frozen_map,
@@ -119,6 +120,8 @@ def assemble(
     release: str = "",
     hostname: str = "",
     now: float = 0.0,
+    supervisord: str = "",
+    strays: Sequence[Stray] = (),
 ) -> Snapshot:
     """The snapshot of one look from its parts, keyed by target name (pure); failed parts are notes first.
 
@@ -147,6 +150,8 @@ def assemble(
         services=services,
         notes=tuple(f"{p.name}: {p.error}" for p in parts if not p.ok) + tuple(notes),
         release=release,
+        supervisord=supervisord,
+        strays=tuple(strays),
     )
 
 
@@ -160,7 +165,8 @@ class Collector:
     probe: a function Target -> ProbeResult (None disables probes); cpu_window: the shortest CPU sampling
     window in seconds when a process is seen for the first time (later looks reuse the previous sample);
     probe_ttl: seconds a probe result is reused (0: probe on every look), so a fast scraper does not drive
-    load on the services.
+    load on the services; base: sockops' base directory, to find strays (processes from its release venvs
+    outside supervisord's tree); None: the base this interpreter's release venv lies in, "" to not look.
     """
 
     def __init__(
@@ -175,6 +181,7 @@ class Collector:
         state_file: str = "",
         release: str = "",
         probe_ttl: float = 0.0,
+        base: Optional[str] = None,
     ) -> None:
         self.targets = tuple(targets)
         self.supervisor_socket = supervisor_socket
@@ -184,6 +191,7 @@ class Collector:
         self.cpu_window = cpu_window
         self.release = release
         self.probe_ttl = probe_ttl
+        self.base = ptree.default_base() if base is None else base
         self.cpu = processes.CpuTracker()
         self.restarts = supervisor.RestartTracker(state_file)
         self._probed: Dict[Target, Tuple[float, Optional[ProbeResult]]] = {}  # target -> (when, result)
@@ -234,10 +242,27 @@ class Collector:
         """System figures; the exact TIME_WAIT total comes from the socket view (no second kernel walk)."""
         return system.system_sample(lambda: view.time_wait if view else None, self.proc_root, notes)
 
-    def programs(self) -> Dict[str, ProgramSample]:
-        """Each target's supervisord program by target name (supervisor.program_samples' rule)."""
-        infos = supervisor.all_process_info(self.supervisor_socket)
-        return supervisor.program_samples(self.targets, {str(i.get("name")): i for i in infos}, self.restarts)
+    def programs(self) -> Tuple[int, Dict[str, ProgramSample]]:
+        """(supervisord's pid, each target's program by target name: supervisor.program_samples' rule)."""
+        pid, infos = supervisor.state_and_infos(self.supervisor_socket)
+        by_name = {str(i.get("name")): i for i in infos}
+        return pid, supervisor.program_samples(self.targets, by_name, self.restarts)
+
+    def _supervisor_part(self) -> Tuple[Tuple[str, int, Dict[str, ProgramSample]], str]:
+        """((running | down, supervisord's pid, programs), problem); could not tell: raises."""
+        try:
+            pid, programs = self.programs()
+        except SupervisorDown as exc:
+            return ("down", 0, {}), str(exc)
+        return ("running", pid, programs), ""
+
+    def strays(self, supervisord_pid: int, view: Optional[SocketView]) -> Tuple[Stray, ...]:
+        """sockops processes outside supervisord's tree (ptree's "services" scope) and the ports they hold."""
+        port_of: Dict[int, str] = {}
+        if view is not None:
+            for table in (view.tcp, view.udp):
+                port_of.update((inode, f"{port}/{table.proto}") for inode, port in table.inodes.items())
+        return ptree.find_strays(self.base, supervisord_pid, port_of, proc_root=self.proc_root)
 
     def probes(self) -> Dict[str, Optional[ProbeResult]]:
         """Every target's probe at once (results younger than probe_ttl are reused)."""
@@ -279,9 +304,9 @@ class Collector:
         parts = _Parts(before)
         if self.restarts.note:
             parts.notes.append(self.restarts.note)
-        programs: Dict[str, ProgramSample] = {}
-        if self.supervisor_socket:
-            programs = parts.run("supervisor", lambda: (self.programs(), "")) or {}
+        # supervisord: running | down | "" (not asked, or could not tell); its pid roots the supervised tree
+        asked = parts.run("supervisor", self._supervisor_part) if self.supervisor_socket else None
+        supervisord, supervisord_pid, programs = asked or ("", 0, {})
         main_pids = [p.pid for p in programs.values() if p.pid]
         all_pids = [p for pid in main_pids for p in [pid, *processes.children(pid, self.proc_root)]]
         oldest = processes.prime(all_pids, self.cpu)
@@ -297,6 +322,9 @@ class Collector:
                 "socket counts from /proc/net (netlink sock_diag unavailable): no listen backlog"
             )
         sys_sample = parts.run("system", lambda: self._system_part(view)) or NO_SYSTEM
+        found: Tuple[Stray, ...] = ()
+        if self.base and supervisord:  # only when supervisord's tree is known (answering, or surely down)
+            found = parts.run("strays", lambda: (self.strays(supervisord_pid, view), "")) or ()
         probe_results = (
             parts.run("probes", lambda: (self.probes(), "")) if self.probe and self.targets else {}
         )
@@ -320,6 +348,8 @@ class Collector:
             release=self.release,
             hostname=socket.gethostname(),
             now=time.time(),
+            supervisord=supervisord,
+            strays=found,
         )
         return Look(snap, tuple(parts.results))
 

@@ -12,7 +12,7 @@ from monitoring.collect import Collector
 from monitoring.collect.supervisor import MISSING
 from monitoring.exporter import Scraper, Settings
 from monitoring.targets import read_manifest
-from monitoring.verdict import CRITICAL, UNKNOWN, Thresholds, evaluate
+from monitoring.verdict import CRITICAL, Thresholds, evaluate
 from tests.monitoring.conftest import Supervised, free_port
 
 TH = Thresholds(time_wait_warning=0.99, time_wait_critical=1)  # other tests' TIME_WAIT is not ours to judge
@@ -60,7 +60,7 @@ def test_a_program_supervisord_does_not_know_is_missing_everywhere(
     assert _program_up(families, "sockops-tcp-echo") == 1.0
 
 
-def test_supervisord_that_cannot_be_asked_leaves_programs_unknown(
+def test_no_supervisord_leaves_programs_without_sample_and_is_critical(
     supervised: Supervised, tmp_path: Path
 ) -> None:
     manifest = _manifest_with(supervised, tmp_path, supervisor={"socket": str(tmp_path / "none.sock")})
@@ -76,5 +76,10 @@ def test_supervisord_that_cannot_be_asked_leaves_programs_unknown(
     assert look.part("processes") is None  # no programs, nothing to scan
     assert look.part("sockets").ok
     assert look.part("probes").ok
+    assert look.snapshot.supervisord == "down"  # no socket: surely down (permission denied would be "")
     verdict = evaluate(look.snapshot, TH)
-    assert verdict.service_status("tcp-echo") == UNKNOWN  # probes answer; program state unknown
+    assert verdict.service_status("tcp-echo") == CRITICAL  # it answers, but nothing supervises it
+    assert "sockops-tcp-echo is not supervised: supervisord is not running" in verdict.reasons("tcp-echo")
+    assert verdict.reasons("supervisord")[0].startswith(
+        "supervisord is not running, yet its programs still listen"
+    )
