@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -10,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import DeployError
-from devtools.testhosts import namespace, sshd, system
+from devtools.testhosts import namespace, sshd, system, users
 from devtools.testhosts import state as registry
 from devtools.testhosts.errors import FleetError
-from devtools.testhosts.model import DEFAULT_STATE_DIR, MAX_HOSTS, Fleet, FleetHost
+from devtools.testhosts.model import DEFAULT_STATE_DIR, MAX_HOSTS, Fleet, FleetHost, LoginUser
 from devtools.testhosts.plan import known_hosts_line, plan, ssh_config_text
 from devtools.testhosts.teardown import down
 
 
-def _make_host(entry: dict[str, str], client_public: str) -> FleetHost:
+def _make_host(entry: dict[str, str], client_public: str, logins: tuple[LoginUser, ...]) -> FleetHost:
     host_dir = Path(entry["state_dir"])
     (host_dir / "tmp").mkdir(parents=True)
     (host_dir / "tmp").chmod(0o1777)
@@ -26,7 +27,7 @@ def _make_host(entry: dict[str, str], client_public: str) -> FleetHost:
     namespace.make_network(entry)
     pid, upper = namespace.start_anchor(entry)
     sshd.start_sshd(entry["name"], pid, host_dir)
-    return FleetHost(
+    host = FleetHost(
         name=entry["name"],
         address=entry["address"],
         gateway=entry["gateway"],
@@ -36,6 +37,8 @@ def _make_host(entry: dict[str, str], client_public: str) -> FleetHost:
         state_dir=host_dir,
         upper=upper,
     )
+    users.add_users(host, logins)
+    return host
 
 
 def _check_request(count: int, prefix: str, upper: str) -> None:
@@ -77,6 +80,7 @@ def up(
     registry.ensure_private_dir(state)
     owner = {"pid": owner_pid, "start": system.proc_start(owner_pid)} if owner_pid else None
     uid = system.caller_uid()  # `testhosts.down --all` removes only the caller's fleets
+    logins = users.login_users()
 
     def record_for(slot: int) -> dict[str, Any]:
         hosts = plan(slot, count, prefix, state, upper)
@@ -87,6 +91,7 @@ def up(
             "owner": owner,
             "owner_uid": uid,
             "hosts": hosts,
+            "users": [dataclasses.asdict(u) for u in logins],
         }
 
     # fleet.json is written before anything is made: down() reads it to undo a half-made fleet
@@ -118,6 +123,7 @@ def _entry(host: FleetHost) -> dict[str, Any]:
 def _make_hosts(state: Path, record: dict[str, Any]) -> tuple[FleetHost, ...]:
     """Make every planned host, then record them with their anchors and write the client's files."""
     entries = record["hosts"]
+    logins = tuple(LoginUser(**u) for u in record["users"])
     private, public = sshd.ed25519_keypair("sockops-testhosts")
     identity = state / "id_ed25519"
     system.write_private(identity, private)
@@ -125,10 +131,12 @@ def _make_hosts(state: Path, record: dict[str, Any]) -> tuple[FleetHost, ...]:
     for entry in entries:  # serially: the first `ip netns add` on a machine sets up /run/netns (racy)
         system.run(["ip", "netns", "add", entry["netns"]])
     with ThreadPoolExecutor(max_workers=min(len(entries), 8)) as pool:
-        hosts = tuple(pool.map(lambda e: _make_host(e, public), entries))
+        hosts = tuple(pool.map(lambda e: _make_host(e, public, logins), entries))
     record = {**record, "hosts": [_entry(h) for h in hosts]}
     system.write_atomic(state / "fleet.json", json.dumps(record, indent=2))
     known_hosts = state / "known_hosts"
     known_hosts.write_text("".join(known_hosts_line(h) for h in hosts))
-    (state / "ssh_config").write_text(ssh_config_text(hosts, identity=identity, known_hosts=known_hosts))
+    (state / "ssh_config").write_text(
+        ssh_config_text(hosts, identity=identity, known_hosts=known_hosts, users=logins)
+    )
     return hosts

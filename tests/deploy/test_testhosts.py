@@ -557,3 +557,62 @@ def test_down_all_removes_only_the_callers_fleets():
     finally:
         for state in states:
             th.down(state)
+
+
+def _ssh(fleet: th.Fleet, alias: str, command: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-F", str(fleet.ssh_config), "-o", "BatchMode=yes", alias, command],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+# what `sudo -n true` does for each kind of login: exit status and what sudo says
+SUDO_N = {
+    "nopasswd": (0, ""),
+    "password": (1, "a password is required"),
+    "none": (1, "a password is required"),
+}
+# `sudo -S id -u` given the user's own password
+SUDO_PW = {"nopasswd": (0, ""), "password": (0, ""), "none": (1, "is not in the sudoers file")}
+
+
+@pytest.mark.parametrize("kind", ["nopasswd", "password", "none"])
+def test_login_users_ssh_in_and_sudo_as_expected(fleet3, kind):
+    user = fleet3.user(kind)
+    for host in fleet3.hosts[:2]:
+        alias = user.alias(host.name)
+        assert f"Host {alias}\n" in fleet3.ssh_config.read_text()
+        who = _ssh(fleet3, alias, "id -un; hostname")
+        assert who.returncode == 0, who.stderr
+        assert who.stdout.split() == [user.name, host.name]
+        code, says = SUDO_N[kind]
+        sudo_n = _ssh(fleet3, alias, "sudo -n true")
+        assert sudo_n.returncode == code, sudo_n.stderr
+        assert says in sudo_n.stderr
+        code, says = SUDO_PW[kind]
+        sudo_pw = _ssh(fleet3, alias, "sudo -S -p '' id -u", stdin=user.password + "\n")
+        assert sudo_pw.returncode == code, sudo_pw.stderr
+        assert says in sudo_pw.stderr
+        if code == 0:
+            assert sudo_pw.stdout.strip() == "0"
+    wrong = _ssh(fleet3, user.alias(fleet3.names[0]), "sudo -S -p '' true", stdin="not-the-password\n")
+    assert wrong.returncode == (0 if kind == "nopasswd" else 1), wrong.stderr
+
+
+def test_login_users_go_through_the_deploys_ssh_code_and_stay_on_the_hosts(fleet3):
+    user = fleet3.user("nopasswd")
+    c = fleet3.connect(user.alias(fleet3.names[0]))
+    try:
+        assert c.run("id -un", hide=True).stdout.strip() == user.name
+        assert c.run("sudo -n id -u", hide=True).stdout.strip() == "0"
+    finally:
+        c.close()
+    assert th.load(fleet3.state_dir).users == fleet3.users  # what fleet.json recorded
+    for u in fleet3.users:  # created inside the hosts' own /etc, never on this machine
+        assert subprocess.run(["id", "-u", u.name], capture_output=True, check=False).returncode != 0
+    with pytest.raises(th.FleetError, match="no test host 'nobody-testhost1'"):
+        fleet3.connect("nobody-testhost1")
