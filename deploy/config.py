@@ -67,6 +67,15 @@ DEFAULTS: dict[str, Any] = {
             "for_collector": "5m",
             "window": "10m",
         },
+        # `invoke prometheus-config`'s alertmanager.yml: where Prometheus sends alerts, the webhook for them.
+        "alertmanager": {
+            "address": "127.0.0.1:9093",
+            "webhook_url": "http://127.0.0.1:5001/",
+            "group_by": ["host", "service", "program"],
+            "group_wait": "30s",
+            "group_interval": "5m",
+            "repeat_interval": "4h",
+        },
         "services": {
             # The classic tutorial used 8080 for everything; TCP and UDP can share it, transfer cannot.
             "tcp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},

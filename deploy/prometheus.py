@@ -339,6 +339,9 @@ def prometheus_config(
         RULES_FILE: render_rules(th, ps),
         CONFIG_FILE: config_text(ps),
     }
+    from deploy import alertmanager  # it builds on this module: imported here, not at the top
+
+    files = alertmanager.with_alerting(cfg, files, check=check, say=say)
     out_dir = Path(out).expanduser()
     paths, checked = write_files(out_dir, files, check=check)
     written = Written(out_dir, paths, targets, checked)

@@ -10,7 +10,7 @@ mode="${1:-run}"
 
 run_pkgs=(python3 python3-venv python3-dev gcc iproute2)
 test_pkgs=(
-    openssh-server openssh-client sudo dpkg-dev xz-utils curl ca-certificates prometheus
+    openssh-server openssh-client sudo dpkg-dev xz-utils curl ca-certificates prometheus prometheus-alertmanager
     build-essential pkg-config libssl-dev zlib1g-dev libffi-dev libsqlite3-dev libbz2-dev liblzma-dev
     libreadline-dev libncurses-dev uuid-dev libgdbm-dev tk-dev
 )
@@ -42,9 +42,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     grep -v '^debconf: delaying package configuration' "$apt_err" >&2 || true
     rm -f "$apt_err"
 fi
-# The Debian prometheus package starts its own server on :9090; the tests run their own on loopback.
+# The Debian prometheus packages start their own servers (:9090, :9093); the tests run theirs on loopback.
 if [ "$mode" = "--test" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    systemctl disable --now prometheus prometheus-node-exporter prometheus-alertmanager >/dev/null 2>&1 || true
 fi
 
 python="${SOCKOPS_BOOTSTRAP_PYTHON:-python3}"

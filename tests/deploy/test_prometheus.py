@@ -235,7 +235,7 @@ def test_task_writes_targets_rules_and_config(tmp_path: Path, ssh_config: Path) 
     assert "checked with promtool check config: SUCCESS" in proc.stdout
     assert f'- "{out.resolve() / prom.RULES_FILE}"' in proc.stdout  # the snippet for an existing Prometheus
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [prom.TARGETS_FILE, prom.RULES_FILE, prom.CONFIG_FILE]
+        [prom.TARGETS_FILE, prom.RULES_FILE, prom.CONFIG_FILE, "alertmanager.yml"]
     )
     check = _run([PROMTOOL, "check", "config", str(out / prom.CONFIG_FILE)])
     assert check.returncode == 0, check.stdout + check.stderr
