@@ -377,14 +377,15 @@ ns.add_task(monitor)
     help={
         "host": "host(s) whose exporters to scrape: comma-separated and/or repeated; ssh aliases resolve to "
         "their HostName; 'local' = 127.0.0.1",
-        "out": "directory for sockops-targets.json, sockops-rules.yml, prometheus.yml (default ./prometheus)",
+        "out": "directory for sockops-targets.json, sockops-rules.yml, prometheus.yml, alertmanager.yml "
+        "(default ./prometheus)",
         "port": "the exporters' port (default: the port of sockops.exporter.bind, 9480)",
         "ssh_config": "extra ssh_config file to resolve aliases (besides ~/.ssh/config)",
     },
 )
 @_user_errors
 def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
-    """Write Prometheus file_sd targets, alert rules (sockops.health thresholds) and a scrape config."""
+    """Write Prometheus targets, alert rules (sockops.health thresholds), scrape config, alertmanager.yml."""
     from deploy import prometheus
 
     prometheus.prometheus_config(
