@@ -17,7 +17,6 @@ import doctest
 import http.server
 import json
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -40,6 +39,7 @@ from tests.deploy.test_prometheus import (
     _sockops,
     _write_cfg,
     free_port,
+    stop_server,
     wait_for,
 )
 
@@ -194,16 +194,6 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the one process this test started (by its pid), SIGKILL if it does not exit."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
     hook = Webhook()
@@ -272,7 +262,7 @@ def alerting_servers(out: Path, work: Path, am_port: int) -> Iterator[Prometheus
         yield p
     finally:
         for running in reversed(procs):
-            _stop(running)
+            stop_server(running)
 
 
 def test_stopped_service_alert_reaches_the_webhook_and_resolves(

@@ -401,12 +401,17 @@ def fleet_with_prometheus(testhosts_module, tmp_path_factory: pytest.TempPathFac
         )
         yield fleet, cfg_file, p
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_server(server)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to a server this test started (by its pid), SIGKILL if it does not exit."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def _ready(p: Prometheus) -> bool:
