@@ -12,6 +12,10 @@ Usage in any test module:
     fleet = testhosts_module(3)   # module-scoped variant: shared by the module's tests, down at module end
     testhosts(1, upper="memory")  # host writes in RAM instead of the state dir (faster, little data)
     env = fleet_env(fleet)        # os.environ + SOCKOPS_SSH_CONFIG for `invoke ...` subprocesses
+    admin = fleet.user("nopasswd")  # non-root logins: "nopasswd", "password" (admin.password), "none"
+    fleet.connect(admin.alias("testhost1"))                     # ssh_config Host testhost1-sudonopw
+
+Each host starts as a fresh machine: the operator machine's own sockops deploy is not visible in it.
 
 Without root/netns support, `hosts`/`root` tests skip with a loud reason; with CI=true they fail instead.
 """

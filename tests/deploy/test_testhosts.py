@@ -582,6 +582,8 @@ SUDO_PW = {"nopasswd": (0, ""), "password": (0, ""), "none": (1, "is not in the 
 
 @pytest.mark.parametrize("kind", ["nopasswd", "password", "none"])
 def test_login_users_ssh_in_and_sudo_as_expected(fleet3, kind):
+    # the hosts see this machine's /usr: sudo must be installed here
+    assert shutil.which("sudo"), "sudo is missing: apt-get install sudo (scripts/bootstrap.sh --test does)"
     user = fleet3.user(kind)
     for host in fleet3.hosts[:2]:
         alias = user.alias(host.name)
