@@ -10,7 +10,8 @@ comparing a shared build with a static one would not be the same options).
     print(result.as_dict())
 
 CLI: `.venv/bin/python -m devtools.bench.build --version 3.9.2 --tarball PATH [--skip-pyenv]
-[--optimize]`.
+[--optimize]`; `... --tarball PATH --fleet 8`: build-python onto 8 identical test hosts (one compile, the
+others get the packed build) against one host's build in the same run, and again with the build cached.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +194,65 @@ def measure_build_vs_pyenv(
                     leftover.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class FleetBuildBench:
+    """build-python onto identical test hosts: one, a fleet in one run, that fleet again from the cache."""
+
+    version: str
+    hosts: int
+    one_host_s: float  # onto 1 test host: a compile (and its pack)
+    fleet_s: float  # onto `hosts` test hosts in one run: one compile, the others get the packed build
+    fleet_ratio: float  # fleet_s / one_host_s; issue 16's goal is <= 1.3
+    cached_s: float  # onto the same hosts again (prefixes removed), the platform's build cached: goal <= 20 s
+    compiles: int  # hosts that reached the compile stage in the fleet run (1 when grouping works)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _fleet_build(
+    hosts: list[str], req: pb.BuildRequest, ssh_config: str, artifacts: Path
+) -> tuple[float, str]:
+    lines = io.StringIO()
+    start = time.monotonic()
+    outcomes = pb.build_python(
+        hosts, req, ssh_config=ssh_config, reporter=pb.LineReporter(lines), artifact_dir=artifacts
+    )
+    took = time.monotonic() - start
+    bad = [f"{o.host}: {o.status} {o.error or o.detail}" for o in outcomes if o.status != CHANGED]
+    if bad:
+        raise RuntimeError("build-python did not build everywhere:\n" + "\n".join(bad))
+    return took, lines.getvalue()
+
+
+def measure_fleet_build(*, version: str = "3.9.2", tarball: Path, hosts: int = 8) -> FleetBuildBench:
+    """Start hosts+1 test hosts; time build-python onto 1 of them, then onto the other `hosts` in one run,
+    then (their prefixes removed) onto them again with the platform's build cached. Two compiles' time."""
+    from devtools import testhosts
+
+    work = Path(tempfile.mkdtemp(prefix="sockops-fleet-build-bench-", dir="/var/tmp"))
+    fleet = testhosts.up(hosts + 1, prefix="bfleet", state_dir=work / "fleet", owner_pid=os.getpid())
+    try:
+        one, rest = fleet.names[0], fleet.names[1:]
+        req = pb.BuildRequest(version, source=str(tarball.expanduser()), profile_d=False)
+        cfg = str(fleet.ssh_config)
+        one_s, _ = _fleet_build([one], req, cfg, work / "artifacts-one")
+        fleet_s, progress = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
+        for host in rest:
+            fleet.exec(host, ["rm", "-rf", req.prefix])
+        cached_s, again = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
+        if "] compile" in again:
+            raise RuntimeError("the run with the platform's build cached compiled")
+        compiles = len(set(re.findall(r"^\[(\S+)\] compile", progress, re.MULTILINE)))
+        return FleetBuildBench(
+            version, hosts, round(one_s, 1), round(fleet_s, 1), round(fleet_s / one_s, 3), round(cached_s, 1),
+            compiles,
+        )  # fmt: skip
+    finally:
+        testhosts.down(work / "fleet")
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--version", default="3.9.2")
@@ -199,7 +260,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=0)
     ap.add_argument("--skip-pyenv", action="store_true")
     ap.add_argument("--optimize", action="store_true", help="also time an --optimize build")
+    ap.add_argument("--fleet", type=int, default=0, help="instead: build-python onto N identical test hosts")
     args = ap.parse_args(argv)
+    if args.fleet:
+        fleet = measure_fleet_build(version=args.version, tarball=args.tarball, hosts=args.fleet)
+        print(json.dumps(fleet.as_dict(), indent=1))
+        return 0
     result = measure_build_vs_pyenv(
         version=args.version,
         tarball=args.tarball,
