@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from monitoring import metrics, probes
+from monitoring import metrics, probes, serve
 from monitoring.collect import Collector
 from monitoring.collect.snapshot import Look, PartResult, describe
 from monitoring.errors import ManifestError, MonitoringError, UsageError
@@ -48,6 +48,9 @@ class Settings:
     proc_root: str = "/proc"
     probe_timeout: float = 1.0
     probes: bool = True
+    # seconds a probe result is reused (the scrape interval): scrape rate must not drive load on the services
+    probe_interval: float = 15.0
+    workers: int = serve.WORKERS  # threads answering scrapes
 
 
 def parse_bind(value: str) -> Tuple[str, int]:
@@ -101,6 +104,7 @@ class Scraper:
         self._manifest: Optional[Manifest] = None
         self._lock = threading.Lock()
         self._failing: Dict[str, str] = {}
+        self._last: Optional[Tuple[float, Look]] = None  # (when it started, the look)
 
     def _collector(self, manifest: Optional[Manifest]) -> Collector:
         timeout = self.settings.probe_timeout
@@ -112,10 +116,16 @@ class Scraper:
             probe=(lambda t: probes.probe(t, timeout)) if self.settings.probes else None,
             cpu_window=0.0,  # CPU is exported as a seconds counter; Prometheus computes the rate
             release=manifest.release if manifest else "",
+            probe_ttl=self.settings.probe_interval,
         )
 
     def scrape(self) -> Look:
+        """A look that started after this call: scrapes arriving during a look share the next one."""
+        asked = time.monotonic()
         with self._lock:
+            if self._last is not None and self._last[0] >= asked:
+                return self._last[1]
+            started = time.monotonic()
             before: List[PartResult] = []
             if self.watcher is not None:
                 before.append(self._refresh_manifest())
@@ -124,6 +134,7 @@ class Scraper:
                 if part.error != self._failing.get(part.name, ""):  # log changes only: no flood every 15s
                     self.log(f"collector {part.name}: {part.error or 'recovered'}")
                     self._failing[part.name] = part.error
+            self._last = (started, look)
             return look
 
     def _refresh_manifest(self) -> PartResult:
@@ -189,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-timeout", type=float, default=1.0, help="seconds per probe (default 1)")
     p.add_argument("--no-probes", action="store_true", help="don't send probe requests")
     p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=Settings.probe_interval,
+        help="seconds a probe result is reused unless its program changed (default 15: the scrape interval)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=serve.WORKERS,
+        help=f"threads answering scrapes (default {serve.WORKERS})",
+    )
+    p.add_argument(
         "--source", choices=("auto", "netlink", "proc"), default="auto", help="socket table source"
     )
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)  # tests: an unreadable /proc
@@ -198,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.probe_timeout <= 0:
         raise UsageError("--probe-timeout must be > 0 seconds")
+    if args.probe_interval < 0:
+        raise UsageError("--probe-interval must be >= 0 seconds (0: probe on every scrape)")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
     ports = port_targets(args.port, args.probe_host)
     manifest = args.manifest if args.manifest is not None else ("" if ports else DEFAULT_MANIFEST)
     return Settings(
@@ -207,6 +234,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         proc_root=args.proc_root,
         probe_timeout=args.probe_timeout,
         probes=not args.no_probes,
+        probe_interval=args.probe_interval,
+        workers=args.workers,
     )
 
 
@@ -223,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             read_manifest(settings.manifest)  # a missing or broken manifest at start is the user's to fix
         scraper = Scraper(settings, log=_log)
         scraper.scrape()  # first look: restart tracking starts now, failing parts are logged right away
-        server = make_server(host, port, renderer(scraper), scraper.log)
+        server = make_server(host, port, renderer(scraper), scraper.log, workers=settings.workers)
     except MonitoringError as exc:
         _log(str(exc))
         return 2

@@ -1,16 +1,24 @@
-"""The exporter's HTTP side: /metrics over HTTP/1.1 keep-alive, nothing else of HTTP.
+"""The exporter's HTTP side: /metrics over HTTP/1.1 keep-alive on a bounded pool of threads.
 
 `make_server(host, port, render, log)` binds and returns a server whose serve_forever() answers GET /metrics
 with `render()` (bytes of the text format). Nothing here knows what a metric is.
+
+Bounds, whatever the scrapers do: `workers` threads answer requests (plus the main thread, which accepts);
+the listen backlog is BACKLOG; at most MAX_PENDING connections are accepted and not yet
+answered (the rest wait in the kernel); at most MAX_IDLE keep-alive connections are kept between requests,
+each for IDLE_TIMEOUT seconds; a request must arrive whole within REQUEST_TIMEOUT.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import selectors
 import socket
-import socketserver
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Tuple
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable, Dict, List, Tuple
 from urllib.parse import urlsplit
 
 from monitoring.collect.snapshot import describe
@@ -18,6 +26,14 @@ from monitoring.errors import MonitoringError
 
 # The text format generate_latest writes (newer prometheus_client labels it 1.0.0; Prometheus reads both).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+WORKERS = 4  # node_exporter's default cap on parallel scrapes is 40 requests; ours serialise on one look
+BACKLOG = 128  # a normal listen backlog (Python's socketserver uses 5)
+# accepted connections waiting for a pool thread: cheap (an fd each), so a burst of scrapers is taken from
+# the kernel at once rather than left to SYN retries; with MAX_IDLE it stays well under a 1024 fd limit
+MAX_PENDING = 512
+MAX_IDLE = 256
+IDLE_TIMEOUT = 300.0  # seconds: longer than any sane scrape interval, so Prometheus keeps its connection
+REQUEST_TIMEOUT = 10.0
 
 
 class ExporterError(MonitoringError):
@@ -25,11 +41,18 @@ class ExporterError(MonitoringError):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """Answers ONE request; MetricsServer decides what happens to the connection afterwards."""
+
     # HTTP/1.1 keep-alive: Prometheus reuses one connection instead of leaving a TIME_WAIT socket per scrape
     protocol_version = "HTTP/1.1"
-    timeout = 300  # seconds an idle keep-alive connection may stay open
+    timeout = REQUEST_TIMEOUT
+    rbufsize = 0  # unbuffered: nothing of a next request may be read ahead into a file object we drop
     server_version = "sockops-exporter"
-    server: _Server
+    server: MetricsServer
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -54,31 +77,173 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one line per scrape would flood the supervisord log; failures are logged by the scraper
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class MetricsServer:
+    """HTTP/1.1 with keep-alive on a fixed pool of `workers` threads, however many scrapers connect.
 
-    def __init__(self, address: Tuple[str, int], render: Callable[[], bytes], log: Callable[[str], None]):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    The main thread (serve_forever) only accepts and watches idle keep-alive connections with a selector; a
+    connection is handed to the pool when a request arrives on it and handed back once it is answered. So an
+    idle Prometheus connection costs an fd, not a thread, and a burst of scrapes waits in the kernel's accept
+    queue (`backlog`) and the pool's queue instead of starting a thread each.
+    """
+
+    def __init__(
+        self,
+        address: Tuple[str, int],
+        render: Callable[[], bytes],
+        log: Callable[[str], None],
+        *,
+        workers: int = WORKERS,
+        backlog: int = BACKLOG,
+    ) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(backlog)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
         self.render = render
         self.log = log
-        super().__init__(address, _Handler)
+        self.workers = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrape")
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._returned: List[socket.socket] = []  # answered keep-alive connections, back from the pool
+        self._lock = threading.Lock()
+        self._busy = 0  # connections handed to the pool and not yet back
+        self._idle: Dict[socket.socket, float] = {}  # keep-alive connection -> when it went idle
+        self._stop = threading.Event()
+        self._done = threading.Event()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # a scraper that gave up mid-response (BrokenPipe, reset): one log line, not a traceback
-        self.log(f"connection from {client_address[0]}: {sys.exc_info()[1]!r}")
+    # -- the main thread -----------------------------------------------------------------------------------
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves its own name (getfqdn): a reverse DNS lookup that can hang for
-        # seconds on a host without DNS. Nothing here needs the name.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._done.clear()
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._selector.select(poll_interval):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        self._take_back()
+                    else:
+                        self._dispatch(key.fileobj)  # type: ignore[arg-type]
+                self._expire()
+        finally:
+            self._done.set()
+
+    def _accept(self) -> None:
+        # take no more than the pool can queue: the rest waits in the kernel's accept queue
+        while self._busy < MAX_PENDING:
+            try:
+                conn, _ = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving what we have
+                self.log(f"accept failed: {exc}")
+                return
+            conn.setblocking(True)
+            self._submit(conn)
+        self._pause_accepting()
+
+    def _pause_accepting(self) -> None:
+        """Saturated: stop watching the listener until a connection comes back from the pool."""
+        with contextlib.suppress(KeyError):
+            self._selector.unregister(self.socket)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        self._idle.pop(conn, None)
+        self._submit(conn)
+
+    def _submit(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._busy += 1
+        self._pool.submit(self._answer, conn)
+
+    def _take_back(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        with self._lock:
+            back, self._returned = self._returned, []
+        now = time.monotonic()
+        for conn in back:
+            if len(self._idle) >= MAX_IDLE:  # an fd each: drop the longest-idle one
+                self._close_idle(min(self._idle, key=self._idle.__getitem__))
+            self._idle[conn] = now
+            self._selector.register(conn, selectors.EVENT_READ)
+        if self._busy < MAX_PENDING and self.socket not in self._selector.get_map():
+            self._selector.register(self.socket, selectors.EVENT_READ)
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - IDLE_TIMEOUT
+        for conn in [c for c, since in self._idle.items() if since < limit]:
+            self._close_idle(conn)
+
+    def _close_idle(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._idle[conn]
+        conn.close()
+
+    # -- a pool thread -------------------------------------------------------------------------------------
+
+    def _answer(self, conn: socket.socket) -> None:
+        """One request on `conn`; the connection goes back to the main thread if the client keeps it."""
+        keep = False
+        try:
+            peer = conn.getpeername()
+            keep = not _Handler(conn, peer, self).close_connection
+        except Exception as exc:  # a scraper that gave up mid-response: one log line, not a traceback
+            self.log(f"connection failed: {exc!r}")
+        with self._lock:
+            self._busy -= 1
+            if keep and not self._stop.is_set():
+                self._returned.append(conn)
+            else:
+                conn.close()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop serve_forever (from another thread) and wait until it returned."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._done.wait()
+
+    def server_close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for conn in list(self._idle):
+            conn.close()
+        self._idle.clear()
+        with self._lock:
+            for conn in self._returned:
+                conn.close()
+            self._returned = []
+        self._selector.close()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
 
 
-def make_server(host: str, port: int, render: Callable[[], bytes], log: Callable[[str], None]) -> _Server:
+def make_server(
+    host: str,
+    port: int,
+    render: Callable[[], bytes],
+    log: Callable[[str], None],
+    *,
+    workers: int = WORKERS,
+) -> MetricsServer:
     """Bind /metrics; ExporterError if the port is taken."""
     try:
-        return _Server((host, port), render, log)
+        return MetricsServer((host, port), render, log, workers=workers)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise ExporterError(

@@ -155,6 +155,10 @@ def assemble(
     )
 
 
+def _program_key(program: Optional[ProgramSample]) -> Any:
+    return (program.state, program.pid) if program is not None else None
+
+
 # --- the collector --------------------------------------------------------------------------------------
 
 
@@ -194,7 +198,8 @@ class Collector:
         self.base = ptree.default_base() if base is None else base
         self.cpu = processes.CpuTracker()
         self.restarts = supervisor.RestartTracker(state_file)
-        self._probed: Dict[Target, Tuple[float, Optional[ProbeResult]]] = {}  # target -> (when, result)
+        # target -> (when probed, its program's (state, pid) then, result)
+        self._probed: Dict[Target, Tuple[float, Any, Optional[ProbeResult]]] = {}
 
     def carry_over(self, previous: Collector) -> None:
         """Keep what must survive a change of targets: restarts seen, CPU samples, recent probe results."""
@@ -264,19 +269,26 @@ class Collector:
                 port_of.update((inode, f"{port}/{table.proto}") for inode, port in table.inodes.items())
         return ptree.find_strays(self.base, supervisord_pid, port_of, proc_root=self.proc_root)
 
-    def probes(self) -> Dict[str, Optional[ProbeResult]]:
-        """Every target's probe at once (results younger than probe_ttl are reused)."""
+    def probes(
+        self, programs: Optional[Mapping[str, ProgramSample]] = None
+    ) -> Dict[str, Optional[ProbeResult]]:
+        """Every target's probe at once. A result younger than probe_ttl is reused while the target's program
+        (state, pid) is what it was when probed: a stop or restart is probed at once."""
         probe = self.probe
         if probe is None or not self.targets:
             return {}
+        programs = programs or {}
         now = time.monotonic()
-        fresh = {t: r for t, (when, r) in self._probed.items() if now - when < self.probe_ttl}
+        fresh = {}
+        for t, (when, seen, result) in self._probed.items():
+            if now - when < self.probe_ttl and seen == _program_key(programs.get(t.name)):
+                fresh[t] = result
         due = [t for t in self.targets if t not in fresh]
         if due:
             with concurrent.futures.ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(due))) as pool:
                 for t, result in zip(due, pool.map(probe, due)):
                     fresh[t] = result
-                    self._probed[t] = (now, result)
+                    self._probed[t] = (now, _program_key(programs.get(t.name)), result)
         return {t.name: fresh[t] for t in self.targets}
 
     def processes(
@@ -326,7 +338,7 @@ class Collector:
         if self.base and supervisord:  # only when supervisord's tree is known (answering, or surely down)
             found = parts.run("strays", lambda: (self.strays(supervisord_pid, view), "")) or ()
         probe_results = (
-            parts.run("probes", lambda: (self.probes(), "")) if self.probe and self.targets else {}
+            parts.run("probes", lambda: (self.probes(programs), "")) if self.probe and self.targets else {}
         )
 
         wait = self.cpu_window - (time.monotonic() - oldest)
