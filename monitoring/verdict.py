@@ -170,7 +170,8 @@ def _probe_findings(svc: ServiceSample, th: Thresholds) -> List[Tuple[str, str]]
 
 
 def supervision_findings(snap: Snapshot) -> List[Finding]:
-    """supervisord dead while its programs still listen, and sockops processes outside its tree (strays).
+    """supervisord dead while its programs still listen, and sockops processes outside its tree (strays):
+    host-wide findings (subject "system", so the host line of `sockops health` names them).
 
     >>> from monitoring.model import Stray, SystemSample
     >>> stray = Stray(42, 1, "service", "", "python -m services tcp-echo", ("8080/tcp",))
@@ -188,11 +189,11 @@ def supervision_findings(snap: Snapshot) -> List[Finding]:
             and (svc.port.count("LISTEN") or (svc.port.proto == "udp" and svc.port.sockets))
         ]
         still = f", yet its programs still listen: {', '.join(held)}" if held else ""
-        out.append(Finding(CRITICAL, "supervisord", f"supervisord is not running{still}"))
+        out.append(Finding(CRITICAL, "system", f"supervisord is not running{still}"))
     for stray in snap.strays:
         holding = f", holding {', '.join(stray.ports)}" if stray.ports else ""
         message = f"stray {stray.role} pid {stray.pid} outside supervisord{holding}: {stray.command[:160]}"
-        out.append(Finding(CRITICAL, "supervisord", message))
+        out.append(Finding(CRITICAL, "system", message))
     return out
 
 

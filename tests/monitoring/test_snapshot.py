@@ -80,6 +80,6 @@ def test_no_supervisord_leaves_programs_without_sample_and_is_critical(
     verdict = evaluate(look.snapshot, TH)
     assert verdict.service_status("tcp-echo") == CRITICAL  # it answers, but nothing supervises it
     assert "sockops-tcp-echo is not supervised: supervisord is not running" in verdict.reasons("tcp-echo")
-    assert verdict.reasons("supervisord")[0].startswith(
+    assert verdict.reasons("system")[-1].startswith(
         "supervisord is not running, yet its programs still listen"
     )
