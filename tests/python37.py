@@ -68,6 +68,11 @@ def _version_key(name: str) -> tuple[int, ...]:
 
 def is_python37(path: str) -> bool:
     """True if `path` runs and reports version 3.7."""
+    return _reports(path, "3.7")
+
+
+def _reports(path: str, version: str) -> bool:
+    """True if `path` runs and reports `version` as major.minor."""
     if not os.access(path, os.X_OK):
         return False
     try:
@@ -80,7 +85,7 @@ def is_python37(path: str) -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and out.stdout.strip() == "3.7"
+    return out.returncode == 0 and out.stdout.strip() == version
 
 
 def find(
@@ -103,26 +108,34 @@ def _build_lock(prefix: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build(prefix: Path = CACHE_PREFIX, *, source: str = "", stream: TextIO | None = None) -> str:
-    """Build CPython VERSION into `prefix` with build-python on this machine (`--host local`).
+def build(
+    prefix: Path = CACHE_PREFIX,
+    *,
+    source: str = "",
+    stream: TextIO | None = None,
+    version: str = VERSION,
+    jobs: int = 0,
+) -> str:
+    """Build CPython `version` (VERSION) into `prefix` with build-python on this machine (`--host local`).
 
     Returns its python3; a build that already finished is a no-op. Raises deploy's BuildError on failure.
     """
     from deploy import python_build as pb
 
     req = pb.BuildRequest(
-        version=VERSION, prefix=str(prefix), source=source, install_deps=False, profile_d=False
+        version=version, prefix=str(prefix), source=source, jobs=jobs, install_deps=False, profile_d=False
     )
+    wanted = ".".join(version.split(".")[:2])
     with _build_lock(prefix):
         python = prefix / "bin" / "python3"
-        if is_python37(str(python)):  # another test process built it while we waited
+        if _reports(str(python), wanted):  # another test process built it while we waited
             return str(python)
         outcomes = pb.build_python(["local"], req, reporter=pb.LineReporter(stream or sys.stderr))
         failed = [o for o in outcomes if not o.ok]
         if failed:
-            raise pb.BuildError(f"building Python {VERSION} into {prefix} failed: {failed[0].error}")
-    if not is_python37(str(python)):
-        raise pb.BuildError(f"build-python finished but {python} is not a working Python 3.7")
+            raise pb.BuildError(f"building Python {version} into {prefix} failed: {failed[0].error}")
+    if not _reports(str(python), wanted):
+        raise pb.BuildError(f"build-python finished but {python} is not a working Python {wanted}")
     return str(python)
 
 
