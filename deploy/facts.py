@@ -265,7 +265,7 @@ class HostFacts:
     systemd: bool
     user_exists: bool
     python: str  # raw probe output: "3.11.2 cpython-311-x86_64-linux-gnu x86_64 glibc-2.36" or "missing"
-    current: str  # release id `current` points at, "" if none
+    current: str  # complete release `current` points at; "" if none, dangling or not a symlink
     releases: tuple[ReleaseFact, ...]  # complete releases, sorted by id
     incomplete: tuple[str, ...]
     wheelhouses: tuple[str, ...]
@@ -273,9 +273,24 @@ class HostFacts:
     supervisord_release: str
     sha: dict[str, str] = field(default_factory=dict)  # installed file -> sha256 ("" if missing)
     applied: dict[str, str] = field(default_factory=dict)
+    current_state: str = "ok"  # ok | missing | dangling (names no complete release) | not-a-link
+    manifest_release: str = ""  # the release /etc's services.json was copied from: the last one switched to
+    strays: tuple[str, ...] = ()  # temp files of killed deploys: wheelhouse/.upload-*, .stage-*, .current-*
 
     def release(self, rid: str) -> ReleaseFact | None:
         return next((r for r in self.releases if r.id == rid), None)
+
+    def running(self) -> str:
+        """The release the host runs: `current`; when `current` is missing or broken but supervisord runs,
+        the last release switched to (/etc's manifest) if it is complete, else the one supervisord started
+        from; "" when nothing runs.
+
+        >>> parse_facts("current=\\nmanifest_release=r1\\nrelease=r1 k c\\nsupervisord=42 r0\\n").running()
+        'r1'
+        """
+        if self.current or not self.supervisord_pid:
+            return self.current
+        return self.manifest_release if self.release(self.manifest_release) else self.supervisord_release
 
 
 def probe_script(settings: DeploySettings) -> str:
@@ -291,6 +306,12 @@ id -u {q(settings.user)} >/dev/null 2>&1 && echo user=1
 if [ -x "$P" ]; then echo "python=$("$P" -c {q(_PY_PROBE)} 2>&1 | head -c 300 | tr '\\n' ' ')"
 else echo python=missing; fi
 echo "current=$(basename "$(readlink "$B/current" 2>/dev/null)" 2>/dev/null)"
+if [ -L "$B/current" ]; then
+  if [ -f "$B/current/release.json" ]; then echo current_state=ok; else echo current_state=dangling; fi
+elif [ -e "$B/current" ]; then echo current_state=not-a-link; else echo current_state=missing; fi
+for f in "$B"/wheelhouse/.upload-* "$B"/wheelhouse/.stage-* "$B"/.current-*; do
+  [ -e "$f" ] || [ -L "$f" ] && echo "stray=$f"
+done
 for d in "$B"/releases/*/; do
   [ -d "$d" ] || continue; n=$(basename "$d")
   if [ -f "$d/release.json" ]; then echo "release=$n $(cat "$d/KEY") $(cat "$d/CODE")"
@@ -305,6 +326,8 @@ for f in "$E/supervisord.conf" "$E/services.json" {q(p.systemd_unit)}; do
   echo "sha=$f $(sha256sum "$f" 2>/dev/null | cut -c1-64)"
 done
 echo "applied=$(base64 -w0 "$E/applied.json" 2>/dev/null)"
+rel=$(sed -n 's/.*"release": *"\\([^"]*\\)".*/\\1/p' "$E/services.json" 2>/dev/null | head -n1)
+echo "manifest_release=$rel"
 """
 
 
@@ -312,29 +335,27 @@ def parse_facts(text: str) -> HostFacts:
     """HostFacts from the probe's output (pure).
 
     >>> f = parse_facts("uid=0\\npython=missing\\ncurrent=\\nrelease=r1 k1 c1\\nincomplete=r2\\n")
-    >>> f.uid, f.python, f.current, f.releases[0].key, f.incomplete, f.supervisord_pid
-    (0, 'missing', '', 'k1', ('r2',), 0)
+    >>> f.uid, f.python, f.current, f.releases[0].key, f.incomplete, f.supervisord_pid, f.current_state
+    (0, 'missing', '', 'k1', ('r2',), 0, 'missing')
+    >>> f = parse_facts("current=r9\\ncurrent_state=dangling\\nstray=/srv/w/.upload-ab-7.tar\\n")
+    >>> f.current, f.current_state, f.strays
+    ('', 'dangling', ('/srv/w/.upload-ab-7.tar',))
     """
     values: dict[str, str] = {}
-    releases, incomplete, wheelhouses = [], [], []
+    lists: dict[str, list[str]] = {"release": [], "incomplete": [], "wheelhouse": [], "stray": []}
     sha: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if not sep:
             continue
-        if key == "release":
-            parts = value.split()
-            if len(parts) == 3:
-                releases.append(ReleaseFact(*parts))
-        elif key == "incomplete":
-            incomplete.append(value)
-        elif key == "wheelhouse":
-            wheelhouses.append(value)
+        if key in lists:
+            lists[key].append(value)
         elif key == "sha":
             path, _, digest = value.partition(" ")
             sha[path] = digest.strip()
         else:
             values[key] = value.strip()
+    releases = [ReleaseFact(*parts) for parts in map(str.split, lists["release"]) if len(parts) == 3]
     osname = ""
     if values.get("osrelease"):
         try:
@@ -348,6 +369,8 @@ def parse_facts(text: str) -> HostFacts:
         except ValueError:
             applied = {}
     sup = values.get("supervisord", "").split()
+    current = values.get("current", "")
+    state = values.get("current_state") or ("ok" if current else "missing")
     return HostFacts(
         uid=int(values.get("uid") or -1),
         os=osname,
@@ -355,14 +378,17 @@ def parse_facts(text: str) -> HostFacts:
         systemd=values.get("systemd") == "1",
         user_exists=values.get("user") == "1",
         python=values.get("python", "missing"),
-        current=values.get("current", ""),
+        current=current if state == "ok" else "",
         releases=tuple(sorted(releases, key=lambda r: r.id)),
-        incomplete=tuple(incomplete),
-        wheelhouses=tuple(wheelhouses),
+        incomplete=tuple(lists["incomplete"]),
+        wheelhouses=tuple(lists["wheelhouse"]),
         supervisord_pid=int(sup[0]) if sup else 0,
         supervisord_release=sup[1] if len(sup) > 1 else "",
         sha=sha,
         applied=applied if isinstance(applied, dict) else {},
+        current_state=state,
+        manifest_release=values.get("manifest_release", ""),
+        strays=tuple(lists["stray"]),
     )
 
 

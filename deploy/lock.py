@@ -1,10 +1,19 @@
-"""Per-host deploy lock that dies with the deploy.
+"""Per-host deploy lock that dies with the deploy, and takes the deploy's remote work with it.
 
 The lock is a `flock` held by a command running ON the host whose stdin is our connection (the SSH channel, or
 a pipe for `local`): `flock -n` on the lock file, write who we are next to it, then `cat` until stdin closes.
-Releasing closes stdin; if the deploy process is killed, the SSH connection (or the pipe) closes and the
-kernel drops the lock with the `cat` process — a killed deploy never blocks the next one, and there is no
-stale-lock guessing. A second deploy's `flock -n` fails at once and reports the owner line the holder wrote.
+Releasing closes stdin; if the deploy process is killed, the SSH connection (or the pipe) closes too. A
+killed deploy never blocks the next one, and there is no stale-lock guessing. A second deploy's `flock -n`
+fails at once and reports the owner line the holder wrote.
+
+Remote work dies with the lock: every command a deploy runs under the lock (`owned()`, used by
+deploy.steps.root_run) starts in its own process group and writes "<pgid> <start time>" to the lock's job
+list. When the holder's stdin closes — the deploy finished, or its operator was killed — the holder TERMs
+every listed group that is still the same process (start time checked, so a reused pid is never hit), KILLs
+what is left after JOB_GRACE seconds, and only then exits and frees the flock: the next deploy cannot start
+while a step of the previous one still runs. A holder that was itself killed leaves its list behind; the
+next holder reaps it before it answers. The holder runs in its own session, so killing the operator's whole
+process group (`--host local`) does not take the holder down before it has reaped.
 """
 
 from __future__ import annotations
@@ -26,6 +35,24 @@ ACQUIRED = "SOCKOPS-LOCK-ACQUIRED"
 HELD = "SOCKOPS-LOCK-HELD"
 HELD_EXIT = 75  # EX_TEMPFAIL
 ACQUIRE_TIMEOUT = 30.0
+JOB_GRACE = 2.0  # seconds between TERM and KILL of a dead deploy's remote steps
+
+# Shell function (sh/dash) used by the holder: TERM the listed groups whose leader is still the process that
+# registered (field 22 of /proc/<pid>/stat = its start time), wait, KILL the rest, empty the list.
+_REAP = (
+    'reap() { gs=; [ -f "$J" ] && while read -r g s; do '
+    '[ "$(cut -d" " -f22 /proc/$g/stat 2>/dev/null)" = "$s" ] && gs="$gs $g"; done < "$J"; '
+    "for g in $gs; do kill -TERM -$g 2>/dev/null; done; i=0; "
+    f"while [ $i -lt {int(JOB_GRACE * 10)} ]; do left=; "
+    'for g in $gs; do kill -0 -$g 2>/dev/null && left=1; done; [ -z "$left" ] && break; '
+    "sleep 0.1; i=$((i+1)); done; "
+    'for g in $gs; do kill -KILL -$g 2>/dev/null; done; : > "$J"; }'
+)
+# What an owned command runs as: register its process group, run the script, unregister.
+_OWNED = (
+    'j=$1; s=$(cut -d" " -f22 /proc/$$/stat); echo "$$ $s" >> "$j"; sh -c "$2"; rc=$?; '
+    'sed -i "/^$$ /d" "$j" 2>/dev/null; exit $rc'
+)
 
 
 class LockHeldError(DeployError):
@@ -38,16 +65,34 @@ def owner_line(command: str = "deploy") -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} ({command}) since {when}"
 
 
+def jobs_path(lock_path: str) -> str:
+    """The list of process groups the lock holder reaps when it lets go."""
+    return lock_path + ".jobs"
+
+
 def lock_command(lock_path: str, owner: str) -> str:
-    """Shell command that takes the lock and holds it until its stdin closes."""
-    lock, info = shlex.quote(lock_path), shlex.quote(lock_path + ".owner")
-    run_dir = shlex.quote(os.path.dirname(lock_path) or "/")
-    return (
-        f"mkdir -p {run_dir} && exec 9>>{lock} && "
-        f"if flock -n 9; then printf '%s\\n' {shlex.quote(owner)} > {info}; echo {ACQUIRED}; "
-        "exec cat >/dev/null; "
+    """Shell command that takes the lock, holds it until its stdin closes, then reaps the owned steps."""
+    q = shlex.quote
+    lock, info = q(lock_path), q(lock_path + ".owner")
+    run_dir = q(os.path.dirname(lock_path) or "/")
+    holder = (
+        f"J={q(jobs_path(lock_path))}; {_REAP}; exec 9>>{lock}; "
+        # reap first: a holder killed before it could reap left its steps listed
+        f"if flock -n 9; then reap; printf '%s\\n' {q(owner)} > {info}; echo {ACQUIRED}; "
+        "cat >/dev/null; reap; "
         f"else echo {HELD} $(cat {info} 2>/dev/null); exit {HELD_EXIT}; fi"
     )
+    return f"mkdir -p {run_dir} && exec setsid -w sh -c {q(holder)} sockops-lock"
+
+
+def owned(lock_path: str, script: str) -> str:
+    """Command that runs `script` (sh, set -e) in its own process group, owned by the lock's holder.
+
+    >>> owned("/run/x.lock", "true").startswith("setsid -w sh -c ")
+    True
+    """
+    q = shlex.quote
+    return f"setsid -w sh -c {q(_OWNED)} sockops-step {q(jobs_path(lock_path))} {q('set -e; ' + script)}"
 
 
 class _StdinGate:

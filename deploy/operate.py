@@ -44,40 +44,58 @@ def rollback_host(c: Context, host: str, settings: DeploySettings, *, say: Say =
 
 
 def _require_deployed(facts: HostFacts, host: str) -> str:
-    if not facts.current:
+    running = facts.running()
+    if not running:
         raise ReleaseError(f"{host}: nothing is deployed here; run `invoke deploy --host {host}` first")
-    return facts.current
+    return running
+
+
+def current_note(facts: HostFacts, running: str) -> str:
+    """What is wrong with `current`, when it is missing or broken but supervisord still runs a release."""
+    if facts.current or not running:
+        return ""
+    what = {
+        "missing": "is missing",
+        "dangling": "names no complete release",
+        "not-a-link": "is not a symlink",
+    }
+    state = what.get(facts.current_state, "is missing")
+    return f"{state}; supervisord runs release {running}; the next deploy re-links it"
 
 
 def status_host(c: Context, host: str, settings: DeploySettings) -> dict[str, Any]:
     """Current release, kept releases, and supervisord's view of every program."""
     facts = read_facts(c, settings)
-    current = _require_deployed(facts, host)
-    result = c.run(hostctl(settings, current, "status"), hide=True, warn=True)
+    running = _require_deployed(facts, host)
+    result = c.run(hostctl(settings, running, "status"), hide=True, warn=True)
     doc = json_result(result, host=host, what="reading supervisord status")
+    note = current_note(facts, running)
     return {
         "host": host,
-        "release": current,
+        "release": running,
+        "current": facts.current,
         "releases": [r.id for r in facts.releases],
         "supervisord": doc.get("running", False),
         "programs": doc.get("programs", []),
         "error": doc.get("error", ""),
+        "note": f"{settings.paths.current} {note}" if note else "",
     }
 
 
 def restart_host(
     c: Context, host: str, settings: DeploySettings, programs: Sequence[str], *, say: Say = print
 ) -> Done[Any]:
-    """Restart the given programs (all when none is given) of the current release."""
-    facts = read_facts(c, settings)
-    current = _require_deployed(facts, host)
-    args = ("restart", *programs)
-    doc = hostctl_json(c, settings, current, facts, *args, what="restarting programs", host=host)
-    if not doc.get("ok"):
-        raise ReleaseError(f"{host}: restart failed: {doc.get('error') or doc.get('errors')}")
-    restarted = list(doc.get("restarted", []))
-    say(f"restarted {', '.join(restarted)}")
-    return outcome.changed(current, changes=[f"restart {', '.join(restarted)}"], value=doc)
+    """Restart the given programs (all when none is given), under the host lock like a deploy."""
+    with HostLock(c, host, settings.paths.lock, command="restart"):
+        facts = read_facts(c, settings)
+        running = _require_deployed(facts, host)
+        args = ("restart", *programs)
+        doc = hostctl_json(c, settings, running, facts, *args, what="restarting programs", host=host)
+        if not doc.get("ok"):
+            raise ReleaseError(f"{host}: restart failed: {doc.get('error') or doc.get('errors')}")
+        restarted = list(doc.get("restarted", []))
+        say(f"restarted {', '.join(restarted)}")
+        return outcome.changed(running, changes=[f"restart {', '.join(restarted)}"], value=doc)
 
 
 def logs_host(
@@ -108,6 +126,7 @@ def undeploy_host(
             if facts.systemd:
                 root_run(
                     c,
+                    settings,
                     "systemctl disable --now sockops-supervisord.service",
                     uid=facts.uid,
                     what="stop",
@@ -117,6 +136,7 @@ def undeploy_host(
             rel = facts.supervisord_release or facts.current
             root_run(
                 c,
+                settings,
                 hostctl(settings, rel, "shutdown"),
                 uid=facts.uid,
                 what="stopping supervisord",
@@ -137,6 +157,6 @@ def undeploy_host(
             script += (
                 f"\nrmdir {q(p.base)} 2>/dev/null || true\nuserdel {q(settings.user)} 2>/dev/null || true"
             )
-        root_run(c, script, uid=facts.uid, what="removing the deploy", host=host)
+        root_run(c, settings, script, uid=facts.uid, what="removing the deploy", host=host)
         say("removed releases, config and logs" + (", files and user" if purge else ""))
         return outcome.changed(changes=["undeploy"])

@@ -100,7 +100,8 @@ def plan(settings: DeploySettings, facts: HostFacts, desired: Desired, wh: wheel
         changes.append(f"create release {release} (venv from {settings.python})")
     switch = facts.current != release
     if switch:
-        changes.append(f"switch current {facts.current or '(none)'} -> {release}")
+        was = facts.current or ("(none)" if facts.current_state == "missing" else f"({facts.current_state})")
+        changes.append(f"switch current {was} -> {release}")
     write_etc = facts.sha.get(p.conf) != sha(desired.conf) or facts.sha.get(p.manifest) != sha(manifest)
     if write_etc:
         changes.append(f"write {p.conf} and {p.manifest}")
@@ -116,6 +117,8 @@ def plan(settings: DeploySettings, facts: HostFacts, desired: Desired, wh: wheel
         changes.append("restart " + ", ".join(restart))
     if removed:
         changes.append("remove " + ", ".join(removed))
+    if facts.strays:
+        changes.append(f"remove {len(facts.strays)} temp file(s) of an earlier deploy")
     return Plan(
         release=release,
         reuse=existing is not None,

@@ -13,8 +13,6 @@ release's files.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +27,13 @@ from deploy.plan import desired_state, plan
 from deploy.steps import (
     Say,
     activate,
+    cleanup,
     health_gate,
+    pause,
     step_base,
-    step_prune,
     step_release,
     step_upload,
 )
-
-# Test hook: pause (bounded) at a named stage so a test can kill the deploy there, e.g. "before-switch".
-PAUSE_ENV = "SOCKOPS_DEPLOY_PAUSE_AT"
-PAUSE_SECONDS = 120.0
-
-
-def _pause(stage: str, say: Say) -> None:
-    if os.environ.get(PAUSE_ENV) == stage:
-        say(f"pause: {stage} ({PAUSE_ENV})")
-        time.sleep(PAUSE_SECONDS)
 
 
 def deploy_host(
@@ -83,16 +72,14 @@ def _deploy_locked(
     if pl.upload:
         step_upload(c, settings, wh, facts, host=host)
         say(f"uploaded wheelhouse {wh.short} ({len(wh.wheels)} wheels)")
-    _pause("after-upload", say)
+    pause("after-upload", say)
     if not pl.reuse:
-        step_release(c, settings, wh, desired, pl.release, facts, host=host)
+        step_release(c, settings, wh, desired, pl.release, facts, host=host, say=say)
         say(f"created release {pl.release}")
-    _pause("before-switch", say)
-    previous = facts.current if facts.release(facts.current) else ""
+    pause("before-switch", say)
+    # what to go back to if the gate fails: the release that runs now, even when `current` is broken
+    previous = facts.running() if facts.release(facts.running()) else ""
     activate(c, settings, pl.release, facts, desired, host=host, say=say)
     health_gate(c, settings, facts, pl.release, previous, desired, host=host, say=say)
-    after = read_facts(c, settings)
-    pruned = step_prune(c, settings, after, [after.current, after.supervisord_release, previous], host=host)
-    if pruned:
-        say(f"pruned {len(pruned)} old release(s): {', '.join(pruned)}")
-    return outcome.changed(pl.release, changes=pl.changes)
+    warnings = cleanup(c, settings, [previous], host=host, say=say)
+    return outcome.changed(pl.release, changes=pl.changes, warnings=warnings)

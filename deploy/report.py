@@ -114,4 +114,5 @@ def status_table(docs: Sequence[Mapping[str, Any]]) -> str:
             rows.append(
                 (doc["host"], doc["release"] or "-", p["name"], p["statename"], pid, p["description"])
             )
-    return "\n".join(_columns(rows))
+    notes = [f"{doc['host']}: warning: {doc['note']}" for doc in docs if doc.get("note")]
+    return "\n".join(_columns(rows) + (["", *notes] if notes else []))

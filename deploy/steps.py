@@ -20,19 +20,43 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import plan, wheelhouse
+from deploy import lock, plan, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import DeployError, HealthGateError, ReleaseError
-from deploy.facts import HostFacts
+from deploy.facts import HostFacts, read_facts
 from deploy.plan import Desired, sha
 
 Say = Callable[[str], None]
+# Test hook: pause (bounded) at a named stage so a test can kill the deploy there. Operator-side stages:
+# "after-upload", "before-switch"; "in-release" pauses ON the host, inside the release step's process group.
+PAUSE_ENV = "SOCKOPS_DEPLOY_PAUSE_AT"
+PAUSE_SECONDS = 120
 HOST_COMPILED = ("services", "monitoring", "supervisor", "psutil", "prometheus_client", "hostctl")
 
 
-def root_run(c: Context, script: str, *, uid: int, what: str, host: str, warn: bool = False) -> Any:
-    """Run a shell script with root rights (sudo when the login user is not root)."""
-    cmd = f"sh -c {shlex.quote('set -e; ' + script)}"
+def pause(stage: str, say: Say) -> None:
+    if os.environ.get(PAUSE_ENV) == stage:
+        say(f"pause: {stage} ({PAUSE_ENV})")
+        time.sleep(PAUSE_SECONDS)
+
+
+def remote_pause(stage: str, say: Say) -> str:
+    """Shell that sleeps on the host when the pause hook names `stage` ("" otherwise)."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return ""
+    say(f"pause: {stage} on the host ({PAUSE_ENV})")
+    return f"sleep {PAUSE_SECONDS}\n"
+
+
+def root_run(
+    c: Context, settings: DeploySettings, script: str, *, uid: int, what: str, host: str, warn: bool = False
+) -> Any:
+    """Run a shell script (set -e) with root rights (sudo when the login user is not root).
+
+    The script runs as a step owned by the host lock (deploy.lock.owned): if the deploy dies, the lock's
+    holder kills it before the lock is free again.
+    """
+    cmd = lock.owned(settings.paths.lock, script)
     result = c.run(cmd, hide=True, warn=True) if uid == 0 else c.sudo(cmd, hide=True, warn=True)
     if result.failed and not warn:
         detail = (result.stderr.strip() or result.stdout.strip())[-800:]
@@ -63,7 +87,7 @@ def step_base(c: Context, settings: DeploySettings, facts: HostFacts, *, host: s
         f"mkdir -p {q(p.releases)} {q(p.wheelhouses)} {q(p.etc)} {q(p.run)} {q(p.log)} {q(p.files)}\n"
         f"chmod 0700 {q(p.run)}\nchmod 0755 {q(p.files)}"
     )
-    root_run(c, script, uid=facts.uid, what="creating the service user and directories", host=host)
+    root_run(c, settings, script, uid=facts.uid, what="creating the service user and directories", host=host)
 
 
 def put(c: Context, local: str, remote: str) -> None:
@@ -85,7 +109,7 @@ def step_upload(
     q = shlex.quote
     script = f"rm -rf {q(stage)}; mkdir -p {q(stage)}; tar -xf {q(tar)} -C {q(stage)}; rm -f {q(tar)}; "
     script += f"rm -rf {q(final)}; mv {q(stage)} {q(final)}"
-    root_run(c, script, uid=facts.uid, what="unpacking the wheelhouse", host=host)
+    root_run(c, settings, script, uid=facts.uid, what="unpacking the wheelhouse", host=host)
 
 
 def step_release(  # noqa: PLR0917 - one positional per input a release is made of
@@ -97,8 +121,13 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
     facts: HostFacts,
     *,
     host: str,
+    say: Say = print,
 ) -> None:
-    """Fresh venv from the wheelhouse (--no-index), the release's config files, release.json last."""
+    """Fresh venv from the wheelhouse (--no-index), the release's config files, release.json last.
+
+    Until release.json is written the directory is a half-built release (facts list it as incomplete):
+    `current` never points at it, and only a deploy holding the lock removes it (prune).
+    """
     p, q = settings.paths, shlex.quote
     rdir, whdir = f"{p.releases}/{release}", f"{p.wheelhouses}/{wh.short}"
     meta = {
@@ -126,8 +155,10 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         f"its directories, or set sockops.user)' >&2; exit 3; }}\n"
     )
     script = (
-        user_check + f"rm -rf {q(rdir)}; mkdir -p {q(rdir)}\n"
-        f"{q(settings.python)} -m venv --without-pip {q(rdir + '/venv')}\n"
+        user_check
+        + f"rm -rf {q(rdir)}; mkdir -p {q(rdir)}\n"
+        + remote_pause("in-release", say)
+        + f"{q(settings.python)} -m venv --without-pip {q(rdir + '/venv')}\n"
         f'set -- {q(whdir)}/pip-*.whl; [ -f "$1" ] || {{ echo "no pip wheel in {whdir}" >&2; exit 3; }}\n'
         f'{q(rdir + "/venv/bin/python")} "$1/pip" install --quiet --no-index --disable-pip-version-check '
         f"--no-cache-dir --no-compile --find-links {q(whdir)} {reqs}\n"
@@ -140,7 +171,7 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         + "\n"
         + write_files_script({f"{rdir}/release.json": (json.dumps(meta, indent=2) + "\n", "0644")})
     )
-    root_run(c, script, uid=facts.uid, what=f"creating release {release}", host=host)
+    root_run(c, settings, script, uid=facts.uid, what=f"creating release {release}", host=host)
 
 
 def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str) -> None:
@@ -150,12 +181,14 @@ def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostF
     tmp_link = f"{p.base}/.current-{release}"
     script = (
         f"[ -f {q(rdir + '/release.json')} ] || {{ echo 'release {release} is incomplete' >&2; exit 3; }}\n"
+        # `current` replaced by a directory or file: it is ours to replace (rename cannot overwrite a dir)
+        f"[ -L {q(p.current)} ] || rm -rf {q(p.current)}\n"
         f"ln -sfn releases/{q(release)} {q(tmp_link)}; mv -T {q(tmp_link)} {q(p.current)}\n"
     )
     for name, target in (("supervisord.conf", p.conf), ("services.json", p.manifest)):
         tmp = q(target + ".sockops-tmp")
         script += f"cp {q(rdir + '/' + name)} {tmp}; mv -f {tmp} {q(target)}\n"
-    root_run(c, script, uid=facts.uid, what=f"switching to release {release}", host=host)
+    root_run(c, settings, script, uid=facts.uid, what=f"switching to release {release}", host=host)
 
 
 def hostctl(settings: DeploySettings, release: str, *args: str) -> str:
@@ -169,7 +202,7 @@ def hostctl_json(
 ) -> dict[str, Any]:
     """Run a hostctl command as root; its last stdout line is its JSON document, even on exit 1."""
     cmd = hostctl(settings, release, *args)
-    result = root_run(c, cmd, uid=facts.uid, what=what, host=host, warn=True)
+    result = root_run(c, settings, cmd, uid=facts.uid, what=what, host=host, warn=True)
     return json_result(result, host=host, what=what)
 
 
@@ -192,7 +225,7 @@ def step_supervisord(
         script += (
             "\nsystemctl is-active --quiet sockops-supervisord.service || systemctl start sockops-supervisord"
         )
-        root_run(c, script, uid=facts.uid, what="starting supervisord (systemd)", host=host)
+        root_run(c, settings, script, uid=facts.uid, what="starting supervisord (systemd)", host=host)
         return facts.supervisord_pid == 0
     if facts.supervisord_pid:
         return False
@@ -205,7 +238,7 @@ def step_supervisord(
         f"{q(py)} -m supervisor.supervisord -c {q(p.conf)} </dev/null >>{q(p.log + '/supervisord.out')} 2>&1 "
         f"|| {{ tail -n 15 {q(p.log + '/supervisord.out')} >&2; exit 1; }}"
     )
-    root_run(c, script, uid=facts.uid, what="starting supervisord", host=host)
+    root_run(c, settings, script, uid=facts.uid, what="starting supervisord", host=host)
     return True
 
 
@@ -234,15 +267,33 @@ def step_health(
 def step_prune(
     c: Context, settings: DeploySettings, facts: HostFacts, keep_ids: Sequence[str], *, host: str
 ) -> list[str]:
-    """Remove releases past the newest N (never current/supervisord's), incomplete ones, unused wheels."""
+    """Remove releases past the newest N (never current/supervisord's), incomplete ones, unused wheels, and
+    the temp files of killed deploys (under the lock, so none of them is still being written)."""
     doomed, keep_codes = plan.prune_plan(facts, keep=settings.keep_releases, protect=keep_ids)
     old_wh = [w for w in facts.wheelhouses if w not in keep_codes]
-    if not doomed and not old_wh:
+    if not doomed and not old_wh and not facts.strays:
         return []
     p, q = settings.paths, shlex.quote
     paths = [f"{p.releases}/{r}" for r in doomed] + [f"{p.wheelhouses}/{w}" for w in old_wh]
-    root_run(c, "rm -rf " + " ".join(q(x) for x in paths), uid=facts.uid, what="pruning releases", host=host)
+    script = "rm -rf " + " ".join(q(x) for x in [*paths, *facts.strays])
+    root_run(c, settings, script, uid=facts.uid, what="pruning releases", host=host)
     return doomed
+
+
+def cleanup(c: Context, settings: DeploySettings, keep: Sequence[str], *, host: str, say: Say) -> list[str]:
+    """Prune after a deploy passed its health gate; a failure here is a warning, never a failed deploy."""
+    try:
+        after = read_facts(c, settings)
+        pruned = step_prune(c, settings, after, [after.current, after.supervisord_release, *keep], host=host)
+    except DeployError as exc:
+        warning = "cleanup failed, the deploy itself succeeded: " + str(exc).removeprefix(f"{host}: ")
+        say("warning: " + warning)
+        return [warning.splitlines()[0][:300]]
+    if pruned:
+        say(f"pruned {len(pruned)} old release(s): {', '.join(pruned)}")
+    if after.strays:
+        say(f"removed {len(after.strays)} temp file(s) of an earlier deploy")
+    return []
 
 
 def activate(
