@@ -618,3 +618,28 @@ def test_login_users_go_through_the_deploys_ssh_code_and_stay_on_the_hosts(fleet
         assert subprocess.run(["id", "-u", u.name], capture_output=True, check=False).returncode != 0
     with pytest.raises(th.FleetError, match="no test host 'nobody-testhost1'"):
         fleet3.connect("nobody-testhost1")
+
+
+def test_a_fleet_planted_by_an_unprivileged_user_is_refused():
+    """As in issue 15's exploit: a local user makes a "fleet" in /tmp whose ssh_config runs a command."""
+    planted = Path(f"/tmp/sockops-planted-{os.getpid()}")
+    plant = (
+        f"mkdir -m 0755 {planted} && "
+        f"""printf 'Host *\\n  ProxyCommand sh -c "id > {planted}/owned"\\n' > {planted}/ssh_config && """
+        f"""printf '{{"slot": 1, "hosts": []}}' > {planted}/fleet.json"""
+    )
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", plant]
+    subprocess.run(as_nobody, check=True, cwd="/")
+    try:
+        assert os.stat(planted).st_uid == 65534
+        listed = _invoke("testhosts.list", "--state-dir", str(planted))
+        assert listed.returncode == 1
+        assert listed.stderr.strip().splitlines() == [
+            f"sockops: {planted} is owned by uid 65534, not root: test-host state needs a root-owned dir "
+            f"only root can write; remove it (rm -rf {planted}) or pick another --state-dir"
+        ]
+        with pytest.raises(th.FleetError, match="owned by uid 65534"):
+            th.load(planted)
+        assert not (planted / "owned").exists()
+    finally:
+        shutil.rmtree(planted)
