@@ -342,13 +342,15 @@ def build_on(
     reporter: Reporter,
     after_check: AfterCheck | None = None,
 ) -> BuildDone:
-    """Bring one host to the requested build; a no-op (changed=False) when it already is.
+    """Bring one host to the requested build by compiling it there; "unchanged" when it already has it.
 
     `after_check(h, staged)` runs once the staged interpreter has passed its check, before the swap (the
     fleet packs the staged tree there to ship it to hosts of the same platform).
     """
 
-    def work(h: HostRun, source: tuple[Path, str], state: InstalledState, tag: str, started: float) -> Any:
+    def work(
+        h: HostRun, source: tuple[Path, str], state: InstalledState, tag: str, started: float
+    ) -> BuildDone:
         return _build(
             h, req, plan=plan, source=source, state=state, tag=tag, started=started, hook=after_check
         )

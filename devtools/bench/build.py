@@ -34,6 +34,7 @@ from invoke import Context
 
 from deploy import python_build as pb
 from deploy.cpython_catalog import load_catalog
+from deploy.lock import jobs_path
 from deploy.outcome import CHANGED
 
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv"))
@@ -190,7 +191,7 @@ def measure_build_vs_pyenv(
             shutil.rmtree(work, ignore_errors=True)
             for prefix in (work / "sockops" / "python3", work / "sockops-pgo" / "python3"):
                 lock = pb.lock_path(str(prefix))
-                for leftover in (Path(lock), Path(lock + ".owner")):
+                for leftover in (Path(lock), Path(lock + ".owner"), Path(jobs_path(lock))):
                     leftover.unlink(missing_ok=True)
 
 

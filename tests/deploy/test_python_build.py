@@ -380,7 +380,7 @@ def test_local_source_checked_against_catalog(tmp_path: Path) -> None:
 def test_a_second_build_into_the_same_prefix_is_refused(tmp_path: Path) -> None:
     from invoke import Context
 
-    from deploy.lock import HostLock, LockHeldError
+    from deploy.lock import HostLock, LockHeldError, jobs_path
 
     prefix = str(tmp_path / "python3")
     tarball = tmp_path / "Python-3.99.3.tar.xz"
@@ -402,7 +402,7 @@ def test_a_second_build_into_the_same_prefix_is_refused(tmp_path: Path) -> None:
         assert not Path(prefix).exists()
     finally:
         logs = re.findall(r"building \(log (\S+)\)", lines.getvalue())
-        for leftover in (lock, lock + ".owner", *logs):
+        for leftover in (lock, lock + ".owner", jobs_path(lock), *logs):
             Path(leftover).unlink(missing_ok=True)
 
 
