@@ -61,13 +61,26 @@ def _parser() -> argparse.ArgumentParser:
         "--max-conns",
         type=int,
         default=4096,
-        help="connection cap per process (prefork: per worker); more are refused (default 4096)",
+        help="connection cap per process (prefork: per worker); at the cap the connection idle longest is "
+        "closed to make room, a new one is refused only when every connection is busy (default 4096)",
+    )
+    p.add_argument(
+        "--max-conns-per-ip",
+        type=int,
+        default=0,
+        help="connections one client address may hold per process; more are refused (default 0: no limit)",
     )
     p.add_argument(
         "--idle-timeout",
         type=float,
         default=300.0,
-        help="close connections idle this long, seconds (0: never)",
+        help="close connections without a complete request for this long, seconds (default 300; 0: never)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="a request that has begun must be complete within this, seconds (default 30; 0: no limit)",
     )
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: start next to a running instance")
@@ -87,7 +100,15 @@ def _number_problems(args: argparse.Namespace) -> List[str]:
     checks = [
         (args.workers < 0, f"--workers {args.workers}: must be 0 (one per CPU) or more"),
         (args.max_conns < 1, f"--max-conns {args.max_conns}: must be at least 1"),
+        (
+            args.max_conns_per_ip < 0,
+            f"--max-conns-per-ip {args.max_conns_per_ip}: must be 0 (no limit) or more",
+        ),
         (args.idle_timeout < 0, f"--idle-timeout {args.idle_timeout:g}: must be 0 (never) or more seconds"),
+        (
+            args.request_timeout < 0,
+            f"--request-timeout {args.request_timeout:g}: must be 0 (no limit) or more seconds",
+        ),
         (args.backlog < 1, f"--backlog {args.backlog}: must be at least 1 (128 or more recommended)"),
         (args.drain_timeout < 0, f"--drain-timeout {args.drain_timeout:g}: must be 0 or more seconds"),
     ]
@@ -122,7 +143,9 @@ def validate(args: argparse.Namespace) -> Settings:
         workers=args.workers,
         root=root,
         max_conns=args.max_conns,
+        max_conns_per_ip=args.max_conns_per_ip,
         idle_timeout=args.idle_timeout,
+        request_timeout=args.request_timeout,
         backlog=args.backlog,
         reuse_port=args.reuse_port,
         drain_timeout=args.drain_timeout,

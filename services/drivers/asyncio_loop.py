@@ -15,10 +15,12 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from typing import Any, Callable, List, Optional
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    Admission,
     ConnectionLog,
     Offload,
     RateLimited,
@@ -26,7 +28,10 @@ from services.drivers.runtime import (
     StreamCore,
     file_root,
     format_address,
+    overdue,
+    request_started,
     stream_core_factory,
+    tick_interval,
     udp_core,
     unblock_stop_signals,
 )
@@ -35,6 +40,8 @@ from services.files import FileBody, Found, open_body
 
 DRAIN_TICK = 0.05
 READ_BUFFER = 65536
+# time.monotonic itself (a C function, ~40 ns): asyncio's loop.time() wraps it in a Python method call.
+_now = time.monotonic
 SENDFILE_SLICE = 4 << 20
 _FALLBACK_CHUNK = 256 * 1024
 
@@ -48,8 +55,8 @@ class _State:
         self.loop, self.settings, self.log, self.new_core = loop, settings, log, new_core
         self.files = file_root(settings)
         self.conns = set()  # type: Set[StreamProtocol]
-        self.clock = loop.time()  # advanced by the ticker: one loop.time() per tick, not per read
-        self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.clock = _now()  # advanced by the ticker (timeouts, log rates); `last` is exact (eviction order)
+        self.admission = Admission(settings, log)
         self.connlog = ConnectionLog(log)
         self.offload = Offload()
         # Safe to share: one loop thread, and buffer_updated copies the bytes out before the next read.
@@ -78,17 +85,24 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self.queue = collections.deque()  # type: Deque[Any]  # replies waiting behind a body in flight
         self.paused = False  # the transport asked us to stop writing
         self.eof = False
-        self.last = state.clock
+        self.last = _now()
+        self.started = 0.0  # when the partial request now buffered began (0: none): --request-timeout
+        self.host = None  # type: Optional[str]  # set once admitted
         self._writable = None  # type: Optional[asyncio.Future]
 
     # -- transport callbacks --
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         state = self.state
-        if len(state.conns) >= state.settings.max_conns:
+        self.host = (transport.get_extra_info("peername") or ("?",))[0]
+        admitted, victim = state.admission.admit(self.host, state.conns, state.clock)
+        if not admitted:
+            self.host = None  # nothing to release
             transport.abort()
-            state.rejected.hit(state.clock)
             return
+        if victim is not None:
+            victim.kill()
+            state.conns.discard(victim)  # gone now, not at its connection_lost: never picked twice
         state.conns.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -98,9 +112,13 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self.data_received(self.state.view[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
-        self.last = self.state.clock
+        core, now = self.core, _now()
         try:
-            outs = self.core.receive_data(data)
+            outs = core.receive_data(data)
+            if outs:  # progress is a complete request, not a byte (--idle-timeout)
+                self.last = now
+            if self.started or not core.idle:
+                self.started = request_started(self.started, bool(outs), core.idle, now)
             if self.sending is None and len(outs) == 1 and outs[0].__class__ is bytes:
                 self.transport.write(outs[0])  # every echo reply takes this path
             else:
@@ -136,6 +154,8 @@ class StreamProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.state.conns.discard(self)
+        if self.host is not None:
+            self.state.admission.release(self.host)
         if self.sending is not None:
             self.sending.cancel()
         if self._writable is not None and not self._writable.done():
@@ -269,7 +289,7 @@ class AtOnceProtocol(StreamProtocol):
         self.reply_to = self.core.reply_to
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.last = self.state.clock
+        self.last = _now()
         self.transport.write(self.reply_to(self.state.view[:nbytes].tobytes()))
 
 
@@ -322,16 +342,12 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
     stop = _stop_future(loop, log)
     protocol = AtOnceProtocol if hasattr(state.new_core(), "reply_to") else StreamProtocol
     server = await loop.create_server(lambda: protocol(state), sock=sock, backlog=settings.backlog)
-    tick = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
+    tick = tick_interval(settings)
     while not stop.done():
         await asyncio.wait([stop], timeout=tick)
-        state.clock = now = loop.time()
-        if settings.idle_timeout > 0:
-            idle = [c for c in state.conns if now - c.last > settings.idle_timeout]
-            for conn in idle:
-                conn.kill()  # close() would wait for a client that never reads
-            if idle:
-                lifecycle.log_idle_closed(log, len(idle), settings.idle_timeout)
+        state.clock = now = _now()
+        for conn in overdue(state.conns, now, settings, log):
+            conn.kill()  # close() would wait for a client that never reads
     server.close()
     if stop.result() == lifecycle.QUIT:
         lifecycle.log_quit(log, len(state.conns))

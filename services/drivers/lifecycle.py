@@ -88,3 +88,7 @@ def log_udp_stopped(log: logging.Logger, mode: str) -> None:
 
 def log_idle_closed(log: logging.Logger, closed: int, timeout: float) -> None:
     log.info("closed %d connections idle for more than %gs", closed, timeout)
+
+
+def log_slow_closed(log: logging.Logger, closed: int, timeout: float) -> None:
+    log.info("closed %d connections whose request took more than %gs (--request-timeout)", closed, timeout)

@@ -13,9 +13,10 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Iterable, List, Optional, Tuple, Union
 
 from services.addr import SERVICES
+from services.drivers import lifecycle
 from services.drivers.lifecycle import ACTIONS
 from services.errors import BindError
 from services.files import FileRoot
@@ -36,7 +37,9 @@ class Settings:
     workers: int = 0  # prefork: 0 = one per CPU
     root: str = ""  # transfer: the served directory
     max_conns: int = 4096
-    idle_timeout: float = 300.0
+    max_conns_per_ip: int = 0  # 0: no per-address cap
+    idle_timeout: float = 300.0  # seconds without a complete request
+    request_timeout: float = 30.0  # a started request must be complete within this
     backlog: int = 1024
     reuse_port: bool = False
     drain_timeout: float = 5.0  # TERM: in-flight requests get this long; below supervisord stopwaitsecs (10)
@@ -93,6 +96,98 @@ class RateLimited:
             f": {detail}" if detail else "",
             f" ({suppressed} more suppressed)" if suppressed else "",
         )
+
+
+class Admission:
+    """Who gets in: the connection cap without lock-out, and the per-address cap.
+
+    At --max-conns the connection idle longest (nothing in flight, no partial request) is closed to make room,
+    as nginx reuses idle keep-alive connections; only when every connection is mid-request is the new one
+    refused. --max-conns-per-ip refuses an address's connections beyond its share, so one address cannot hold
+    the whole cap. A driver calls `admit` for each accepted connection and `release` when an admitted one
+    closes. Not thread-safe: the threaded driver calls it under its lock.
+    """
+
+    def __init__(self, settings: Settings, log: logging.Logger) -> None:
+        self.max_conns, self.per_ip = settings.max_conns, settings.max_conns_per_ip
+        self.counts = {}  # type: Dict[str, int]  # open connections per address (with --max-conns-per-ip)
+        cap = f"connection cap --max-conns {settings.max_conns} reached"
+        self.evicted = RateLimited(log, f"{cap}: closed the connection idle longest")
+        self.refused = RateLimited(log, f"{cap} and every connection is busy: refused")
+        self.over_ip = RateLimited(log, f"--max-conns-per-ip {settings.max_conns_per_ip} reached: refused")
+
+    def admit(self, host: str, conns: Collection[Any], now: float) -> Tuple[bool, Any]:
+        """(let it in?, the connection to close first or None); `conns` have `.idle` and `.last`."""
+        if self.per_ip:
+            count = self.counts.get(host, 0)
+            if count >= self.per_ip:
+                self.over_ip.hit(now, host)
+                return False, None
+        victim = None
+        if len(conns) >= self.max_conns:
+            victim = idlest(conns)
+            if victim is None:
+                self.refused.hit(now)
+                return False, None
+            self.evicted.hit(now)
+        if self.per_ip:
+            self.counts[host] = count + 1
+        return True, victim
+
+    def release(self, host: str) -> None:
+        if self.per_ip:
+            count = self.counts.pop(host, 0) - 1
+            if count > 0:
+                self.counts[host] = count
+
+
+def idlest(conns: Iterable[Any]) -> Any:
+    """The connection idle longest among those with nothing in flight, or None.
+
+    >>> class C:
+    ...     def __init__(self, idle, last): self.idle, self.last = idle, last
+    >>> idlest([C(True, 5.0), C(False, 1.0), C(True, 3.0)]).last
+    3.0
+    """
+    best = None
+    for conn in conns:
+        if conn.idle and (best is None or conn.last < best.last):
+            best = conn
+    return best
+
+
+def request_started(started: float, answered: bool, idle: bool, now: float) -> float:
+    """When the partial request now buffered began (0.0: none), after a read that `answered` some requests.
+
+    >>> request_started(0.0, False, False, 5.0), request_started(2.0, False, False, 5.0)
+    (5.0, 2.0)
+    >>> request_started(2.0, True, False, 5.0), request_started(2.0, True, True, 5.0)
+    (5.0, 0.0)
+    """
+    if idle:
+        return 0.0
+    return now if answered or not started else started
+
+
+def tick_interval(settings: Settings) -> float:
+    """How often a driver sweeps for timed-out connections: a quarter of the shortest timeout, at most 1 s."""
+    timeouts = [t / 4 for t in (settings.idle_timeout, settings.request_timeout) if t > 0]
+    return min([1.0, *timeouts])
+
+
+def overdue(conns: Iterable[Any], now: float, settings: Settings, log: logging.Logger) -> List[Any]:
+    """The connections to close now (logged by kind): no complete request for --idle-timeout, or a request
+    begun (`.started`) longer ago than --request-timeout - a trickle of bytes is not progress."""
+    idle_t, request_t = settings.idle_timeout, settings.request_timeout
+    idle = [c for c in conns if idle_t > 0 and now - c.last > idle_t] if idle_t > 0 else []
+    slow = [c for c in conns if c.started and now - c.started > request_t] if request_t > 0 else []
+    if idle:
+        lifecycle.log_idle_closed(log, len(idle), idle_t)
+    closing = set(idle)
+    slow = [c for c in slow if c not in closing]
+    if slow:
+        lifecycle.log_slow_closed(log, len(slow), request_t)
+    return idle + slow
 
 
 class ConnectionLog:

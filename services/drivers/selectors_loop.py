@@ -21,6 +21,7 @@ from typing import Any, Callable, List, Optional
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    Admission,
     ConnectionLog,
     Offload,
     RateLimited,
@@ -29,8 +30,11 @@ from services.drivers.runtime import (
     Wakeup,
     file_root,
     format_address,
+    overdue,
+    request_started,
     set_nodelay,
     stream_core_factory,
+    tick_interval,
     udp_core,
     unblock_stop_signals,
 )
@@ -38,8 +42,8 @@ from services.errors import ServiceError
 from services.files import FileBody, FileRoot, Found, open_body
 
 BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, cheap to allocate
-HIGH_WATER = 1 << 20  # queued output at which we stop reading a client
-LOW_WATER = 1 << 16  # ... and resume
+HIGH_WATER = 1 << 16  # queued output at which we stop reading a client (64 KiB: bounded memory per client)
+LOW_WATER = 1 << 14  # ... and resume
 ACCEPT_BATCH = 64
 # Prefork workers share one listening socket and all wake for it: taking one connection per wake-up lets
 # the others take theirs, instead of the first worker to wake swallowing the whole accept queue.
@@ -86,6 +90,7 @@ class Conn:
         "reading",
         "sock",
         "srv",
+        "started",
         "waiting",
     )
 
@@ -99,6 +104,7 @@ class Conn:
         self.last = srv.now
         self.closed = False
         self.waiting = 0  # digests computed off the loop for this connection
+        self.started = 0.0  # when the partial request now buffered began (0: none): --request-timeout
 
     # -- reading --
     def on_read(self) -> None:
@@ -112,16 +118,15 @@ class Conn:
         self.received(data)
 
     def received(self, data: bytes) -> None:
-        self.last = self.srv.now
-        if not data:  # the peer finished sending: answer what is queued, then close
-            self.reading = False
-            self.eof = True
-            if self.out:
-                self.update()
-            else:
-                self.close()
+        if not data:
+            self.finished_sending()
             return
-        outs = self.core.receive_data(data)  # an exception here is the run loop's catch-all's to handle
+        core, now = self.core, self.srv.now
+        outs = core.receive_data(data)  # an exception here is the run loop's catch-all's to handle
+        if outs:  # progress is a complete request, not a byte (--idle-timeout)
+            self.last = now
+        if self.started or not core.idle:  # echo never has a partial request: no call on its hot path
+            self.started = request_started(self.started, bool(outs), core.idle, now)
         if not self.out and len(outs) == 1 and outs[0].__class__ is bytes:
             # Fast path (every echo reply): try the send before queueing anything.
             item = outs[0]
@@ -142,6 +147,16 @@ class Conn:
             if not self.flush():
                 return
         self.update()
+
+    def finished_sending(self) -> None:
+        """EOF from the peer: answer what is queued, then close."""
+        self.last = self.srv.now
+        self.reading = False
+        self.eof = True
+        if self.out:
+            self.update()
+        else:
+            self.close()
 
     def queue_all(self, outs: List[Any]) -> None:
         for item in outs:
@@ -242,7 +257,11 @@ class Conn:
     def update(self) -> None:
         """Register exactly the events we need: read unless backpressured/finished/waiting for a digest,
         write while output is ready (not while the next reply waits for its digest)."""
-        if self.core.closing or self.closed or (self.reading and (self.pending > HIGH_WATER or self.waiting)):
+        if (
+            self.core.closing
+            or self.closed
+            or (self.reading and (self.pending >= HIGH_WATER or self.waiting))
+        ):
             self.reading = False
         elif not self.reading and not self.eof and not self.waiting and self.pending <= LOW_WATER:
             self.reading = True
@@ -281,6 +300,7 @@ class Conn:
             self.srv.sel.unregister(self.sock)
         self.sock.close()
         self.srv.conns.discard(self)
+        self.srv.admission.release(self.peer[0])
 
 
 class _Loop:
@@ -292,7 +312,7 @@ class _Loop:
         self.now = time.monotonic()
         self.stop = lifecycle.StopFlag(log)
         self.draining = False
-        self.tick_every = min(1.0, settings.idle_timeout / 4) if settings.idle_timeout > 0 else 1.0
+        self.tick_every = tick_interval(settings)
 
     def _install(self) -> Wakeup:
         wakeup = self.wakeup = Wakeup()
@@ -323,7 +343,7 @@ class TcpServer(_Loop):
         self.new_core = new_core
         self.files = files
         self.conns = set()  # type: Set[Conn]
-        self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.admission = Admission(settings, log)
         self.accept_failed = RateLimited(log, "accept() failed")
         self.connlog = ConnectionLog(log)
         self.offload = Offload()
@@ -344,10 +364,12 @@ class TcpServer(_Loop):
                 self.sel.unregister(self.listener)
                 self.accept_paused_until = self.now + 0.1
                 return
-            if len(self.conns) >= self.settings.max_conns:
+            admitted, victim = self.admission.admit(addr[0], self.conns, self.now)
+            if not admitted:
                 sock.close()
-                self.rejected.hit(self.now)
                 continue
+            if victim is not None:
+                victim.close()
             sock.setblocking(False)
             set_nodelay(sock)
             conn = Conn(self, sock, self.new_core(), addr)
@@ -430,13 +452,8 @@ class TcpServer(_Loop):
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             self.sel.register(self.listener, EVENT_READ, None)
-        timeout = self.settings.idle_timeout
-        if timeout > 0:
-            idle = [c for c in self.conns if now - c.last > timeout]
-            for conn in idle:
-                conn.close()
-            if idle:
-                lifecycle.log_idle_closed(self.log, len(idle), timeout)
+        for conn in overdue(self.conns, now, self.settings, self.log):
+            conn.close()
         if self.orphaned():
             self.log.warning("master process is gone: stopping")
             self.stop.mode = lifecycle.QUIT

@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional, Union
 
 from services.drivers import lifecycle
 from services.drivers.runtime import (
+    Admission,
     ConnectionLog,
     RateLimited,
     Settings,
@@ -50,6 +51,7 @@ from services.drivers.runtime import (
     Wakeup,
     file_root,
     format_address,
+    request_started,
     set_nodelay,
     stream_core_factory,
     udp_core,
@@ -101,22 +103,36 @@ def _replier(sock: socket.socket) -> Callable[[bytes], None]:
     def reply(data: bytes) -> None:
         n = send(fd, data, len(data), flags)
         if n != len(data):  # partial, EAGAIN or an error: sendall finishes the job or raises the real error
-            sendall(data[n:] if n > 0 else data)
+            sendall(memoryview(data)[n:] if n > 0 else data)  # a view: no second copy of a big reply
 
     return reply
 
 
 class _Tracked:
-    """What the main thread needs to know about a connection thread to drain it."""
+    """What the main thread needs to know about a connection thread to drain or evict it."""
 
-    __slots__ = ("busy", "shut", "sock")
+    __slots__ = ("busy", "host", "last", "shut", "sock", "started")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.busy, self.shut = sock, False, False
+    def __init__(self, sock: socket.socket, host: str, now: float) -> None:
+        self.sock, self.host, self.busy, self.shut = sock, host, False, False
+        self.last = now  # the last complete request (the connection cap evicts the idlest)
+        self.started = 0.0  # when the partial request now buffered began (0: none): --request-timeout
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.shut
 
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+
+
+def _set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO (0: none); a blocked recv() then fails with EAGAIN, which is how timeouts end a thread."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(max(seconds, 0.001) if seconds else 0)
+        )
 
 
 class StreamHandler(socketserver.BaseRequestHandler):
@@ -133,7 +149,9 @@ class StreamHandler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         core = server.new_core()
-        state = server.conns[id(sock)]  # tracked by process_request, untracked by process_request_thread
+        state = server.conns.get(id(sock))  # tracked by process_request, untracked by process_request_thread
+        if state is None:  # evicted by the connection cap before this thread ran
+            return
         reply_to = getattr(core, "reply_to", None)
         if reply_to is not None:
             self._answer_at_once(sock, reply_to, state)
@@ -148,7 +166,7 @@ class StreamHandler(socketserver.BaseRequestHandler):
         Every Python step here runs under the GIL that all connection threads share, so the hot loop is
         kept to recv, reply_to, reply.
         """
-        recv, reply = sock.recv, _replier(sock)
+        recv, reply, clock = sock.recv, _replier(sock), time.monotonic
         while True:
             try:
                 data = recv(BUFSIZE)
@@ -160,8 +178,10 @@ class StreamHandler(socketserver.BaseRequestHandler):
             if not data:
                 return
             state.busy = True
+            state.last = clock()  # every read is a whole request here: for the cap's choice of the idlest
             try:
-                reply(reply_to(data))
+                data = reply_to(data)  # the request's buffer is freed before a send that may block
+                reply(data)
             except BlockingIOError:  # SO_SNDTIMEO expired: the client stopped reading
                 return
             except OSError as exc:
@@ -175,8 +195,10 @@ class StreamHandler(socketserver.BaseRequestHandler):
         while True:
             try:
                 data = recv(BUFSIZE)
-            except BlockingIOError:  # SO_RCVTIMEO expired: idle
-                self.server.idle_closed.hit(time.monotonic(), format_address(self.client_address))
+            except BlockingIOError:  # SO_RCVTIMEO expired: idle, or the request's deadline passed
+                (self.server.slow_closed if state.started else self.server.idle_closed).hit(
+                    time.monotonic(), format_address(self.client_address)
+                )
                 return
             except OSError:
                 return
@@ -184,7 +206,8 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 return
             state.busy = True
             try:
-                for item in core.receive_data(data):
+                outs = core.receive_data(data)
+                for item in outs:
                     if item.__class__ is bytes:
                         reply(item)
                     else:  # a file request: this connection's own thread does the I/O, digest included
@@ -195,10 +218,33 @@ class StreamHandler(socketserver.BaseRequestHandler):
                 if not isinstance(exc, ConnectionError):
                     self.server.connlog.io.hit(time.monotonic(), f"{self.client_address[0]}: {exc}")
                 return
-            state.busy = not core.idle
-            if core.closing:
-                self.server.connlog.fatal.hit(time.monotonic(), format_address(self.client_address))
+            if not self._progress(sock, state, core, bool(outs)):
                 return
+
+    def _progress(self, sock: socket.socket, state: _Tracked, core: StreamCore, answered: bool) -> bool:
+        """Track --idle-timeout (complete requests) and --request-timeout (a partial one's deadline, enforced
+        through SO_RCVTIMEO); False when the connection must close (past its deadline, or the core closes)."""
+        now, settings, idle = time.monotonic(), self.server.settings, core.idle
+        if core.closing:
+            self.server.connlog.fatal.hit(now, format_address(self.client_address))
+            return False
+        state.busy = not idle
+        if answered:
+            state.last = now
+        was = state.started
+        state.started = request_started(was, answered, idle, now)
+        if idle:
+            if was:
+                _set_recv_timeout(sock, settings.idle_timeout)
+            return True
+        if settings.request_timeout <= 0:
+            return True
+        left = settings.request_timeout - (now - state.started)
+        if left <= 0:
+            self.server.slow_closed.hit(now, format_address(self.client_address))
+            return False
+        _set_recv_timeout(sock, min(left, settings.idle_timeout) if settings.idle_timeout > 0 else left)
+        return True
 
     def _answer_file(self, sock: socket.socket, reply: Callable[[bytes], None], request: Any) -> None:
         for out in self.server.files.answer(request):
@@ -232,8 +278,10 @@ class TcpServer(socketserver.ThreadingTCPServer):
         self.socket = sock  # bound and listening by runtime.bind with our backlog and options
         self.settings, self.log, self.new_core = settings, log, new_core
         self.files = file_root(settings)
-        self.slots = threading.BoundedSemaphore(settings.max_conns)
-        self.rejected = RateLimited(log, f"connection cap --max-conns {settings.max_conns} reached: refused")
+        self.admission = Admission(settings, log)
+        self.slow_closed = RateLimited(
+            log, f"closed connections whose request took more than {settings.request_timeout:g}s"
+        )
         self.idle_closed = RateLimited(
             log, f"closed connections idle for more than {settings.idle_timeout:g}s"
         )
@@ -264,23 +312,33 @@ class TcpServer(socketserver.ThreadingTCPServer):
                 return
             self.process_request(request, client_address)
 
-    def track(self, sock: socket.socket) -> _Tracked:
-        state = _Tracked(sock)
+    def admit(self, sock: socket.socket, host: str) -> bool:
+        """Track a new connection if the caps let it in; at --max-conns the idlest one is closed for it."""
+        now = time.monotonic()
         with self._lock:
-            self.conns[id(sock)] = state
-        return state
+            admitted, victim = self.admission.admit(host, self.conns.values(), now)
+            if admitted:
+                self.conns[id(sock)] = _Tracked(sock, host, now)
+            if victim is not None:  # untracked now: its thread ends on the shutdown below
+                victim.shut = True
+                self.conns.pop(id(victim.sock), None)
+                self.admission.release(victim.host)
+        if victim is not None:
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+        return admitted
 
     def untrack(self, sock: socket.socket) -> None:
         with self._lock:
-            self.conns.pop(id(sock), None)
+            state = self.conns.pop(id(sock), None)
+            if state is not None:
+                self.admission.release(state.host)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            self.rejected.hit(time.monotonic())
-            return
         # Tracked before its thread runs (which can take a while): a drain starting now must wait for it.
-        self.track(request)
+        if not self.admit(request, client_address[0]):
+            self.shutdown_request(request)
+            return
         try:
             # Not threading.Thread: its start() waits until the new thread has run, i.e. has won the GIL,
             # which behind hundreds of busy connection threads takes up to seconds per connection. A bare
@@ -288,7 +346,6 @@ class TcpServer(socketserver.ThreadingTCPServer):
             _thread.start_new_thread(self.process_request_thread, (request, client_address))
         except Exception as exc:  # no thread (RuntimeError: can't start new thread): give the slot back
             self.untrack(request)
-            self.slots.release()
             self.shutdown_request(request)
             self.thread_failed.hit(time.monotonic(), str(exc))
 
@@ -297,7 +354,6 @@ class TcpServer(socketserver.ThreadingTCPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.untrack(request)
-            self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver's catch-all around a connection's handler: one rate-limited line, no traceback."""

@@ -459,6 +459,7 @@ def test_a_huge_directory_listing_is_truncated_not_fatal(tmp_path: Path) -> None
         "services.addr",
         "services.drivers.prefork",
         "services.drivers.lifecycle",
+        "services.drivers.runtime",
     ],
 )
 def test_docstring_examples(module: str) -> None:

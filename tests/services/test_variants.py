@@ -480,46 +480,6 @@ def test_idle_timeout_closes_a_stalled_reader(services, tree: tuple, variant: st
     round_trip(svc, tree)
 
 
-@pytest.mark.parametrize("name", STREAM)
-def test_connection_cap(services, tree: tuple, variant: str, name: str) -> None:
-    cap = 3
-    svc = start(
-        services,
-        variant,
-        name,
-        tree,
-        "--max-conns",
-        str(cap),
-        *(["--workers", "1"] if variant == "prefork" else []),
-    )
-
-    def works(sock: socket.socket) -> bool:
-        if name == "tcp-echo":
-            sock.sendall(b"hi")
-            return recv_exact(sock, 2) == b"HI"
-        return request(sock, {"op": "list", "path": "."})[0]["op"] == "list"
-
-    held = [connect(svc) for _ in range(cap)]
-    try:
-        assert all(works(s) for s in held)
-        with connect(svc) as extra:
-            assert recv_until_closed(extra) == b""  # refused: closed without a byte
-        held.pop().close()
-        for _ in range(200):  # a slot frees once the server has seen the close
-            try:
-                with connect(svc) as again:
-                    if works(again):
-                        break
-            except (AssertionError, ConnectionError):
-                time.sleep(0.02)
-        else:
-            raise AssertionError("no connection accepted after one of the capped ones closed")
-    finally:
-        for s in held:
-            s.close()
-    assert "connection cap" in svc.log_text()
-
-
 # ---- signals ----------------------------------------------------------------------------------------------
 
 
