@@ -5,8 +5,12 @@ Each host is
   198.18.<slot>.0/24 (RFC 2544 benchmarking range, never routed anywhere; no default route inside);
 - a PID + mount + UTS + IPC namespace whose init is a tiny reaper ("anchor"); inside it /etc, /usr, /var,
   /srv, /root, /home, /opt are overlays on the real directories (writes stay private, reads see the machine),
-  /run, /dev/shm are fresh tmpfs and /tmp is an overlay with a RAM upper;
-- a real OpenSSH sshd with a fresh ed25519 host key, root login by key only.
+  /run, /dev/shm are fresh tmpfs and /tmp is an overlay with a RAM upper; whatever sockops left on the
+  machine itself (/srv/sockops, /etc/sockops, its logs, units and user) is hidden: a host starts fresh;
+- a real OpenSSH sshd with a fresh ed25519 host key, login by key only: root, and three non-root users
+  (Fleet.users; ssh_config Host <host>-<user>).
+
+State lives in BASE_DIR (/var/lib/sockops-testhosts), root-owned 0700, checked on every use.
 
 The fleet's ssh_config / known_hosts / identity live in its state directory, so
 `invoke deploy --host testhost1 --ssh-config <state>/ssh_config` works like against a real machine.
@@ -19,7 +23,7 @@ Modules, in the order data flows:
 - plan: pure addressing and text (subnets, ssh_config, sshd_config, describe);
 - system: running commands here and inside a host, /proc reads, support_problem;
 - namespace: the veth pair and the anchor that sets up the host's private mounts;
-- sshd: host keys, sshd start/rekey;
+- sshd: host keys, sshd start/rekey; users: the non-root logins (sudo without / with a password, no sudo);
 - state: the slot registry and fleet.json; fleet: up(); teardown: down(), prune().
 
 Tooling only: never imported by deploy/, services/, monitoring/ or hostctl/ (tests/test_tooling.py checks).
