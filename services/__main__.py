@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import ipaddress
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from services.addr import SERVICES, VARIANTS, parse_bind
 from services.drivers.runtime import (
@@ -25,6 +26,7 @@ from services.drivers.runtime import (
     raise_fd_limit,
 )
 from services.errors import AddressError, BindError, ConfigError, ServiceError
+from services.protocol.echo import LOOPBACK
 
 DRIVERS = {
     "threaded": "services.drivers.threaded",
@@ -82,6 +84,22 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="a request that has begun must be complete within this, seconds (default 30; 0: no limit)",
     )
+    p.add_argument(
+        "--udp-rate",
+        type=float,
+        default=2000.0,
+        help="udp-echo: datagrams a second answered per source address, token bucket; the rest are dropped "
+        "and counted (default 2000; 0: no limit)",
+    )
+    p.add_argument(
+        "--udp-burst", type=float, default=0.0, help="udp-echo: bucket size (default 0: twice --udp-rate)"
+    )
+    p.add_argument(
+        "--udp-rate-exempt",
+        default=",".join(LOOPBACK),
+        metavar="CIDR,...",
+        help="udp-echo: source networks never rate-limited (default: loopback; 'none': no exemption)",
+    )
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: start next to a running instance")
     p.add_argument(
@@ -109,6 +127,8 @@ def _number_problems(args: argparse.Namespace) -> List[str]:
             args.request_timeout < 0,
             f"--request-timeout {args.request_timeout:g}: must be 0 (no limit) or more seconds",
         ),
+        (args.udp_rate < 0, f"--udp-rate {args.udp_rate:g}: must be 0 (no limit) or more datagrams a second"),
+        (args.udp_burst < 0, f"--udp-burst {args.udp_burst:g}: must be 0 (twice the rate) or more"),
         (args.backlog < 1, f"--backlog {args.backlog}: must be at least 1 (128 or more recommended)"),
         (args.drain_timeout < 0, f"--drain-timeout {args.drain_timeout:g}: must be 0 or more seconds"),
     ]
@@ -121,11 +141,27 @@ def _other_problems(args: argparse.Namespace) -> List[str]:
         problems.append("transfer needs --root DIR: the directory whose files it serves")
     elif args.service == "transfer" and not os.path.isdir(args.root):
         problems.append(f"--root {args.root}: not a directory; create it or point at the files to serve")
+    for net in _exempt_networks(args.udp_rate_exempt):
+        try:
+            ipaddress.ip_network(net)
+        except ValueError:
+            problems.append(f"--udp-rate-exempt: {net!r} is not a network (e.g. 127.0.0.0/8,::1/128 or none)")
     if args.loop == "uvloop" and args.variant != "asyncio":
         problems.append("--loop uvloop only applies to --variant asyncio")
     elif args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append("--loop uvloop: uvloop is not installed (pip install uvloop) - or drop the flag")
     return problems
+
+
+def _exempt_networks(value: str) -> Tuple[str, ...]:
+    """--udp-rate-exempt: comma-separated CIDRs, or 'none'.
+
+    >>> _exempt_networks("127.0.0.0/8, ::1/128"), _exempt_networks("none")
+    (('127.0.0.0/8', '::1/128'), ())
+    """
+    if value.strip().lower() == "none":
+        return ()
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def validate(args: argparse.Namespace) -> Settings:
@@ -146,6 +182,9 @@ def validate(args: argparse.Namespace) -> Settings:
         max_conns_per_ip=args.max_conns_per_ip,
         idle_timeout=args.idle_timeout,
         request_timeout=args.request_timeout,
+        udp_rate=args.udp_rate,
+        udp_burst=args.udp_burst,
+        udp_rate_exempt=_exempt_networks(args.udp_rate_exempt),
         backlog=args.backlog,
         reuse_port=args.reuse_port,
         drain_timeout=args.drain_timeout,

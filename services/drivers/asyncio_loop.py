@@ -26,6 +26,7 @@ from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
+    dropped_detail,
     file_root,
     format_address,
     overdue,
@@ -294,8 +295,8 @@ class AtOnceProtocol(StreamProtocol):
 
 
 class DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, sock: socket.socket, log: logging.Logger, loop: Any) -> None:
-        self.sock, self.core, self.loop = sock, udp_core(sock), loop
+    def __init__(self, sock: socket.socket, settings: Settings, log: logging.Logger, loop: Any) -> None:
+        self.sock, self.core, self.loop = sock, udp_core(sock, settings), loop
         self.seen = 0  # datagrams received: the drain waits until this stops moving
         self.transport = None  # type: Any
         self.dropped = RateLimited(log, "udp datagrams dropped")
@@ -305,14 +306,14 @@ class DatagramProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.seen += 1
-        reply = self.core.datagram_received(data, addr)
+        reply = self.core.datagram_received(data, addr, _now())
         if reply.__class__ is bytes:
             if reply:
                 self.transport.sendto(reply, addr)
             else:  # the transport silently drops empty datagrams; one in, one out holds for empty ones too
                 self.sock.sendto(reply, addr)
         else:
-            self.dropped.hit(self.loop.time(), f"{reply.reason} from {format_address(reply.addr)}")
+            self.dropped.hit(self.loop.time(), dropped_detail(self.core, reply))
 
     def error_received(self, exc: Exception) -> None:  # ICMP errors for earlier replies: nothing to do
         pass
@@ -374,7 +375,7 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
     loop = asyncio.get_event_loop()
     stop = _stop_future(loop, log)
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramProtocol(sock, log, loop), sock=sock
+        lambda: DatagramProtocol(sock, settings, log, loop), sock=sock
     )
     mode = await stop
     if mode == lifecycle.DRAIN:

@@ -20,7 +20,7 @@ from services.drivers import lifecycle
 from services.drivers.lifecycle import ACTIONS
 from services.errors import BindError
 from services.files import FileRoot
-from services.protocol.echo import EchoCore, UdpEchoCore
+from services.protocol.echo import LOOPBACK, Dropped, EchoCore, SourceRate, UdpEchoCore
 from services.protocol.transfer import TransferCore
 
 StreamCore = Union[EchoCore, TransferCore]
@@ -40,6 +40,9 @@ class Settings:
     max_conns_per_ip: int = 0  # 0: no per-address cap
     idle_timeout: float = 300.0  # seconds without a complete request
     request_timeout: float = 30.0  # a started request must be complete within this
+    udp_rate: float = 2000.0  # udp-echo: datagrams/s answered per source address (0: no limit)
+    udp_burst: float = 0.0  # ... in bursts of up to this many (0: twice the rate)
+    udp_rate_exempt: Tuple[str, ...] = LOOPBACK  # networks never rate-limited
     backlog: int = 1024
     reuse_port: bool = False
     drain_timeout: float = 5.0  # TERM: in-flight requests get this long; below supervisord stopwaitsecs (10)
@@ -293,10 +296,20 @@ def file_root(settings: Settings) -> Optional[FileRoot]:
     return FileRoot(settings.root) if settings.service == "transfer" else None
 
 
-def udp_core(sock: socket.socket) -> UdpEchoCore:
+def dropped_detail(core: UdpEchoCore, drop: Dropped) -> str:
+    """What a drop's log line says: why, from where, and how many of that kind since start."""
+    total = core.dropped.get(drop.reason, 0)
+    return f"{drop.reason} from {format_address(drop.addr)} ({total} {drop.reason} since start)"
+
+
+def udp_core(sock: socket.socket, settings: Settings) -> UdpEchoCore:
     host, port = sock.getsockname()[:2]
     own = frozenset({(host, port)})  # type: FrozenSet[Tuple[str, int]]
-    return UdpEchoCore(own=own)
+    rate = None
+    if settings.udp_rate > 0:
+        burst = settings.udp_burst or 2 * settings.udp_rate
+        rate = SourceRate(settings.udp_rate, burst, exempt=settings.udp_rate_exempt)
+    return UdpEchoCore(own=own, rate=rate)
 
 
 # ---- signals ---------------------------------------------------------------------------------------------

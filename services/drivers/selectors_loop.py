@@ -28,6 +28,7 @@ from services.drivers.runtime import (
     Settings,
     StreamCore,
     Wakeup,
+    dropped_detail,
     file_root,
     format_address,
     overdue,
@@ -504,7 +505,7 @@ class UdpServer(_Loop):
     ) -> None:
         super().__init__(settings, log, parent=parent)
         self.sock = sock
-        self.core = udp_core(sock)
+        self.core = udp_core(sock, settings)
         self.dropped = RateLimited(log, "udp datagrams dropped")
 
     def serve_ready(self) -> None:
@@ -516,14 +517,14 @@ class UdpServer(_Loop):
                 return
             except OSError:  # e.g. ICMP errors queued on the socket: nothing to answer
                 continue
-            reply = core.datagram_received(data, addr)
+            reply = core.datagram_received(data, addr, self.now)
             if reply.__class__ is bytes:
                 try:
                     sock.sendto(reply, addr)
                 except OSError as exc:
                     self.dropped.hit(self.now, f"reply to {format_address(addr)} not sent: {exc}")
             else:
-                self.dropped.hit(self.now, f"{reply.reason} from {format_address(reply.addr)}")
+                self.dropped.hit(self.now, dropped_detail(core, reply))
 
     def run(self) -> int:
         self.sock.setblocking(False)

@@ -49,6 +49,7 @@ from services.drivers.runtime import (
     Settings,
     StreamCore,
     Wakeup,
+    dropped_detail,
     file_root,
     format_address,
     request_started,
@@ -386,8 +387,8 @@ class UdpServer(socketserver.UDPServer):
         super().__init__(sock.getsockname(), UdpHandler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
-        self.max_packet_size = udp_core(sock).max_size + 1
-        self.core = udp_core(sock)
+        self.core = udp_core(sock, settings)
+        self.max_packet_size = self.core.max_size + 1
         self.log = log
         self.dropped = RateLimited(log, "udp datagrams dropped")
         self.connlog = ConnectionLog(log)
@@ -417,14 +418,14 @@ class UdpHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         data, sock = self.request
-        reply = self.server.core.datagram_received(data, self.client_address)
+        reply = self.server.core.datagram_received(data, self.client_address, time.monotonic())
         if reply.__class__ is bytes:
             try:
                 sock.sendto(reply, self.client_address)
             except OSError as exc:
                 self.server.dropped.hit(time.monotonic(), f"reply not sent: {exc}")
         else:
-            self.server.dropped.hit(time.monotonic(), f"{reply.reason} from {format_address(reply.addr)}")
+            self.server.dropped.hit(time.monotonic(), dropped_detail(self.server.core, reply))
 
 
 def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:

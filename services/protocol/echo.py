@@ -6,14 +6,18 @@ so the cores are tiny; their value is the uniform surface and the udp-echo refle
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
-from typing import FrozenSet, List, Tuple, Union
+from typing import FrozenSet, Iterable, List, Optional, Tuple, Union
 
 # Large enough for the benchmark's 16 KiB messages, small enough that one datagram is cheap to buffer.
 MAX_DATAGRAM = 32768
 # Sources below this port are system services (echo/7, chargen/19, DNS/53...): answering them is how
 # two UDP reflectors end up bouncing packets at each other forever.
 MIN_SOURCE_PORT = 1024
+# Never rate-limited by default: the kernel drops packets from outside that claim a loopback source.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+_UNSEEN = object()
 
 
 class EchoCore:
@@ -46,6 +50,57 @@ class Dropped:
     size: int
 
 
+class SourceRate:
+    """A token bucket per source address: `rate` datagrams a second, bursts of `burst`; `exempt` networks
+    (loopback by default: the kernel drops outside packets that claim a loopback source) are not limited.
+
+    Per address, not per port: a spoofer picks any source port, but a reflection attack aims at one address.
+    The clock is injected (sans-IO). At most `max_sources` addresses are remembered; past that the table
+    starts afresh (a flood of spoofed addresses costs bounded memory, and only resets the buckets).
+
+    >>> limit = SourceRate(rate=2, burst=2, exempt=())
+    >>> [limit.allow("192.0.2.1", 0.0) for _ in range(3)], limit.allow("192.0.2.1", 0.5)
+    ([True, True, False], True)
+    >>> SourceRate(rate=1, burst=1).allow("127.0.0.1", 0.0), SourceRate(rate=1, burst=1).allow("::1", 0.0)
+    (True, True)
+    """
+
+    __slots__ = ("_buckets", "_exempt", "burst", "max_sources", "rate")
+
+    def __init__(
+        self, rate: float, burst: float, exempt: Iterable[str] = LOOPBACK, max_sources: int = 65536
+    ) -> None:
+        self.rate, self.burst, self.max_sources = rate, max(burst, 1.0), max_sources
+        self._exempt = tuple(ipaddress.ip_network(net) for net in exempt)
+        self._buckets = {}  # type: Dict[str, Optional[List[float]]]  # None: exempt
+
+    def allow(self, host: str, now: float) -> bool:
+        bucket = self._buckets.get(host, _UNSEEN)
+        if bucket is _UNSEEN:
+            if len(self._buckets) >= self.max_sources:
+                self._buckets.clear()
+            bucket = None if self._is_exempt(host) else [self.burst, now]
+            self._buckets[host] = bucket
+        if bucket is None:
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _is_exempt(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:a.b.c.d from a dual-stack socket
+        addr = mapped or addr
+        return any(addr.version == net.version and addr in net for net in self._exempt)
+
+
 def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::", "::0")
 
@@ -65,22 +120,35 @@ class UdpEchoCore:
     'own-socket'
     """
 
-    __slots__ = ("_own", "_own_ports", "max_size")
+    __slots__ = ("_own", "_own_ports", "dropped", "max_size", "rate")
 
-    def __init__(self, own: FrozenSet[Tuple[str, int]] = frozenset(), max_size: int = MAX_DATAGRAM) -> None:
+    def __init__(
+        self,
+        own: FrozenSet[Tuple[str, int]] = frozenset(),
+        max_size: int = MAX_DATAGRAM,
+        rate: Optional[SourceRate] = None,
+    ) -> None:
         self.max_size = max_size
+        self.rate = rate
         self._own = own
         self._own_ports = frozenset(port for _, port in own)
+        self.dropped = {}  # type: Dict[str, int]  # reason -> datagrams dropped since start
 
-    def datagram_received(self, data: bytes, addr: Tuple) -> Union[bytes, Dropped]:
+    def datagram_received(self, data: bytes, addr: Tuple, now: float = 0.0) -> Union[bytes, Dropped]:
         port = addr[1]
         if port < MIN_SOURCE_PORT:
-            return Dropped("privileged-source-port", (addr[0], port), len(data))
+            return self._drop("privileged-source-port", addr, data)
         if port in self._own_ports and self._from_own(addr[0], port):
-            return Dropped("own-socket", (addr[0], port), len(data))
+            return self._drop("own-socket", addr, data)
         if len(data) > self.max_size:
-            return Dropped("too-large", (addr[0], port), len(data))
+            return self._drop("too-large", addr, data)
+        if self.rate is not None and not self.rate.allow(addr[0], now):
+            return self._drop("rate-limited", addr, data)
         return data.upper()
+
+    def _drop(self, reason: str, addr: Tuple, data: bytes) -> Dropped:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        return Dropped(reason, (addr[0], addr[1]), len(data))
 
     def _from_own(self, host: str, port: int) -> bool:
         # A wildcard-bound server receives its own packets from any local address, so same port counts.

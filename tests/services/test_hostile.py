@@ -270,3 +270,52 @@ def test_clients_that_never_read_cost_bounded_memory(services, tree: tuple, vari
     finally:
         for sock in socks:
             sock.close()
+
+
+# ---- udp-echo is no open reflector ------------------------------------------------------------------------
+
+
+def answered(sock: socket.socket, count: int, wait: float = 0.5) -> int:
+    """How many replies arrive (until none for `wait` seconds)."""
+    got = 0
+    sock.settimeout(wait)
+    try:
+        while got < count:
+            sock.recv(2048)
+            got += 1
+    except TimeoutError:
+        pass
+    return got
+
+
+def test_udp_echo_rate_limits_each_source_address(services, tree: tuple, variant: str) -> None:
+    limits = ["--udp-rate", "20", "--udp-burst", "20", "--udp-rate-exempt", "none"]
+    svc = start(services, variant, "udp-echo", tree, *limits)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+    ):
+        other.bind(("127.0.0.2", 0))
+        started = time.monotonic()
+        for i in range(200):
+            flood.sendto(b"flood %d" % i, svc.address)
+        other.sendto(b"from elsewhere", svc.address)  # another address has its own bucket
+        elapsed = time.monotonic() - started
+        got = answered(flood, 200)
+        assert 0 < got <= 20 + 20 * (elapsed + 0.5) + 2, f"{got} of 200 answered"
+        assert answered(other, 1) == 1
+        time.sleep(0.3)  # the bucket refills: the source is served again
+        flood.sendto(b"again", svc.address)
+        assert answered(flood, 1, wait=BOUND) == 1
+    text = svc.log_text()
+    assert "rate-limited from 127.0.0.1" in text
+    assert "rate-limited since start" in text
+
+
+def test_udp_echo_does_not_limit_loopback_by_default(services, tree: tuple, variant: str) -> None:
+    svc = start(services, variant, "udp-echo", tree, "--udp-rate", "5", "--udp-burst", "5")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for wave in range(4):  # waves: the server's receive buffer never overflows
+            for i in range(25):
+                sock.sendto(b"local %d" % (wave * 25 + i), svc.address)
+            assert answered(sock, 25, wait=BOUND) == 25

@@ -457,6 +457,7 @@ def test_a_huge_directory_listing_is_truncated_not_fatal(tmp_path: Path) -> None
         "services.protocol.transfer",
         "services.client",
         "services.addr",
+        "services.__main__",
         "services.drivers.prefork",
         "services.drivers.lifecycle",
         "services.drivers.runtime",
