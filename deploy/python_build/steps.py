@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fabric import Connection
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
@@ -136,7 +137,7 @@ class HostRun:
         )
 
     def put(self, local: Path, remote: str) -> None:
-        if hasattr(self.c, "put"):  # fabric.Connection (and any Context that can transfer files)
+        if isinstance(self.c, Connection):
             self.c.put(str(local), remote)
         else:  # invoke.Context: the host is this machine
             shutil.copyfile(local, remote)
@@ -147,7 +148,8 @@ class HostRun:
         return outcome.changed(detail, warnings=self.warnings, value=value)
 
     def get(self, remote: str, local: Path) -> None:
-        if hasattr(self.c, "get"):
+        # Not hasattr(c, "get"): an invoke.Context proxies dict methods of its config, `get` among them.
+        if isinstance(self.c, Connection):
             self.c.get(remote, str(local))
         else:
             shutil.copyfile(remote, local)

@@ -757,3 +757,19 @@ def test_build_killed_during_compile_leaves_previous_install(built_python: Built
 def test_doctests(module: types.ModuleType) -> None:
     result = doctest.testmod(module)
     assert result.failed == 0
+
+
+def test_local_host_run_copies_files_both_ways(tmp_path):
+    """`--host local` moves files with the filesystem: an invoke Context answers hasattr(c, "get") through its
+    config proxy, which once made `get` a silent no-op and broke the local build's pack stage."""
+    from invoke import Context
+
+    from deploy.python_build.progress import LineReporter
+    from deploy.python_build.steps import HostRun
+
+    h = HostRun(Context(), "local", LineReporter(), root=True)
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"\x00payload")
+    h.put(src, str(tmp_path / "b.bin"))
+    h.get(str(tmp_path / "b.bin"), tmp_path / "c.bin")
+    assert (tmp_path / "c.bin").read_bytes() == b"\x00payload"
