@@ -290,7 +290,7 @@ def answered(sock: socket.socket, count: int, wait: float = 0.5) -> int:
 
 def test_udp_echo_rate_limits_each_source_address(services, tree: tuple, variant: str) -> None:
     limits = ["--udp-rate", "20", "--udp-burst", "20", "--udp-rate-exempt", "none"]
-    svc = start(services, variant, "udp-echo", tree, *limits)
+    svc = start(services, variant, "udp-echo", tree, *limits, *ONE_WORKER)
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
