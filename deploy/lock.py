@@ -36,17 +36,20 @@ HELD = "SOCKOPS-LOCK-HELD"
 HELD_EXIT = 75  # EX_TEMPFAIL
 ACQUIRE_TIMEOUT = 30.0
 JOB_GRACE = 2.0  # seconds between TERM and KILL of a dead deploy's remote steps
+LETTING_GO = "(letting go: stopping its remote steps)"
 
 # Shell function (sh/dash) used by the holder: TERM the listed groups whose leader is still the process that
 # registered (field 22 of /proc/<pid>/stat = its start time), wait, KILL the rest, empty the list.
 _REAP = (
-    'reap() { gs=; [ -f "$J" ] && while read -r g s; do '
+    # only a list this user owns: with a lock in /var/tmp nobody else may plant process groups to kill
+    'mine() { [ -f "$J" ] && [ ! -L "$J" ] && [ -O "$J" ]; }; '
+    "reap() { gs=; mine && while read -r g s; do "
     '[ "$(cut -d" " -f22 /proc/$g/stat 2>/dev/null)" = "$s" ] && gs="$gs $g"; done < "$J"; '
     "for g in $gs; do kill -TERM -$g 2>/dev/null; done; i=0; "
     f"while [ $i -lt {int(JOB_GRACE * 10)} ]; do left=; "
     'for g in $gs; do kill -0 -$g 2>/dev/null && left=1; done; [ -z "$left" ] && break; '
     "sleep 0.1; i=$((i+1)); done; "
-    'for g in $gs; do kill -KILL -$g 2>/dev/null; done; : > "$J"; }'
+    'for g in $gs; do kill -KILL -$g 2>/dev/null; done; if mine; then : > "$J"; fi; }'
 )
 # What an owned command runs as: register its process group, run the script, unregister.
 _OWNED = (
@@ -79,7 +82,8 @@ def lock_command(lock_path: str, owner: str) -> str:
         f"J={q(jobs_path(lock_path))}; {_REAP}; exec 9>>{lock}; "
         # reap first: a holder killed before it could reap left its steps listed
         f"if flock -n 9; then reap; printf '%s\\n' {q(owner)} > {info}; echo {ACQUIRED}; "
-        "cat >/dev/null; reap; "
+        # letting go: say so, so a deploy started right now waits for the reap instead of being refused
+        f"cat >/dev/null; printf '%s {LETTING_GO}\\n' {q(owner)} > {info}; reap; "
         f"else echo {HELD} $(cat {info} 2>/dev/null); exit {HELD_EXIT}; fi"
     )
     return f"mkdir -p {run_dir} && exec setsid -w sh -c {q(holder)} sockops-lock"
@@ -139,6 +143,18 @@ class HostLock:
         self._promise: Any = None
 
     def __enter__(self) -> LockInfo:
+        # a holder that is letting go (its deploy ended or died) frees the lock within JOB_GRACE: wait for it
+        deadline = time.monotonic() + JOB_GRACE + 5.0
+        while True:
+            try:
+                return self._try()
+            except LockHeldError as exc:
+                if LETTING_GO not in str(exc) or time.monotonic() > deadline:
+                    raise
+            self._gate, self._promise = _StdinGate(), None
+            time.sleep(0.2)
+
+    def _try(self) -> LockInfo:
         out, err = _Watch(), _Watch()
         self._promise = self.c.run(
             lock_command(self.path, self.owner),
@@ -157,6 +173,7 @@ class HostLock:
             return LockInfo(self.host, self.path, self.owner)
         self._gate.released.set()
         result = self._promise.join()
+        self._promise = None
         holder = out.text.split(HELD, 1)[1].strip() if HELD in out.text else ""
         if result.exited == HELD_EXIT or holder:
             raise LockHeldError(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.test_lock import group_alive
 from tests.deploy.test_release import SOCKOPS, _free_port, _wait_for_line, answers, ok, sockops, write_cfg
 
 REAP_TIMEOUT = 15.0  # the lock holder TERMs at once and KILLs after 2 s; the rest is slack for a loaded box
@@ -68,14 +69,6 @@ def _jobs(read: Callable[[], str], timeout: float = 60.0) -> list[int]:
     pytest.fail("the paused step never registered with the lock holder")
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _wait_gone(groups: list[int], alive: Callable[[int], bool]) -> None:
     deadline = time.monotonic() + REAP_TIMEOUT
     while any(alive(g) for g in groups):
@@ -92,14 +85,14 @@ def test_kill_9_of_the_operator_takes_its_remote_step_with_it(tmp_path, whole_gr
         try:
             _wait_for_line(first, "pause: in-release on the host")
             groups = _jobs(lambda: jobs.read_text() if jobs.exists() else "")
-            assert all(_group_alive(g) for g in groups)
+            assert all(group_alive(g) for g in groups)
         finally:
             if whole_group:
                 os.killpg(first.pid, signal.SIGKILL)
             else:
                 first.kill()
             first.wait(timeout=30)
-        _wait_gone(groups, _group_alive)
+        _wait_gone(groups, group_alive)
         # the half-built release is left marked (no release.json), the old release still serves
         releases = tmp_path / "host/srv/releases"
         half = [d for d in releases.iterdir() if not (d / "release.json").exists()]
@@ -217,7 +210,8 @@ def test_kill_9_over_ssh_takes_the_remote_step_with_it(testhosts, tmp_path):
         first.kill()
         first.wait(timeout=30)
     _wait_gone(
-        groups, lambda g: on_host("sh", "-c", f"kill -0 -{g} 2>/dev/null && echo alive").strip() == "alive"
+        groups,
+        lambda g: bool(on_host("sh", "-c", f"ps -eo pgid=,stat= | awk '$1 == {g} && $2 !~ /Z/'").strip()),
     )
     out = ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
     assert "health gate passed" in out
