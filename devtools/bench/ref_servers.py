@@ -7,6 +7,9 @@ Each prints ``PORT <n>`` on stdout once bound and serves until TERM/INT.
   the tutorial writes it (recv(1024), send(data.upper()), default backlog of 5, Nagle left on). It is the
   baseline the services are meant to beat, warts included; do not "fix" it. The UDP form is the tutorial's
   UDPServer handler (sendto(data.upper())).
+- ``tutorial-1024``: the same server and handler with one change, a listen backlog of 1024
+  (``request_queue_size``). The tutorial's backlog of 5 drops SYNs at 50+ connections, so its figure is not a
+  valid baseline there; this twin is (TCP only: a datagram socket has no backlog).
 - ``asyncio``: a minimal stdlib asyncio Protocol / DatagramProtocol upper-echo.
 - ``sendfile``: the transfer reference: accept, read one request line, ``socket.sendfile()`` the file, close.
 
@@ -51,8 +54,18 @@ def _stop_on_term(stop):
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_tutorial(host, port, udp):
-    server_cls = socketserver.ThreadingUDPServer if udp else socketserver.ThreadingTCPServer
+class BacklogThreadingTCPServer(socketserver.ThreadingTCPServer):
+    # the only difference from the tutorial: listen(1024) instead of listen(5)
+    request_queue_size = 1024
+
+
+def run_tutorial(host, port, udp, backlog_1024=False):
+    if udp:
+        server_cls = socketserver.ThreadingUDPServer
+    elif backlog_1024:
+        server_cls = BacklogThreadingTCPServer
+    else:
+        server_cls = socketserver.ThreadingTCPServer
     server = server_cls((host, port), MyUDPHandler if udp else MyTCPHandler)
     _announce(server.server_address[1])
 
@@ -132,14 +145,16 @@ def run_sendfile(host, port, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["tutorial", "asyncio", "sendfile"])
+    parser.add_argument("kind", choices=["tutorial", "tutorial-1024", "asyncio", "sendfile"])
     parser.add_argument("--udp", action="store_true")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--file", default="")
     args = parser.parse_args(argv)
-    if args.kind == "tutorial":
-        run_tutorial(args.host, args.port, args.udp)
+    if args.kind in ("tutorial", "tutorial-1024"):
+        if args.udp and args.kind == "tutorial-1024":
+            parser.error("tutorial-1024 is TCP only (a datagram socket has no listen backlog)")
+        run_tutorial(args.host, args.port, args.udp, backlog_1024=args.kind == "tutorial-1024")
     elif args.kind == "asyncio":
         run_asyncio(args.host, args.port, args.udp)
     else:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from devtools.bench.errors import BenchError
 from devtools.bench.results import CellResult, Report, Summary, ratios, to_json
-from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL
+from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REF_TUTORIAL_1024
 
 
 def _ratio(r: dict[str, float], ref: str) -> str:
@@ -30,7 +30,8 @@ def _flags(s: Summary) -> str:
 def services_table(report: Report) -> Table:
     table = Table(
         title="sockops bench: closed-loop requests/s, median of runs (± = (max-min)/median); "
-        "xC / xtut / xaio = ratio to the C epoll, tutorial and asyncio references"
+        "xC / xtut / xt1k / xaio = ratio to the C epoll, tutorial, tutorial-1024 (backlog 1024) and asyncio "
+        "references"
     )
     for col, justify in (
         ("cell", "left"),
@@ -39,6 +40,7 @@ def services_table(report: Report) -> Table:
         ("±", "right"),
         ("xC", "right"),
         ("xtut", "right"),
+        ("xt1k", "right"),
         ("xaio", "right"),
         ("p50/p99/p99.9 ms", "right"),
         ("err", "right"),
@@ -58,6 +60,7 @@ def services_table(report: Report) -> Table:
                 f"{s.spread:.0%}",
                 _ratio(r, REF_C),
                 _ratio(r, REF_TUTORIAL),
+                _ratio(r, REF_TUTORIAL_1024),
                 _ratio(r, REF_ASYNCIO),
                 f"{s.p50_us / 1000:.2f}/{s.p99_us / 1000:.2f}/{s.p999_us / 1000:.2f}",
                 str(s.errors),
@@ -127,9 +130,9 @@ def print_report(report: Report, console: Console) -> None:
 def markdown(data: dict[str, Any]) -> str:
     """The services table as Markdown, from bench.json data (so docs can be updated from any saved run)."""
     lines = [
-        "| cell | target | req/s (median) | min - max | xC | xtut | xaio | p50 / p99 / p99.9 ms | errors "
-        "| loss | CPU client / server | flags |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | p50 / p99 / p99.9 ms "
+        "| errors | loss | CPU client / server | flags |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for cell in data["cells"]:
         label = f"{cell['service']} {cell['mode']} c={cell['conns']} s={cell['size']}"
@@ -148,6 +151,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{t['rps_min']:,.0f} - {t['rps_max']:,.0f}",
                 _ratio(r, REF_C),
                 _ratio(r, REF_TUTORIAL),
+                _ratio(r, REF_TUTORIAL_1024),
                 _ratio(r, REF_ASYNCIO),
                 " / ".join(f"{v / 1000:.2f}" for v in p),
                 str(t["errors"]),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.bench.load import RunResult
-from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REFERENCES
+from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REF_TUTORIAL_1024, REFERENCES
 
 SCHEMA = 1
 
@@ -215,7 +215,12 @@ def to_json(report: Report) -> dict[str, Any]:
         "started": report.started,
         "command": report.command,
         "machine": asdict(report.machine),
-        "references": {"c": REF_C, "tutorial": REF_TUTORIAL, "asyncio": REF_ASYNCIO},
+        "references": {
+            "c": REF_C,
+            "tutorial": REF_TUTORIAL,
+            "tutorial_1024": REF_TUTORIAL_1024,
+            "asyncio": REF_ASYNCIO,
+        },
         "cells": cells,
         "transfer": [asdict(t) for t in report.transfer],
         "extra": dict(report.extra),

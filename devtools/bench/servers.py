@@ -29,9 +29,11 @@ REF_SCRIPT = Path(__file__).with_name("ref_servers.py")
 # Reference names as they appear in tables, JSON and charts; the C server is the practical limit.
 REF_C = "ref:c-epoll"
 REF_TUTORIAL = "ref:tutorial"
+# The tutorial's server with a listen backlog of 1024: the valid baseline at 50+ connections (TCP only).
+REF_TUTORIAL_1024 = "ref:tutorial-1024"
 REF_ASYNCIO = "ref:asyncio"
 REF_SENDFILE = "ref:sendfile"
-REFERENCES = (REF_C, REF_TUTORIAL, REF_ASYNCIO)
+REFERENCES = (REF_C, REF_TUTORIAL, REF_TUTORIAL_1024, REF_ASYNCIO, REF_SENDFILE)
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,14 @@ def reference_targets(
         ]
     udp = ("--udp",) if service == "udp-echo" else ()
     proto = "udp" if udp else "tcp"
-    return [
-        Target(REF_C, (str(echo_server), *udp, "--host", HOST, "--port", "0"), proto),
-        Target(
-            REF_TUTORIAL, (python, str(REF_SCRIPT), "tutorial", *udp, "--host", HOST, "--port", "0"), proto
-        ),
-        Target(REF_ASYNCIO, (python, str(REF_SCRIPT), "asyncio", *udp, "--host", HOST, "--port", "0"), proto),
+    addr = ("--host", HOST, "--port", "0")
+    targets = [
+        Target(REF_C, (str(echo_server), *udp, *addr), proto),
+        Target(REF_TUTORIAL, (python, str(REF_SCRIPT), "tutorial", *udp, *addr), proto),
     ]
+    if not udp:  # a datagram socket has no listen backlog: the twin would be the tutorial itself
+        targets.append(Target(REF_TUTORIAL_1024, (python, str(REF_SCRIPT), "tutorial-1024", *addr), proto))
+    return [*targets, Target(REF_ASYNCIO, (python, str(REF_SCRIPT), "asyncio", *udp, *addr), proto)]
 
 
 def variant_targets(

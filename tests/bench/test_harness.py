@@ -96,7 +96,9 @@ def _load(bins: native.Binaries, port: int, **kw: object) -> load.RunResult:
 # --- the reference servers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ref", [servers.REF_C, servers.REF_TUTORIAL, servers.REF_ASYNCIO])
+@pytest.mark.parametrize(
+    "ref", [servers.REF_C, servers.REF_TUTORIAL, servers.REF_TUTORIAL_1024, servers.REF_ASYNCIO]
+)
 def test_reference_tcp_servers_echo_upper_cased(bins: native.Binaries, tmp_path: Path, ref: str) -> None:
     targets = [
         t
@@ -417,7 +419,9 @@ def test_tiny_run_produces_well_formed_results(tmp_path: Path) -> None:
     assert len(report.cells) == 10
     for cr in report.cells:
         names = [s.target for s in cr.summaries]
-        assert names == [servers.REF_C, servers.REF_TUTORIAL, servers.REF_ASYNCIO, "selectors"]
+        tcp_only = [servers.REF_TUTORIAL_1024] if cr.cell.service == "tcp-echo" else []
+        refs = [servers.REF_C, servers.REF_TUTORIAL, *tcp_only, servers.REF_ASYNCIO]
+        assert names == [*refs, "selectors"]
         for name in (
             servers.REF_C,
             "selectors",
@@ -429,7 +433,7 @@ def test_tiny_run_produces_well_formed_results(tmp_path: Path) -> None:
             assert summary.rps_min <= summary.rps <= summary.rps_max
         ratio = results.ratios(cr.summaries)
         assert ratio[servers.REF_C][servers.REF_C] == pytest.approx(1.0)
-        assert set(ratio["selectors"]) == {servers.REF_C, servers.REF_TUTORIAL, servers.REF_ASYNCIO}
+        assert set(ratio["selectors"]) == set(refs)
     assert report.machine.cores >= 1
     assert report.machine.python_version.count(".") == 2
     assert report.extra == {"probe": {"ok": 1}}
@@ -469,7 +473,8 @@ def test_tiny_run_produces_well_formed_results(tmp_path: Path) -> None:
     console = Console(width=200, record=True)
     render.print_report(report, console)
     text = console.export_text()
-    assert text.count(servers.REF_TUTORIAL) == 10
+    assert text.count(servers.REF_TUTORIAL_1024) == 6  # TCP cells only
+    assert text.count(servers.REF_TUTORIAL) == 10 + 6
     # nothing we started is left running
     assert psutil.Process().children(recursive=True) == []
 
