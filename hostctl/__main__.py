@@ -8,14 +8,17 @@ failure to run at all is {"ok": false, "error": "<Type>: <message>"}.
 Contract (keys are stable; new keys may be added, none removed):
 
   apply --applied F --conf C --want-file W [--fresh]
-      {"ok", "added": [group], "changed": [group], "removed": [group], "restarted": [program]}
+      {"ok", "added": [group], "changed": [group], "removed": [group], "restarted": [program],
+       "notes": [str]}   (notes: e.g. "net.ipv4.tcp_migrate_req 0 -> 1", set before the first bridge)
   health --manifest M          (the deploy's health gate)
       {"ok", "services": {name: {"ok", "state", "error"}}, "logs": {program: tail}}
   status
       {"ok", "running": bool, "programs": [{name, statename, pid, start, now, description, exitstatus}],
        "error"?: str}
-  restart [PROGRAM ...]
-      {"ok", "restarted": [program], "errors": {program: message}}
+  restart [--conf C] [PROGRAM ...]   with --conf (the deploy's supervisord.conf), zero-downtime like apply:
+      a bridge copy of each program's command serves its port while supervisord replaces it; without
+      --conf, a plain stop + start as before (no default: a wrong conf would bridge another deploy's ports)
+      {"ok", "restarted": [program], "errors": {program: message}, "notes": [str]}
   shutdown
       {"ok": true, "was_running": bool}
   observe [--manifest M] [--conf C] [--base B] [--applied F] [--want-file W]
@@ -56,6 +59,7 @@ from monitoring.errors import MonitoringError
 from monitoring.targets import DEFAULT_MANIFEST
 
 DEFAULT_BASE = "/srv/sockops"
+DEFAULT_CONF = "/etc/sockops/supervisord.conf"
 Handler = Callable[[argparse.Namespace], Dict[str, Any]]
 
 
@@ -76,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status")
     restart = sub.add_parser("restart")
     restart.add_argument("programs", nargs="*")
+    restart.add_argument("--conf", default="", help="supervisord.conf: bridge each restart (zero-downtime)")
     sub.add_parser("shutdown")
     obs = sub.add_parser("observe")
     obs.add_argument("--manifest", default=DEFAULT_MANIFEST)
-    obs.add_argument("--conf", default="/etc/sockops/supervisord.conf")
+    obs.add_argument("--conf", default=DEFAULT_CONF)
     obs.add_argument("--base", default=DEFAULT_BASE)
     obs.add_argument("--applied", default="", help="applied.json (default: beside --conf)")
     obs.add_argument("--want-file", default="", help="fingerprints.json (default: the current release's)")

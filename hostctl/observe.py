@@ -211,7 +211,7 @@ def assess(obs: Observation) -> Assessment:  # noqa: PLR0912 - one check per fac
         for prog in obs.programs:
             if prog.state != "RUNNING":
                 need("restart-program", f"{prog.name} is {prog.state}", prog.name)
-            elif not prog.code_current:
+            elif cur.state == "ok" and not prog.code_current:  # without `current`, no release to compare
                 need("restart-program", f"{prog.name} does not run release {cur.release}'s code", prog.name)
     for port in obs.ports:
         where = f"{port.service} on {port.port}/{port.proto}"
