@@ -416,6 +416,7 @@ ns.add_task(prometheus_config)
         "python": "interpreter for the services and Python references (default: this one)",
         "client_threads": "load generator threads (default 1)",
         "transfer_mib": "transfer file size in MiB (default 1024)",
+        "transfer_conns": "transfer: concurrent downloads per cell, comma list (default 1,8)",
         "no_references": "skip the reference servers (ratios are then missing)",
         "monitor": "instead of the grid: time one monitoring snapshot vs ss and psutil with ~30k TIME_WAIT",
         "build": "instead of the grid: build-python vs pyenv's python-build, same version and options (long)",
@@ -443,6 +444,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     python=None,
     client_threads=None,
     transfer_mib=None,
+    transfer_conns=None,
     no_references=False,
     monitor=False,
     build=False,
@@ -469,6 +471,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         python=python,
         client_threads=client_threads,
         transfer_mib=transfer_mib,
+        transfer_conns=transfer_conns,
         no_references=no_references,
     )
     build_req = (

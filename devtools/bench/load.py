@@ -16,7 +16,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +146,7 @@ def failed_run(reason: str) -> RunResult:
     return RunResult(0, 0.0, 0.0, 0.0, 0.0, 1, 0, 0, 0, 0, 0.0, 0.0, 1, reason)
 
 
-def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
+def read_line(proc: subprocess.Popen[str], deadline: float) -> str:
     """One stdout line from `proc`, waiting at most until `deadline` (monotonic)."""
     assert proc.stdout is not None
     while True:
@@ -160,27 +160,14 @@ def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
             return proc.stdout.readline()
 
 
-def run_load(loadgen: Path, port: int, spec: LoadSpec, server_cpu: Callable[[], float]) -> RunResult:
-    """Run the load generator once against 127.0.0.1:`port`; the process is always ended before returning."""
+@contextlib.contextmanager
+def child(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """A client process with piped stdout/stderr, always killed, reaped and its pipes closed on exit."""
     proc = subprocess.Popen(
-        spec.argv(loadgen, port),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
     )
-    # Bounded: the generator stops itself after warmup + duration; this is the backstop if it does not.
-    deadline = time.monotonic() + spec.warmup + spec.duration + 30.0
     try:
-        first = _readline(proc, deadline)
-        if first.strip() != "measuring":
-            return failed_run(f"load generator did not start: {first.strip() or _stderr(proc)}")
-        cpu0 = server_cpu()
-        result_line = _readline(proc, deadline)
-        cpu1 = server_cpu()
-        if not result_line.strip():
-            return failed_run(f"load generator gave no result: {_stderr(proc)}")
-        return parse_loadgen(result_line, cpu1 - cpu0)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -190,7 +177,23 @@ def run_load(loadgen: Path, port: int, spec: LoadSpec, server_cpu: Callable[[], 
                 stream.close()
 
 
-def _stderr(proc: subprocess.Popen[str]) -> str:
+def run_load(loadgen: Path, port: int, spec: LoadSpec, server_cpu: Callable[[], float]) -> RunResult:
+    """Run the load generator once against 127.0.0.1:`port`; the process is always ended before returning."""
+    # Bounded: the generator stops itself after warmup + duration; this is the backstop if it does not.
+    deadline = time.monotonic() + spec.warmup + spec.duration + 30.0
+    with child(spec.argv(loadgen, port)) as proc:
+        first = read_line(proc, deadline)
+        if first.strip() != "measuring":
+            return failed_run(f"load generator did not start: {first.strip() or stderr_tail(proc)}")
+        cpu0 = server_cpu()
+        result_line = read_line(proc, deadline)
+        cpu1 = server_cpu()
+        if not result_line.strip():
+            return failed_run(f"load generator gave no result: {stderr_tail(proc)}")
+        return parse_loadgen(result_line, cpu1 - cpu0)
+
+
+def stderr_tail(proc: subprocess.Popen[str]) -> str:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)

@@ -1,4 +1,4 @@
-"""Compile the bench's C programs (load generator, reference echo server) with the system's cc, once.
+"""Compile the bench's C programs (load generator, reference echo server, transfer client) with cc, once.
 
 Binaries are cached by the SHA-256 of their source under ~/.cache/sockops/bench (or $SOCKOPS_BENCH_CACHE),
 built into a temporary name and renamed, so a half-written binary is never used.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from devtools.bench.errors import BenchError
 
-SOURCES = {"loadgen": "loadgen.c", "echo_server": "echo_server.c"}
+SOURCES = {"loadgen": "loadgen.c", "echo_server": "echo_server.c", "xferclient": "xferclient.c"}
 CFLAGS = ("-O2", "-pthread", "-Wall")
 
 
@@ -25,6 +25,7 @@ CFLAGS = ("-O2", "-pthread", "-Wall")
 class Binaries:
     loadgen: Path
     echo_server: Path
+    xferclient: Path  # the transfer client
 
 
 def cache_dir() -> Path:
@@ -70,6 +71,4 @@ def compile_one(name: str, *, cache: Path | None = None, cc: str | None = None) 
 
 
 def build(*, cache: Path | None = None) -> Binaries:
-    return Binaries(
-        loadgen=compile_one("loadgen", cache=cache), echo_server=compile_one("echo_server", cache=cache)
-    )
+    return Binaries(*(compile_one(name, cache=cache) for name in SOURCES))

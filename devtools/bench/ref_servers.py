@@ -11,7 +11,8 @@ Each prints ``PORT <n>`` on stdout once bound and serves until TERM/INT.
   (``request_queue_size``). The tutorial's backlog of 5 drops SYNs at 50+ connections, so its figure is not a
   valid baseline there; this twin is (TCP only: a datagram socket has no backlog).
 - ``asyncio``: a minimal stdlib asyncio Protocol / DatagramProtocol upper-echo.
-- ``sendfile``: the transfer reference: accept, read one request line, ``socket.sendfile()`` the file, close.
+- ``sendfile``: the transfer reference: a thread per connection reads one request, ``socket.sendfile()``s the
+  file and closes (the kernel does the copying: the practical limit of loopback for one file).
 
 usage: python ref_servers.py KIND [--udp] [--host 127.0.0.1] [--port 0] [--file PATH]
 """
@@ -19,7 +20,6 @@ usage: python ref_servers.py KIND [--udp] [--host 127.0.0.1] [--port 0] [--file 
 import argparse
 import asyncio
 import signal
-import socket
 import socketserver
 import sys
 
@@ -119,28 +119,37 @@ def run_asyncio(host, port, udp):
 
 
 # --- raw sendfile, for transfer ----------------------------------------------------------------------------
+class SendfileHandler(socketserver.BaseRequestHandler):
+    path = ""
+
+    def handle(self):
+        self.request.recv(4096)  # any request: the reply is the whole file, then close
+        with open(self.path, "rb") as f:
+            self.request.sendfile(f)
+
+
+class SendfileServer(socketserver.ThreadingTCPServer):
+    # one thread per connection and a deep backlog, so many clients download at once, as from the variants
+    request_queue_size = 1024
+    daemon_threads = True
+    allow_reuse_address = True
+
+
 def run_sendfile(host, port, path):
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(128)
-    _announce(listener.getsockname()[1])
+    handler = type("Handler", (SendfileHandler,), {"path": path})
+    server = SendfileServer((host, port), handler)
+    _announce(server.server_address[1])
 
     def stop():
         raise KeyboardInterrupt
 
     _stop_on_term(stop)
     try:
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(4096)  # any request: the reply is the whole file
-                with open(path, "rb") as f:
-                    conn.sendfile(f)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        listener.close()
+        server.server_close()
 
 
 def main(argv=None):

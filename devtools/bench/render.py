@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from devtools.bench.errors import BenchError
 from devtools.bench.results import CellResult, Report, Summary, ratios, to_json
-from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REF_TUTORIAL_1024
+from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_SENDFILE, REF_TUTORIAL, REF_TUTORIAL_1024
 
 
 def _ratio(r: dict[str, float], ref: str) -> str:
@@ -72,23 +73,60 @@ def services_table(report: Report) -> Table:
     return table
 
 
-def transfer_table(report: Report) -> Table:
-    table = Table(title="transfer: one file over loopback, every byte checked (median of runs)")
-    for col in ("target", "file", "MiB/s", "min", "max", "vs sendfile", "client CPU", "server CPU", "error"):
-        table.add_column(col)
-    ref = next((t.mib_s for t in report.transfer if t.target.startswith("ref:") and t.mib_s), 0.0)
-    for t in report.transfer:
-        table.add_row(
-            t.target,
-            f"{t.size / 2**20:.0f} MiB",
-            f"{t.mib_s:,.0f}",
-            f"{t.mib_s_min:,.0f}",
-            f"{t.mib_s_max:,.0f}",
-            f"{t.mib_s / ref:.2f}x" if ref else "-",
-            f"{t.client_cpu:.0%}",
-            f"{t.server_cpu:.0%}",
-            t.error[:60],
+def _sendfile_ref(rows: list[dict[str, Any]], conns: int) -> float:
+    """The raw sendfile reference's MiB/s at the same connection count (0.0 when it did not run)."""
+    return next(
+        (
+            r["mib_s"]
+            for r in rows
+            if r["target"] == REF_SENDFILE and r.get("conns", 1) == conns and r["mib_s"]
+        ),
+        0.0,
+    )
+
+
+def transfer_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Transfer results as table cells; "vs sendfile" is against the reference at the same conns."""
+    out = []
+    for t in rows:
+        ref = _sendfile_ref(rows, t.get("conns", 1))
+        flag = f"INVALID: {t.get('errors', 0)} errors: {t['error']}" if t["error"] else ""
+        out.append(
+            [
+                str(t.get("conns", 1)),
+                t["target"],
+                f"{t['size'] / 2**20:.0f} MiB",
+                f"{t['mib_s']:,.0f}",
+                f"{t['mib_s_min']:,.0f} - {t['mib_s_max']:,.0f}",
+                f"{t['mib_s'] / ref:.2f}x" if ref else "-",
+                f"{t['client_cpu']:.0%} / {t['server_cpu']:.0%}",
+                flag[:160],
+            ]
         )
+    return out
+
+
+TRANSFER_COLUMNS = (
+    "conns",
+    "target",
+    "file",
+    "MiB/s (median)",
+    "min - max",
+    "vs sendfile",
+    "CPU cli / srv",
+    "flags",
+)
+
+
+def transfer_table(report: Report) -> Table:
+    table = Table(
+        title="transfer: C client, a new connection per download, every byte checked (median of runs); "
+        "vs sendfile = ratio to the raw sendfile reference at the same connection count"
+    )
+    for col in TRANSFER_COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in transfer_rows([asdict(t) for t in report.transfer]):
+        table.add_row(*row)
     return table
 
 
@@ -161,27 +199,8 @@ def markdown(data: dict[str, Any]) -> str:
             ]
             lines.append("| " + " | ".join(cols) + " |")
     if data.get("transfer"):
-        ref = next(
-            (t["mib_s"] for t in data["transfer"] if t["target"].startswith("ref:") and t["mib_s"]), 0.0
-        )
-        lines += [
-            "",
-            "| transfer target | file | MiB/s (median) | min - max | vs sendfile | CPU client / server "
-            "| error |",
-            "|---|--:|--:|--:|--:|--:|---|",
-        ]
-        for t in data["transfer"]:
-            vs = f"{t['mib_s'] / ref:.2f}x" if ref else "-"
-            cols = [
-                t["target"],
-                f"{t['size'] / 2**20:.0f} MiB",
-                f"{t['mib_s']:,.0f}",
-                f"{t['mib_s_min']:,.0f} - {t['mib_s_max']:,.0f}",
-                vs,
-                f"{t['client_cpu']:.0%} / {t['server_cpu']:.0%}",
-                t["error"],
-            ]
-            lines.append("| " + " | ".join(cols) + " |")
+        lines += ["", "| " + " | ".join(TRANSFER_COLUMNS) + " |", "|--:|---|--:|--:|--:|--:|--:|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in transfer_rows(data["transfer"])]
     return "\n".join(lines) + "\n"
 
 
@@ -214,21 +233,45 @@ def _panel(ax: Any, cells: list[CellResult], title: str) -> None:
         ax.legend(fontsize=7)
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display on servers), or None without the `bench` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt: Any, fig: Any, report: Report, path: Path) -> None:
+    m = report.machine
+    fig.suptitle(
+        f"sockops bench {report.started}\n{m.cores} cores, {m.cpu_model}, kernel {m.kernel}, "
+        f"Python {m.python_version}, load average {m.loadavg[0]:.1f}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".part.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+    except OSError as exc:
+        raise BenchError(f"could not write the chart {path}: {exc}") from exc
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+
+
 def write_chart(report: Report, path: Path) -> bool:
     """req/s vs concurrency, one line per target, one panel per (service, mode) x message size.
 
     Returns False when matplotlib (the `bench` extra) is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = _pyplot()
     groups = sorted({(c.cell.service, c.cell.mode) for c in report.cells})
     sizes = sorted({c.cell.size for c in report.cells})
-    if not groups:
+    if plt is None or not groups:
         return False
     fig, axes = plt.subplots(
         len(groups), len(sizes), figsize=(max(5.5 * len(sizes), 8.0), 4.0 * len(groups)), squeeze=False
@@ -241,19 +284,32 @@ def write_chart(report: Report, path: Path) -> bool:
                 key=lambda c: c.cell.conns,
             )
             _panel(axes[gi][si], cells, f"{service} {mode}, {size} B")
-    m = report.machine
-    fig.suptitle(
-        f"sockops bench {report.started}\n{m.cores} cores, {m.cpu_model}, kernel {m.kernel}, "
-        f"Python {m.python_version}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".part.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-    except OSError as exc:
-        raise BenchError(f"could not write the chart {path}: {exc}") from exc
-    finally:
-        plt.close(fig)
-    tmp.replace(path)
+    _save(plt, fig, report, path)
+    return True
+
+
+def write_transfer_chart(report: Report, path: Path) -> bool:
+    """MiB/s per target, a group of bars per connection count; invalid medians hatched, never hidden."""
+    plt = _pyplot()
+    if plt is None or not report.transfer:
+        return False
+    conns = sorted({t.conns for t in report.transfer})
+    targets = list(dict.fromkeys(t.target for t in report.transfer))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(targets) * len(conns)), 4.5))
+    width = 0.8 / len(targets)
+    for ti, target in enumerate(targets):
+        rows = {t.conns: t for t in report.transfer if t.target == target}
+        xs = [ci + ti * width for ci, c in enumerate(conns) if c in rows]
+        ys = [rows[c].mib_s for c in conns if c in rows]
+        hatch = ["xx" if rows[c].error else "" for c in conns if c in rows]
+        bars = ax.bar(xs, ys, width, label=target)
+        for bar, h in zip(bars, hatch):
+            bar.set_hatch(h)
+    ax.set_xticks([ci + 0.4 - width / 2 for ci in range(len(conns))], [f"{c} conns" for c in conns])
+    size = report.transfer[0].size / 2**20
+    ax.set_title(f"transfer: {size:.0f} MiB file, MiB/s (median of runs; hatched = invalid run)", fontsize=10)
+    ax.set_ylabel("MiB/s")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(plt, fig, report, path)
     return True

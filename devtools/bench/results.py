@@ -127,6 +127,8 @@ class TransferResult:
     client_cpu: float
     server_cpu: float
     error: str = ""
+    conns: int = 1  # concurrent downloads
+    errors: int = 0  # summed over runs: errors, wrong bytes, timeouts, connections that got no byte
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,10 @@ processes, thermal) spreads over all of them instead of favouring whoever ran fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +20,7 @@ import psutil
 from rich.console import Console
 
 from devtools.bench import load, native, servers
+from devtools.bench import transfer as xfer
 from devtools.bench.errors import BenchError
 from devtools.bench.results import (
     Cell,
@@ -51,6 +50,7 @@ class BenchOptions:
     runs: int = 3
     client_threads: int = 1
     transfer_mib: int = 1024
+    transfer_conns: tuple[int, ...] = (1, 8)  # concurrent downloads per transfer cell
     python: str = ""  # interpreter for the services and the Python references; "" = this one
     references: bool = True
     out: Path = Path("bench-results")
@@ -60,7 +60,15 @@ class BenchOptions:
             object.__setattr__(self, "out", Path(self.out))
 
 
-QUICK = {"conns": (1, 50), "sizes": (64, 1024), "duration": 1.0, "warmup": 0.2, "runs": 1, "transfer_mib": 64}
+QUICK = {
+    "conns": (1, 50),
+    "sizes": (64, 1024),
+    "duration": 1.0,
+    "warmup": 0.2,
+    "runs": 1,
+    "transfer_mib": 64,
+    "transfer_conns": (4,),
+}
 
 
 def resolve(quick: bool, **given: object) -> BenchOptions:
@@ -120,6 +128,7 @@ def from_flags(
     python: str | None = None,
     client_threads: str | int | None = None,
     transfer_mib: str | int | None = None,
+    transfer_conns: str | None = None,
     no_references: bool = False,
 ) -> BenchOptions:
     """BenchOptions from the task's raw flag values (None = not given; numbers may arrive as strings)."""
@@ -139,6 +148,7 @@ def from_flags(
         python=python,
         client_threads=_number(client_threads, "--client-threads", int),
         transfer_mib=_number(transfer_mib, "--transfer-mib", int),
+        transfer_conns=_ints(transfer_conns, "--transfer-conns"),
         references=False if no_references else None,
     )
 
@@ -165,6 +175,8 @@ def validate(opts: BenchOptions) -> BenchOptions:
         raise BenchError(f"--client-threads: {opts.client_threads} is outside 1..16")
     if not 1 <= opts.transfer_mib <= 16384:
         raise BenchError(f"--transfer-mib: {opts.transfer_mib} is outside 1..16384")
+    if not opts.transfer_conns or any(not 1 <= c <= 1024 for c in opts.transfer_conns):
+        raise BenchError(f"--transfer-conns: each value must be 1..1024, got {opts.transfer_conns}")
     return opts
 
 
@@ -301,58 +313,6 @@ def measure_cells(
     return results
 
 
-def measure_transfer(opts: BenchOptions, bins: native.Binaries, progress: Progress) -> list[TransferResult]:
-    with tempfile.TemporaryDirectory(prefix="sockops-bench-files-") as tmp:
-        progress(f"transfer: writing a {opts.transfer_mib} MiB file")
-        tf = load.make_transfer_file(Path(tmp), opts.transfer_mib << 20)
-        targets = targets_for("transfer", opts, bins, root=Path(tmp), transfer_file=tf.path)
-        with servers.running(targets) as fleet:
-            running = fleet.started
-            samples: dict[str, list[tuple[float, float, float]]] = {s.target.name: [] for s in running}
-            errors: dict[str, str] = {name: f"did not start: {reason}" for name, reason in fleet.failed}
-            samples.update({name: [] for name in errors})
-            with contextlib.suppress(BenchError, OSError):  # page-cache warm-up; failures show in the runs
-                if running:
-                    load.download(running[0].port, tf, raw=running[0].target.is_reference)
-            for run in range(opts.runs):
-                for server in running:
-                    name = server.target.name
-                    if name in errors:
-                        continue
-                    cpu0 = servers.cpu_seconds(server.pid)
-                    try:
-                        seconds, client_cpu = load.download(server.port, tf, raw=server.target.is_reference)
-                    except (BenchError, OSError) as exc:
-                        errors[name] = str(exc)
-                        progress(f"transfer run {run + 1} {name}: FAILED {exc}")
-                        continue
-                    server_cpu = servers.cpu_seconds(server.pid) - cpu0
-                    samples[name].append(
-                        (tf.size / 2**20 / seconds, client_cpu / seconds, server_cpu / seconds)
-                    )
-                    progress(f"transfer run {run + 1}/{opts.runs} {name}: {samples[name][-1][0]:,.0f} MiB/s")
-    out = []
-    for name, rows in samples.items():
-        if not rows:
-            out.append(TransferResult(name, tf.size, 0, 0.0, 0.0, 0.0, 0.0, 0.0, errors.get(name, "no runs")))
-            continue
-        speeds = sorted(r[0] for r in rows)
-        out.append(
-            TransferResult(
-                name,
-                tf.size,
-                len(rows),
-                speeds[len(speeds) // 2],
-                speeds[0],
-                speeds[-1],
-                sorted(r[1] for r in rows)[len(rows) // 2],
-                sorted(r[2] for r in rows)[len(rows) // 2],
-                errors.get(name, ""),
-            )
-        )
-    return out
-
-
 def run_bench(
     opts: BenchOptions,
     *,
@@ -384,7 +344,16 @@ def run_bench(
     transfer: list[TransferResult] = []
     for service in opts.services:
         if service == "transfer":
-            transfer = measure_transfer(opts, bins, progress)
+            transfer = xfer.measure_transfer(
+                lambda root, tf: targets_for("transfer", opts, bins, root=root, transfer_file=tf),
+                conns=opts.transfer_conns,
+                runs=opts.runs,
+                duration=opts.duration,
+                warmup=opts.warmup,
+                size=opts.transfer_mib << 20,
+                client=bins.xferclient,
+                progress=progress,
+            )
             continue
         with servers.running(targets_for(service, opts, bins)) as fleet:
             for name, reason in fleet.failed:
@@ -408,8 +377,9 @@ def run_bench(
 
 
 def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
-    """bench.json and bench.png in `out` (created); the chart is skipped without matplotlib."""
-    from devtools.bench.render import markdown, write_chart, write_json
+    """bench.json, bench.md, bench.png (services) and bench-transfer.png in `out` (created); returns the JSON
+    and the first chart written (charts are skipped without matplotlib)."""
+    from devtools.bench.render import markdown, write_chart, write_json, write_transfer_chart
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +390,8 @@ def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
     if report.cells or report.transfer:
         (out / "bench.md").write_text(markdown(json.loads(json_path.read_text())))
     png = out / "bench.png"
-    if report.cells and write_chart(report, png):
-        return json_path, png
-    return json_path, None
+    services_chart = bool(report.cells) and write_chart(report, png)
+    transfer_png = out / "bench-transfer.png"
+    if report.transfer and write_transfer_chart(report, transfer_png) and not services_chart:
+        return json_path, transfer_png
+    return json_path, png if services_chart else None

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from devtools.bench import load, monitor, native, render, results, runner, servers
+from devtools.bench import load, monitor, native, render, results, runner, servers, transfer
 from devtools.bench.errors import BenchError
 
 SAMPLE = b"Hello, World! abc xyz \x00\x80\xe9\xff 0123 {json: [1]}\n" * 3
@@ -375,17 +375,6 @@ def test_transfer_download_checks_every_byte(tmp_path: Path) -> None:
     listener.close()
 
 
-def test_transfer_against_the_sendfile_reference(bins: native.Binaries) -> None:
-    opts = runner.BenchOptions(variants=(), runs=2, transfer_mib=4)
-    out = runner.measure_transfer(opts, bins, lambda msg: None)
-    (ref,) = out
-    assert ref.target == servers.REF_SENDFILE
-    assert ref.error == ""
-    assert ref.runs == 2
-    assert ref.mib_s_min <= ref.mib_s <= ref.mib_s_max
-    assert ref.mib_s > 0
-
-
 # --- a tiny whole run ---------------------------------------------------------------------------------------
 
 
@@ -530,7 +519,7 @@ def test_quick_is_overridden_by_explicit_flags() -> None:
     assert opts.transfer_mib == 64
 
 
-@pytest.mark.parametrize("module", [load, monitor, results, runner])
+@pytest.mark.parametrize("module", [load, monitor, results, runner, transfer])
 def test_docstring_examples(module: object) -> None:
     failed, attempted = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]
     assert attempted > 0
