@@ -139,7 +139,7 @@ def code_is_current(started: float, switched: float, applied_at: float, fingerpr
     >>> code_is_current(50, 100, 110, False)
     False
     """
-    if switched and started >= switched:
+    if switched and started >= int(switched):  # supervisord reports whole seconds
         return True
     return bool(switched) and applied_at >= switched and fingerprint_matches
 
