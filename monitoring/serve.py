@@ -145,8 +145,9 @@ class MetricsServer:
                 conn, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving what we have
+            except OSError as exc:  # EMFILE and friends: log, keep serving what we have, retry shortly
                 self.log(f"accept failed: {exc}")
+                time.sleep(0.1)  # the listener stays readable: without a pause this would spin
                 return
             conn.setblocking(True)
             self._submit(conn)
