@@ -167,11 +167,15 @@ def print_report(report: Report, console: Console) -> None:
 
 def markdown(data: dict[str, Any]) -> str:
     """The services table as Markdown, from bench.json data (so docs can be updated from any saved run)."""
-    lines = [
-        "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | p50 / p99 / p99.9 ms "
-        "| errors | loss | CPU client / server | flags |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-    ]
+    lines = (
+        []
+        if not data["cells"]
+        else [
+            "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | p50 / p99 / p99.9 ms "
+            "| errors | loss | CPU client / server | flags |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        ]
+    )
     for cell in data["cells"]:
         label = f"{cell['service']} {cell['mode']} c={cell['conns']} s={cell['size']}"
         for i, t in enumerate(cell["targets"]):
@@ -199,7 +203,8 @@ def markdown(data: dict[str, Any]) -> str:
             ]
             lines.append("| " + " | ".join(cols) + " |")
     if data.get("transfer"):
-        lines += ["", "| " + " | ".join(TRANSFER_COLUMNS) + " |", "|--:|---|--:|--:|--:|--:|--:|---|"]
+        lines += [""] if lines else []  # a blank line between the two tables
+        lines += ["| " + " | ".join(TRANSFER_COLUMNS) + " |", "|--:|---|--:|--:|--:|--:|--:|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in transfer_rows(data["transfer"])]
     return "\n".join(lines) + "\n"
 

@@ -182,6 +182,7 @@ def test_transfer_cells_measure_every_target_at_each_connection_count(tmp_path: 
     assert png == opts.out / "bench-transfer.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (opts.out / "bench.md").read_text()
+    assert md.startswith("| conns |")  # no empty services table before it
     assert "| 3 | selectors | 4 MiB |" in md
     assert json.loads(json_path.read_text())["transfer"][0]["conns"] == 1
 
