@@ -89,7 +89,7 @@ def restart_host(
     with HostLock(c, host, settings.paths.lock, command="restart"):
         facts = read_facts(c, settings)
         running = _require_deployed(facts, host)
-        args = ("restart", *programs)
+        args = ("restart", "--conf", settings.paths.conf, *programs)
         doc = hostctl_json(c, settings, running, facts, *args, what="restarting programs", host=host)
         if not doc.get("ok"):
             raise ReleaseError(f"{host}: restart failed: {doc.get('error') or doc.get('errors')}")

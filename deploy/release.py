@@ -18,7 +18,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import outcome, wheelhouse
+from deploy import converge, outcome, wheelhouse
 from deploy.config import DeploySettings
 from deploy.facts import HostFacts, parse_target, read_facts
 from deploy.lock import HostLock
@@ -54,12 +54,15 @@ def _deploy_locked(
     wh = wheelhouse.build(target, cache_dir=settings.cache_dir, source_root=root)
     desired = desired_state(settings, wh, python_probe=facts.python, systemd=facts.systemd)
     pl = plan(settings, facts, desired, wh)
+    running = facts.running() if facts.release(facts.running()) else ""
+    live = converge.observe(c, settings, running, facts, host=host) if running else None
     if not pl.changes:
-        say(f"unchanged: release {pl.release} is current, supervisord runs it, nothing restarted")
-        return outcome.unchanged(pl.release)
+        return _converge(c, settings, facts, pl.release, live, dry_run=dry_run, host=host, say=say)
     if dry_run:
         for change in pl.changes:
             say(f"would {change}")
+        for problem in live.problems if live else ():
+            say(f"would repair: {problem}")
         return Done(outcome.PLANNED, pl.release, pl.changes)
     say(
         f"facts: {facts.os or 'unknown OS'}, {facts.arch}, "
@@ -77,9 +80,36 @@ def _deploy_locked(
         step_release(c, settings, wh, desired, pl.release, facts, host=host, say=say)
         say(f"created release {pl.release}")
     pause("before-switch", say)
+    if live is not None and live.wants("reap"):  # strays would share the ports with the new programs
+        converge.reap(c, settings, running, facts, host=host, say=say)
     # what to go back to if the gate fails: the release that runs now, even when `current` is broken
-    previous = facts.running() if facts.release(facts.running()) else ""
+    previous = running
     activate(c, settings, pl.release, facts, desired, host=host, say=say)
     health_gate(c, settings, facts, pl.release, previous, desired, host=host, say=say)
     warnings = cleanup(c, settings, [previous], host=host, say=say)
     return outcome.changed(pl.release, changes=pl.changes, warnings=warnings)
+
+
+def _converge(
+    c: Context,
+    settings: DeploySettings,
+    facts: HostFacts,
+    release: str,
+    live: converge.Live | None,
+    *,
+    dry_run: bool,
+    host: str,
+    say: Say,
+) -> Done[Any]:
+    """Nothing to change on disk: "unchanged" when the live host agrees, else repair and health-gate."""
+    if live is None or live.converged or live.error:
+        # no observation: a first deploy has nothing running; a release older than `hostctl observe` can't
+        unseen = f" (live state not observed: {live.error})" if live is not None and live.error else ""
+        say(f"unchanged: release {release} is current, supervisord runs it, nothing restarted{unseen}")
+        return outcome.unchanged(release)
+    if dry_run:
+        for problem in live.problems:
+            say(f"would repair: {problem}")
+        return Done(outcome.PLANNED, release, tuple(f"repair: {p}" for p in live.problems))
+    converge.repair(c, settings, release, facts, live, host=host, say=say)
+    return outcome.changed(release, changes=[f"repair: {p}" for p in live.problems])

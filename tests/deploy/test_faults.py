@@ -216,3 +216,82 @@ def test_kill_9_over_ssh_takes_the_remote_step_with_it(testhosts, tmp_path):
     out = ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
     assert "health gate passed" in out
     answers(fleet.hosts[0].address)
+    # the current release unreadable for the service user: fine until a restart, so the deploy repairs it
+    release = on_host("readlink", "-f", "/srv/sockops/current").strip()
+    fleet.exec(host, ["chmod", "000", release])
+    out = ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
+    assert "repaired: release" in out
+    assert on_host("stat", "-c", "%a", release).strip() != "0"
+    assert "unchanged" in ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
+    answers(fleet.hosts[0].address)
+
+
+def _outside_supervisord(tmp_path: Path) -> list[int]:
+    """Processes running from this host's releases that are not in supervisord's tree (by /proc)."""
+    base = str(tmp_path / "host/srv")
+    sup = int((tmp_path / "host/run/supervisord.pid").read_text().strip() or 0)
+    parents, mine = {}, []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        parents[pid] = int(fields[1])
+        if fields[0] != "Z" and base in cmdline and " -m services" in cmdline:
+            mine.append(pid)
+
+    def supervised(pid: int) -> bool:
+        for _ in range(64):
+            if pid == sup:
+                return True
+            if pid not in parents or pid <= 1:
+                return False
+            pid = parents[pid]
+        return False
+
+    return [p for p in mine if not supervised(p)]
+
+
+def test_deploy_observes_the_live_host_and_repairs_what_is_off(tmp_path):
+    with local_host(tmp_path) as (base, _changed, tcp, transfer):
+        assert "unchanged" in ok(sockops(base, "deploy", "--host", "local"))
+        srv = tmp_path / "host/srv"
+        # a stray copy of tcp-echo started by hand from the release venv, sharing the port (SO_REUSEPORT)
+        stray = subprocess.Popen(
+            [f"{srv}/current/venv/bin/python", "-m", "services", "tcp-echo", "--variant", "selectors",
+             "--bind", f"127.0.0.1:{tcp}", "--reuse-port"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while stray.pid not in _outside_supervisord(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            out = ok(sockops(base, "deploy", "--host", "local"))
+            assert f"reaped stray service pid {stray.pid}" in out
+            assert "health gate passed" in out
+            assert [ln.split()[:2] for ln in out.splitlines() if ln.startswith("local ")] == [
+                ["local", "changed"]
+            ]
+            assert stray.wait(timeout=30) is not None
+        finally:
+            stray.kill()
+            stray.wait(timeout=10)
+        assert _outside_supervisord(tmp_path) == []
+        assert "unchanged" in ok(sockops(base, "deploy", "--host", "local"))
+
+        # supervisord killed -9: its children run on, unsupervised, on the ports
+        sup = int((tmp_path / "host/run/supervisord.pid").read_text())
+        os.kill(sup, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not _outside_supervisord(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = _outside_supervisord(tmp_path)
+        assert orphans
+        out = ok(sockops(base, "deploy", "--host", "local"))
+        assert "reaped stray" in out
+        assert "health gate passed" in out
+        assert _outside_supervisord(tmp_path) == []
+        answers("127.0.0.1", tcp=tcp, transfer=transfer)
+        assert "unchanged" in ok(sockops(base, "deploy", "--host", "local"))
