@@ -43,9 +43,11 @@ class Live:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Live:
-        """>>> Live.from_doc({"ok": True, "converged": False, "problems": ["x"],
-        ...                   "repairs": [{"action": "reap", "program": "", "why": "x"}]}).repairs
-        (('reap', ''),)
+        """The observation from hostctl's JSON document (pure).
+
+        >>> doc = {"ok": True, "converged": False, "problems": ["x"], "repairs": [{"action": "reap"}]}
+        >>> Live.from_doc(doc).repairs, Live.from_doc({"ok": False, "error": "E: no"}).error
+        ((('reap', ''),), 'E: no')
         """
         if not doc.get("ok"):
             return cls(False, (), (), error=str(doc.get("error") or "observe failed"))
