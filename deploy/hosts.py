@@ -19,7 +19,6 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,34 +280,3 @@ class VerifiedConnection(fabric.Connection):
             ) from exc
         except paramiko.SSHException as exc:
             raise HostError(f"{where}: SSH failed: {exc}") from exc
-
-
-# --- transitional: build-python's imports, until it moves onto deploy.fleet and deploy.report ------------
-# deploy/python_build.py still imports on_hosts, HostOutcome and summary_text from here. The first two are
-# the fleet's own (no second runner); summary_text is the old table layout its test checks. All three go when
-# build-python calls fleet.run and report.table.
-
-
-def __getattr__(name: str) -> Any:
-    if name == "on_hosts":
-        from deploy.fleet import fan_out
-
-        return fan_out
-    if name == "HostOutcome":
-        from deploy.outcome import HostOutcome
-
-        return HostOutcome
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def summary_text(outcomes: Sequence[Any], *, describe: Callable[[Any], str] = str) -> str:
-    """The old build-python table: HOST STATUS TIME DETAIL and a totals line (transitional, see above)."""
-    rows = [("HOST", "STATUS", "TIME", "DETAIL")]
-    for o in outcomes:
-        detail = describe(o.value) if o.ok and o.value is not None else o.error
-        rows.append((o.host, "ok" if o.ok else "FAILED", f"{o.seconds:.1f}s", detail))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
-    bad = sum(1 for o in outcomes if not o.ok)
-    lines.append(f"{len(outcomes) - bad} ok, {bad} failed")
-    return "\n".join(lines)

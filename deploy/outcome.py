@@ -69,12 +69,6 @@ class HostOutcome(Generic[T]):
     changes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        # build-python still builds outcomes as (host, ok: bool, value, error, seconds) until it moves onto
-        # deploy.fleet; a bool status means exactly that
-        if isinstance(self.status, bool):
-            object.__setattr__(self, "status", OK if self.status else FAILED)
-
     @property
     def ok(self) -> bool:
         """Not failed and not skipped: the host is where the task wanted it."""
