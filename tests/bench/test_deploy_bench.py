@@ -9,6 +9,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -39,6 +40,25 @@ def test_bad_deploy_settings_name_the_flag(req: deploy_bench.DeployBenchRequest,
         deploy_bench.validate(req)
 
 
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
+
+
+def test_own_cpu_is_the_process_alone_and_children_are_counted_apart() -> None:
+    child = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BURN.format(0.4)!r}])\n"
+    timed = deploy_bench._run_cli([sys.executable, "-c", child + BURN.format(0.1)], timeout=60)
+    assert timed.returncode == 0
+    assert 0.1 <= timed.own_cpu < 0.4  # the parent's burn (+ start-up), not its child's
+    assert timed.operator_cpu >= timed.own_cpu + 0.4  # the child is in the command's figure
+    assert psutil.Process().children(recursive=True) == []  # reaped
+
+
+def test_an_exit_code_outside_the_accepted_ones_fails_with_the_output() -> None:
+    argv = [sys.executable, "-c", "import sys; print('verdict: UNKNOWN'); sys.exit(3)"]
+    with pytest.raises(BenchError, match=r"exit 3\):\nverdict: UNKNOWN"):
+        deploy_bench._run_cli(argv, timeout=60, ok_codes=deploy_bench.HEALTH_VERDICTS)
+    assert deploy_bench._run_cli([*argv[:2], "import sys; sys.exit(2)"], 60, (0, 1, 2)).returncode == 2
+
+
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -67,6 +87,17 @@ def test_tiny_deploy_bench_is_well_formed_and_removes_its_fleet(tmp_path: Path) 
         assert 0 < wall["min_s"] <= wall["median_s"] <= wall["max_s"]
         # the deploy command is a child of the bench: its CPU is counted, and the machine's covers it
         assert 0 < out[key]["operator_cpu_s"] <= out[key]["machine_cpu_s"] + 0.05
+        # the sockops process's own CPU, read before it was reaped, is part of the command's
+        assert 0 < out[key]["own_cpu_s"] <= out[key]["operator_cpu_s"] + 0.02
+    own = out["unchanged_operator_own_cpu"]
+    assert set(own) == {"per_host_s", "marginal_per_host_s"}
+    assert own["per_host_s"] == pytest.approx(out["unchanged_all_hosts"]["own_cpu_s"] / 2, abs=1e-3)
+    # health on one host and on both: a verdict each time, timed and CPU-counted the same way
+    health = out["health"]
+    assert set(health["exit_codes"]) <= {0, 1, 2}
+    assert len(out["samples"]["health_one_wall_s"]) == len(out["samples"]["health_all_wall_s"]) == 1
+    assert health["all_hosts"]["own_cpu_s"] > 0
+    assert health["operator_own_cpu"]["per_host_s"] > 0
     # the parallel run reports one time per host, from the deploy's own result table
     assert [len(row) for row in out["samples"]["all_per_host_s"]] == [2]
     assert len(out["samples"]["one_wall_s"]) == 1
@@ -76,6 +107,9 @@ def test_tiny_deploy_bench_is_well_formed_and_removes_its_fleet(tmp_path: Path) 
     )
     goals = out["goals"]
     assert (goals["unchanged_per_host_s"], goals["parallel_ratio"]) == (2.0, 1.5)
+    assert (goals["operator_cpu_per_host_s"], goals["scale_ratio"]) == (0.05, 4.0)
+    for verdict in ("unchanged_operator_cpu_met", "health_operator_cpu_met", "scale_ratio_met"):
+        assert isinstance(goals[verdict], bool)
     assert isinstance(goals["unchanged_per_host_met"], bool)
     assert isinstance(goals["parallel_ratio_met"], bool)
     # the fleet is gone: state dir, and every process that ran the hosts (anchors carry the state dir)
