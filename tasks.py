@@ -417,6 +417,7 @@ ns.add_task(prometheus_config)
         "client_threads": "load generator threads (default 1)",
         "transfer_mib": "transfer file size in MiB (default 1024)",
         "transfer_conns": "transfer: concurrent downloads per cell, comma list (default 1,8)",
+        "before": "git revision: its services variants run too, as before:<variant>, in the same run",
         "no_references": "skip the reference servers (ratios are then missing)",
         "monitor": "instead of the grid: time one monitoring snapshot vs ss and psutil with ~30k TIME_WAIT",
         "build": "instead of the grid: build-python vs pyenv's python-build, same version and options (long)",
@@ -445,6 +446,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     client_threads=None,
     transfer_mib=None,
     transfer_conns=None,
+    before=None,
     no_references=False,
     monitor=False,
     build=False,
@@ -472,6 +474,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         client_threads=client_threads,
         transfer_mib=transfer_mib,
         transfer_conns=transfer_conns,
+        before=before,
         no_references=no_references,
     )
     build_req = (

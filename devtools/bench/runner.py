@@ -6,10 +6,12 @@ processes, thermal) spreads over all of them instead of favouring whoever ran fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +23,8 @@ from rich.console import Console
 
 from devtools.bench import load, native, servers
 from devtools.bench import transfer as xfer
+from devtools.bench.before import PREFIX as BEFORE_PREFIX
+from devtools.bench.before import export_services
 from devtools.bench.errors import BenchError
 from devtools.bench.results import (
     Cell,
@@ -51,6 +55,7 @@ class BenchOptions:
     client_threads: int = 1
     transfer_mib: int = 1024
     transfer_conns: tuple[int, ...] = (1, 8)  # concurrent downloads per transfer cell
+    before: str = ""  # a git revision: its services variants run too, as before:<variant>
     python: str = ""  # interpreter for the services and the Python references; "" = this one
     references: bool = True
     out: Path = Path("bench-results")
@@ -130,6 +135,7 @@ def from_flags(
     transfer_mib: str | int | None = None,
     transfer_conns: str | None = None,
     no_references: bool = False,
+    before: str | None = None,
 ) -> BenchOptions:
     """BenchOptions from the task's raw flag values (None = not given; numbers may arrive as strings)."""
     variant_names = _names(variants)
@@ -149,6 +155,7 @@ def from_flags(
         client_threads=_number(client_threads, "--client-threads", int),
         transfer_mib=_number(transfer_mib, "--transfer-mib", int),
         transfer_conns=_ints(transfer_conns, "--transfer-conns"),
+        before=before,
         references=False if no_references else None,
     )
 
@@ -238,6 +245,7 @@ def targets_for(
     *,
     root: Path | None = None,
     transfer_file: Path | None = None,
+    before_tree: Path | None = None,
 ) -> list[servers.Target]:
     python = opts.python or servers.default_python()
     targets: list[servers.Target] = []
@@ -247,6 +255,10 @@ def targets_for(
         )
     if opts.variants:
         targets += servers.variant_targets(service, opts.variants, python=python, root=root)
+    if opts.variants and before_tree is not None:
+        targets += servers.variant_targets(
+            service, opts.variants, python=python, root=root, pythonpath=before_tree, prefix=BEFORE_PREFIX
+        )
     return targets
 
 
@@ -313,6 +325,36 @@ def measure_cells(
     return results
 
 
+def _measure_services(
+    opts: BenchOptions, bins: native.Binaries, progress: Progress, before_tree: Path | None
+) -> tuple[list[CellResult], list[TransferResult]]:
+    """Every requested service: its targets started once, its cells (or transfer cells) measured."""
+    cells: list[CellResult] = []
+    transfer: list[TransferResult] = []
+    for service in opts.services:
+        if service == "transfer":
+            transfer = xfer.measure_transfer(
+                lambda root, tf: targets_for(
+                    "transfer", opts, bins, root=root, transfer_file=tf, before_tree=before_tree
+                ),
+                conns=opts.transfer_conns,
+                runs=opts.runs,
+                duration=opts.duration,
+                warmup=opts.warmup,
+                size=opts.transfer_mib << 20,
+                client=bins.xferclient,
+                progress=progress,
+            )
+            continue
+        with servers.running(targets_for(service, opts, bins, before_tree=before_tree)) as fleet:
+            for name, reason in fleet.failed:
+                progress(f"{service}: {name} did not start: {reason}")
+            cells += measure_cells(
+                service, cells_for(service, opts), fleet, opts, loadgen=bins.loadgen, progress=progress
+            )
+    return cells, transfer
+
+
 def run_bench(
     opts: BenchOptions,
     *,
@@ -340,27 +382,15 @@ def run_bench(
     def progress(msg: str) -> None:
         console.print(msg, highlight=False)
 
-    cells: list[CellResult] = []
-    transfer: list[TransferResult] = []
-    for service in opts.services:
-        if service == "transfer":
-            transfer = xfer.measure_transfer(
-                lambda root, tf: targets_for("transfer", opts, bins, root=root, transfer_file=tf),
-                conns=opts.transfer_conns,
-                runs=opts.runs,
-                duration=opts.duration,
-                warmup=opts.warmup,
-                size=opts.transfer_mib << 20,
-                client=bins.xferclient,
-                progress=progress,
+    with contextlib.ExitStack() as stack:  # the --before export lives as long as its servers
+        before_tree = None
+        if opts.before and opts.variants:
+            before_tree = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="sockops-bench-before-"))
             )
-            continue
-        with servers.running(targets_for(service, opts, bins)) as fleet:
-            for name, reason in fleet.failed:
-                progress(f"{service}: {name} did not start: {reason}")
-            cells += measure_cells(
-                service, cells_for(service, opts), fleet, opts, loadgen=bins.loadgen, progress=progress
-            )
+            commit = export_services(opts.before, before_tree, servers.repo_root())
+            notes.append(f"{BEFORE_PREFIX}<variant> = the services package at {opts.before} ({commit[:12]})")
+        cells, transfer = _measure_services(opts, bins, progress, before_tree)
     extra = {}
     for name, section in extra_sections:
         progress(f"{name}: measuring")

@@ -88,18 +88,27 @@ def reference_targets(
 
 
 def variant_targets(
-    service: str, variants: Sequence[str], *, python: str, root: Path | None = None
+    service: str,
+    variants: Sequence[str],
+    *,
+    python: str,
+    root: Path | None = None,
+    pythonpath: Path | None = None,
+    prefix: str = "",
 ) -> list[Target]:
-    """sockops' own variants, started as contract 2 says: `python -m services SERVICE --variant V --bind`."""
-    pythonpath = str(repo_root())
+    """sockops' own variants, started as contract 2 says: `python -m services SERVICE --variant V --bind`.
+
+    pythonpath/prefix: another copy of the services package (--before) and the prefix its names get.
+    """
+    path = str(pythonpath or repo_root())
     extra = ("--root", str(root)) if service == "transfer" and root is not None else ()
     proto = "udp" if service == "udp-echo" else "tcp"
     return [
         Target(
-            v,
+            prefix + v,
             (python, "-m", "services", service, "--variant", v, "--bind", f"{HOST}:0", *extra),
             proto,
-            (("PYTHONPATH", pythonpath),),
+            (("PYTHONPATH", path),),
         )
         for v in variants
     ]
