@@ -61,7 +61,7 @@ from services.drivers.runtime import (
 from services.errors import ServiceError
 from services.files import FileBody, open_body
 
-BUFSIZE = 65536
+BUFSIZE = 16384  # per read, and so per reply a blocked thread holds: memory per client that never reads
 THREAD_STACK = 512 * 1024  # a connection thread needs little stack; 8 MiB each adds up at thousands
 ACCEPT_BATCH = 1024  # accept()s (or datagrams) per wake-up before the stop flag is looked at again
 ACCEPT_RETRY = 0.05  # after EMFILE & co the connection stays queued: retry soon, without spinning

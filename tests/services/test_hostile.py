@@ -210,8 +210,6 @@ def test_a_trickled_request_is_closed_at_the_request_timeout(services, tree: tup
 
 NON_READERS = 200
 PER_CLIENT_BOUND = 256 * 1024  # the goal is ~100 KiB a client (1,000 clients <= 100 MiB); room for noise
-# A thread per connection also costs its stack and its share of glibc's per-thread malloc arenas.
-THREADED_BOUND = 640 * 1024
 
 
 def server_rss(svc: Service) -> int:
@@ -263,8 +261,7 @@ def test_clients_that_never_read_cost_bounded_memory(services, tree: tuple, vari
         before = server_rss(svc)
         push_all_until_stuck(socks, b"m" * 65536)
         grown = server_rss(svc) - before
-        bound = THREADED_BOUND if variant == "threaded" else PER_CLIENT_BOUND
-        assert grown <= NON_READERS * bound, f"{grown / NON_READERS / 1024:.0f} KiB per client"
+        assert grown <= NON_READERS * PER_CLIENT_BOUND, f"{grown / NON_READERS / 1024:.0f} KiB per client"
         with connect(svc) as other:  # and the server still serves others
             assert works("tcp-echo", other)
     finally:
