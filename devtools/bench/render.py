@@ -32,7 +32,7 @@ def services_table(report: Report) -> Table:
     table = Table(
         title="sockops bench: closed-loop requests/s, median of runs (± = (max-min)/median); "
         "xC / xtut / xt1k / xaio = ratio to the C epoll, tutorial, tutorial-1024 (backlog 1024) and asyncio "
-        "references"
+        "references; xbefore = a variant over itself at --before REV"
     )
     for col, justify in (
         ("cell", "left"),
@@ -43,6 +43,7 @@ def services_table(report: Report) -> Table:
         ("xtut", "right"),
         ("xt1k", "right"),
         ("xaio", "right"),
+        ("xbefore", "right"),
         ("p50/p99/p99.9 ms", "right"),
         ("err", "right"),
         ("loss", "right"),
@@ -63,6 +64,7 @@ def services_table(report: Report) -> Table:
                 _ratio(r, REF_TUTORIAL),
                 _ratio(r, REF_TUTORIAL_1024),
                 _ratio(r, REF_ASYNCIO),
+                _ratio(r, "before"),
                 f"{s.p50_us / 1000:.2f}/{s.p99_us / 1000:.2f}/{s.p999_us / 1000:.2f}",
                 str(s.errors),
                 f"{s.lost:.1%}" if cr.cell.service == "udp-echo" else "-",
@@ -167,15 +169,12 @@ def print_report(report: Report, console: Console) -> None:
 
 def markdown(data: dict[str, Any]) -> str:
     """The services table as Markdown, from bench.json data (so docs can be updated from any saved run)."""
-    lines = (
-        []
-        if not data["cells"]
-        else [
-            "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | p50 / p99 / p99.9 ms "
-            "| errors | loss | CPU client / server | flags |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-        ]
-    )
+    header = [
+        "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | xbefore "
+        "| p50 / p99 / p99.9 ms | errors | loss | CPU client / server | flags |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    lines = header if data["cells"] else []
     for cell in data["cells"]:
         label = f"{cell['service']} {cell['mode']} c={cell['conns']} s={cell['size']}"
         for i, t in enumerate(cell["targets"]):
@@ -195,6 +194,7 @@ def markdown(data: dict[str, Any]) -> str:
                 _ratio(r, REF_TUTORIAL),
                 _ratio(r, REF_TUTORIAL_1024),
                 _ratio(r, REF_ASYNCIO),
+                _ratio(r, "before"),
                 " / ".join(f"{v / 1000:.2f}" for v in p),
                 str(t["errors"]),
                 f"{t['lost']:.1%}" if cell["service"] == "udp-echo" else "-",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.bench.before import PREFIX as BEFORE
 from devtools.bench.load import RunResult
 from devtools.bench.servers import REF_ASYNCIO, REF_C, REF_TUTORIAL, REF_TUTORIAL_1024, REFERENCES
 
@@ -96,14 +97,22 @@ def summarize(target: str, runs: Sequence[RunResult]) -> Summary:
 
 
 def ratios(summaries: Sequence[Summary]) -> dict[str, dict[str, float]]:
-    """Each target's median req/s divided by each reference's, for one cell (references missing -> absent).
+    """Each target's median req/s divided by each reference's, for one cell (references missing -> absent);
+    a variant V measured with --before also gets V / before:V under the key "before".
 
     >>> s = lambda t, v: summarize(t, [RunResult(v, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)])
     >>> ratios([s("ref:c-epoll", 1000), s("ref:tutorial", 100), s("selectors", 900)])["selectors"]
     {'ref:c-epoll': 0.9, 'ref:tutorial': 9.0}
+    >>> ratios([s("asyncio", 600), s("before:asyncio", 800)])["asyncio"]
+    {'before': 0.75}
     """
     refs = {s.target: s.rps for s in summaries if s.target in REFERENCES and s.rps > 0}
-    return {s.target: {ref: s.rps / value for ref, value in refs.items()} for s in summaries}
+    rps = {s.target: s.rps for s in summaries}
+    out = {s.target: {ref: s.rps / value for ref, value in refs.items()} for s in summaries}
+    for target, row in out.items():
+        if rps.get(BEFORE + target, 0) > 0:
+            row["before"] = rps[target] / rps[BEFORE + target]
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from devtools.bench import runner, servers
+from devtools.bench import render, results, runner, servers
 from devtools.bench.before import PREFIX, export_services
 from devtools.bench.errors import BenchError
 
@@ -52,6 +52,12 @@ def test_before_variants_run_next_to_the_tree_s_own(tmp_path: Path) -> None:
     assert [s.target for s in cell.summaries] == ["selectors", PREFIX + "selectors"]
     assert all(s.valid_runs == 1 for s in cell.summaries), cell.summaries
     assert any(n.startswith(PREFIX) and "HEAD" in n for n in report.notes)
+    ratio = results.ratios(cell.summaries)["selectors"]["before"]
+    assert ratio == pytest.approx(cell.summaries[0].rps / cell.summaries[1].rps)
+    header, _, row = (line.split("|") for line in render.markdown(results.to_json(report)).splitlines()[:3])
+    assert header[9].strip() == "xbefore"
+    assert row[9].strip() == f"{ratio:.2f}x"
+    assert len(header) == len(row)
     # the export is gone with its servers
     assert set(Path(tempfile.gettempdir()).glob("sockops-bench-before-*")) <= exports
 
