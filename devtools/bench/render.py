@@ -318,3 +318,44 @@ def write_transfer_chart(report: Report, path: Path) -> bool:
     ax.legend(fontsize=7)
     _save(plt, fig, report, path)
     return True
+
+
+def write_deploy_chart(report: Report, path: Path) -> bool:
+    """--deploy: wall time of one host vs N (re-deploy and health, median with min-max) and the sockops
+    process's own CPU per host against issue 16's 50 ms goal."""
+    plt = _pyplot()
+    data = report.extra.get("deploy")
+    if plt is None or not isinstance(data, dict) or "health" not in data:
+        return False
+    n, health = data["hosts"], data["health"]
+    walls = [
+        ("re-deploy, 1 host", data["unchanged_one_host"]["wall"]),
+        (f"re-deploy, {n} hosts", data["unchanged_all_hosts"]["wall"]),
+        ("health, 1 host", health["one_host"]["wall"]),
+        (f"health, {n} hosts", health["all_hosts"]["wall"]),
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.5))
+    med = [w["median_s"] for _, w in walls]
+    err = [
+        [m - w["min_s"] for m, (_, w) in zip(med, walls)],
+        [w["max_s"] - m for m, (_, w) in zip(med, walls)],
+    ]
+    left.bar(range(len(walls)), med, yerr=err, capsize=4, color=["C0", "C0", "C1", "C1"])
+    left.set_xticks(range(len(walls)), [name for name, _ in walls], fontsize=8)
+    left.set_ylabel("wall time, s (median, min-max)")
+    ratios = f"re-deploy {data['ratio_all_vs_one']:.2f}x, health {health['ratio_all_vs_one']:.2f}x"
+    left.set_title(f"{n} hosts vs 1: {ratios}", fontsize=10)
+    cpu = [data["unchanged_operator_own_cpu"], health["operator_own_cpu"]]
+    for i, key in enumerate(("per_host_s", "marginal_per_host_s")):
+        right.bar(
+            [x + 0.4 * i for x in (0, 1)], [c[key] * 1000 for c in cpu], 0.4, label=key.replace("_s", "")
+        )
+    right.axhline(50, color="red", linestyle="--", label="goal 50 ms")
+    right.set_xticks([0.2, 1.2], ["unchanged re-deploy", "health"])
+    right.set_ylabel("sockops process CPU per host, ms")
+    right.set_title(f"operator CPU per host, {n} hosts (children and hosts excluded)", fontsize=10)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(True, axis="y", alpha=0.3)
+    _save(plt, fig, report, path)
+    return True

@@ -407,21 +407,25 @@ def run_bench(
 
 
 def write_outputs(report: Report, out: Path) -> tuple[Path, Path | None]:
-    """bench.json, bench.md, bench.png (services) and bench-transfer.png in `out` (created); returns the JSON
-    and the first chart written (charts are skipped without matplotlib)."""
-    from devtools.bench.render import markdown, write_chart, write_json, write_transfer_chart
+    """bench.json, bench.md and the charts (bench.png for the services, bench-transfer.png, bench-deploy.png)
+    in `out` (created); returns the JSON and the first chart written (none without matplotlib)."""
+    from devtools.bench import render
 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BenchError(f"--out {out}: cannot create it ({exc})") from exc
     json_path = out / "bench.json"
-    write_json(report, json_path)
+    render.write_json(report, json_path)
     if report.cells or report.transfer:
-        (out / "bench.md").write_text(markdown(json.loads(json_path.read_text())))
-    png = out / "bench.png"
-    services_chart = bool(report.cells) and write_chart(report, png)
-    transfer_png = out / "bench-transfer.png"
-    if report.transfer and write_transfer_chart(report, transfer_png) and not services_chart:
-        return json_path, transfer_png
-    return json_path, png if services_chart else None
+        (out / "bench.md").write_text(render.markdown(json.loads(json_path.read_text())))
+    charts = [
+        path
+        for path, write in (
+            (out / "bench.png", render.write_chart),
+            (out / "bench-transfer.png", render.write_transfer_chart),
+            (out / "bench-deploy.png", render.write_deploy_chart),
+        )
+        if write(report, path)
+    ]
+    return json_path, charts[0] if charts else None

@@ -17,7 +17,7 @@ import pytest
 
 import devtools.bench as benchmod
 from devtools import testhosts as th
-from devtools.bench import deploy_bench
+from devtools.bench import deploy_bench, results, runner
 from devtools.bench.errors import BenchError
 
 
@@ -57,6 +57,31 @@ def test_an_exit_code_outside_the_accepted_ones_fails_with_the_output() -> None:
     with pytest.raises(BenchError, match=r"exit 3\):\nverdict: UNKNOWN"):
         deploy_bench._run_cli(argv, timeout=60, ok_codes=deploy_bench.HEALTH_VERDICTS)
     assert deploy_bench._run_cli([*argv[:2], "import sys; sys.exit(2)"], 60, (0, 1, 2)).returncode == 2
+
+
+def _deployed(wall: float, hosts: int, cpu: float) -> deploy_bench.Deployed:
+    rows = {f"h{i}": deploy_bench.HostRow(f"h{i}", "unchanged", "r", wall) for i in range(hosts)}
+    return deploy_bench.Deployed(wall, rows, own_cpu=cpu)
+
+
+def _timed(wall: float, cpu: float) -> deploy_bench.Timed:
+    return deploy_bench.Timed(wall, cpu, cpu, "", cpu)
+
+
+def test_the_deploy_chart_is_written_from_the_figures(tmp_path: Path) -> None:
+    d, t = _deployed, _timed
+    figures = deploy_bench.summarize(
+        d(9.0, 4, 1.0), [d(1.0, 1, 0.2)], [d(2.0, 4, 0.3)], [t(1.0, 0.15)], [t(1.5, 0.25)]
+    )
+    assert figures["health"]["operator_own_cpu"] == {"per_host_s": 0.0625, "marginal_per_host_s": 0.0333}
+    machine = results.Machine(2, "cpu", "k", "/usr/bin/python3", "3.11.2", (0.0, 0.0, 0.0), 0)
+    report = results.Report(
+        "2026-01-01T00:00:00+00:00", "test", machine, (), (), {"deploy": {"hosts": 4, **figures}}
+    )
+    _, png = runner.write_outputs(report, tmp_path)
+    assert png == tmp_path / "bench-deploy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "bench.png").exists()
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -113,6 +138,7 @@ def test_tiny_deploy_bench_is_well_formed_and_removes_its_fleet(tmp_path: Path) 
     assert isinstance(goals["unchanged_per_host_met"], bool)
     assert isinstance(goals["parallel_ratio_met"], bool)
     # the fleet is gone: state dir, and every process that ran the hosts (anchors carry the state dir)
+    assert (json_path.parent / "bench-deploy.png").is_file()
     assert out["fleet"]["state_dir"] == str(state_dir)
     assert len(out["fleet"]["netns"]) == 2
     assert not state_dir.exists()
