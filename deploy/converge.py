@@ -12,6 +12,7 @@ to change on disk reports "unchanged" only when the observation converged.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -57,6 +58,10 @@ class Live:
     def wants(self, action: str) -> bool:
         return any(a == action for a, _ in self.repairs)
 
+    def programs_off(self, *, done: Sequence[str] = ()) -> list[str]:
+        """Programs observe wants restarted, less those already restarted (`done`)."""
+        return sorted({p for a, p in self.repairs if a == "restart-program" and p and p not in done})
+
 
 def observe(c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str) -> Live:
     """One round trip: the live state, judged by the hostctl of `release` (a complete release on the host)."""
@@ -78,6 +83,26 @@ def reap(
         say(f"reaped stray {s.get('role')} pid {s.get('pid')}: {str(s.get('command'))[:120]}")
     if not doc.get("ok"):
         raise ReleaseError(f"{host}: stray process(es) {doc.get('left')} survived TERM and KILL")
+
+
+def restart_programs(
+    c: Context,
+    settings: DeploySettings,
+    release: str,
+    facts: HostFacts,
+    programs: Sequence[str],
+    *,
+    host: str,
+    say: Say,
+) -> None:
+    """Zero-downtime restart (hostctl's bridge) of programs observe found off; nothing when none."""
+    if not programs:
+        return
+    args = ("restart", "--conf", settings.paths.conf, *programs)
+    doc = hostctl_json(c, settings, release, facts, *args, what="restarting programs", host=host)
+    if not doc.get("ok"):
+        raise ReleaseError(f"{host}: repair restart failed: {doc.get('error') or doc.get('errors')}")
+    say(f"repaired: restarted {', '.join(programs)}")
 
 
 def repair(
@@ -110,13 +135,8 @@ def repair(
         step_apply(c, settings, release, stopped, fresh=True, host=host)
         fresh = True
         say("repaired: started supervisord with every program")
-    programs = sorted({prog for action, prog in live.repairs if action == "restart-program" and prog})
-    if programs and not fresh:  # a fresh supervisord started every program already
-        args = ("restart", "--conf", p.conf, *programs)
-        doc = hostctl_json(c, settings, release, facts, *args, what="restarting programs", host=host)
-        if not doc.get("ok"):
-            raise ReleaseError(f"{host}: repair restart failed: {doc.get('error') or doc.get('errors')}")
-        say(f"repaired: restarted {', '.join(programs)}")
+    if not fresh:  # a fresh supervisord started every program already
+        restart_programs(c, settings, release, facts, live.programs_off(), host=host, say=say)
     doc = step_health(c, settings, release, facts, host=host)
     if not doc.get("ok"):
         raise HealthGateError(

@@ -84,7 +84,11 @@ def _deploy_locked(
         converge.reap(c, settings, running, facts, host=host, say=say)
     # what to go back to if the gate fails: the release that runs now, even when `current` is broken
     previous = running
-    activate(c, settings, pl.release, facts, desired, host=host, say=say)
+    applied = activate(c, settings, pl.release, facts, desired, host=host, say=say)
+    if live is not None and facts.supervisord_pid:  # programs observe found off that apply left alone
+        done = [*applied.get("restarted", []), *applied.get("added", [])]
+        off = live.programs_off(done=done)
+        converge.restart_programs(c, settings, pl.release, facts, off, host=host, say=say)
     health_gate(c, settings, facts, pl.release, previous, desired, host=host, say=say)
     warnings = cleanup(c, settings, [previous], host=host, say=say)
     return outcome.changed(pl.release, changes=pl.changes, warnings=warnings)

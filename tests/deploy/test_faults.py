@@ -295,3 +295,20 @@ def test_deploy_observes_the_live_host_and_repairs_what_is_off(tmp_path):
         assert _outside_supervisord(tmp_path) == []
         answers("127.0.0.1", tcp=tcp, transfer=transfer)
         assert "unchanged" in ok(sockops(base, "deploy", "--host", "local"))
+
+
+def test_a_changed_deploy_also_restarts_a_program_it_found_off(tmp_path):
+    with local_host(tmp_path) as (_base, changed, tcp, transfer):
+        control = (
+            "import sys\nfrom monitoring.collect import supervisor\n"
+            "with supervisor.proxy(sys.argv[1]) as s:\n    s.supervisor.stopProcess('sockops-tcp-echo')\n"
+        )
+        python = tmp_path / "host/srv/current/venv/bin/python"
+        subprocess.run([str(python), "-c", control, str(tmp_path / "host/run/supervisor.sock")], check=True)
+        # only udp-echo's config changes; tcp-echo's fingerprint does not, so apply alone would leave it off
+        out = ok(sockops(changed, "deploy", "--host", "local"))
+        assert "changed: sockops-udp-echo" in out
+        assert "repaired: restarted sockops-tcp-echo" in out
+        assert "health gate passed" in out
+        answers("127.0.0.1", tcp=tcp, transfer=transfer)
+        assert "unchanged" in ok(sockops(changed, "deploy", "--host", "local"))
