@@ -5,8 +5,10 @@ Transfer bodies go out with loop.sendfile (zero-copy on selector transports); wh
 connection stops reading and queues later replies, so replies stay in request order.
 `--loop uvloop` runs the same code on uvloop when it is installed.
 
-TERM/INT drain: stop listening, close each connection once nothing is in flight, give up after
-`drain_timeout`. QUIT aborts every connection at once.
+TERM/INT drain: accept what the kernel already queued, stop listening, close each connection once nothing is
+in flight and it was answered since the drain began or has been quiet for lifecycle.DRAIN_GRACE (a
+just-accepted one has had no chance to send yet), give up after `drain_timeout`. QUIT aborts every
+connection at once.
 """
 
 from __future__ import annotations
@@ -337,6 +339,23 @@ def _stop_future(loop: Any, log: logging.Logger) -> asyncio.Future:
     return stop
 
 
+async def _accept_queued(loop: Any, sock: socket.socket, factory: Callable[[], Any]) -> None:
+    """Take the connections the kernel already completed on the listener before it closes: closing would
+    reset them (or, with net.ipv4.tcp_migrate_req, hand them to another SO_REUSEPORT listener if any)."""
+    for _ in range(1 << 16):
+        try:
+            conn, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # EMFILE, or the loop (uvloop) owns the fd: what is queued stays to the kernel
+            return
+        try:
+            conn.setblocking(False)
+            await loop.connect_accepted_socket(factory, conn)
+        except Exception:  # one connection's failure must not stop the drain
+            conn.close()
+
+
 async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
     loop = asyncio.get_event_loop()
     state = _State(loop, settings, log, stream_core_factory(settings))
@@ -349,6 +368,8 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
         state.clock = now = _now()
         for conn in overdue(state.conns, now, settings, log):
             conn.kill()  # close() would wait for a client that never reads
+    if stop.result() == lifecycle.DRAIN:
+        await _accept_queued(loop, sock, lambda: protocol(state))
     server.close()
     if stop.result() == lifecycle.QUIT:
         lifecycle.log_quit(log, len(state.conns))
@@ -357,6 +378,7 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
         return 0
     lifecycle.log_draining(log, len(state.conns))
     deadline = loop.time() + settings.drain_timeout
+    began = _now()  # after the accepts above: those connections get the grace to send their first request
     while state.conns:
         if loop.time() >= deadline or getattr(loop, "quit_now", False):
             lifecycle.log_drain_timeout(log, settings.drain_timeout, len(state.conns))
@@ -364,7 +386,8 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
                 conn.kill()
             await asyncio.sleep(0)
             return 1
-        for conn in [c for c in state.conns if c.idle]:
+        now = _now()
+        for conn in [c for c in state.conns if lifecycle.drain_may_close(c.idle, c.last, began, now)]:
             conn.transport.close()
         await asyncio.sleep(DRAIN_TICK)
     lifecycle.log_drained(log)

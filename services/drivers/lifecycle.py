@@ -24,6 +24,11 @@ ACTIONS = {
 }
 # A prefork worker leaves these to its master: Ctrl-C and HUP reach the whole process group.
 MASTER_ONLY = (signal.SIGINT, signal.SIGHUP)
+# A draining server closes a connection with nothing in flight only once it has answered a request since the
+# drain began, or has been quiet this long: a client that connected just before the TERM sends its request a
+# moment after the handshake, and closing the connection in between fails that request (gunicorn's
+# graceful-timeout model, for keep-alive connections as for fresh ones).
+DRAIN_GRACE = 0.5
 
 
 def action_for(signum: int) -> str:
@@ -33,6 +38,20 @@ def action_for(signum: int) -> str:
     ('drain', 'quit', 'reload')
     """
     return ACTIONS[signum]
+
+
+def drain_may_close(idle: bool, last: float, drain_began: float, now: float) -> bool:
+    """Whether a draining server may close a connection: nothing in flight (`idle`), and its last complete
+    request (`last`: the accept time before the first) was answered after the drain began, or DRAIN_GRACE ago.
+
+    >>> drain_may_close(True, last=10.0, drain_began=10.0, now=10.1)  # accepted as the drain began: wait
+    False
+    >>> drain_may_close(True, 10.0, 10.0, 10.0 + DRAIN_GRACE), drain_may_close(True, 10.2, 10.0, 10.3)
+    (True, True)
+    >>> drain_may_close(False, 10.2, 10.0, 99.0)  # a request in flight is answered first
+    False
+    """
+    return idle and (last > drain_began or now - last >= DRAIN_GRACE)
 
 
 class StopFlag:

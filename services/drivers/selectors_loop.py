@@ -5,7 +5,9 @@ that does not read its replies stops being read (backpressure) once HIGH_WATER b
 Transfer bodies go out with os.sendfile. The prefork variant's workers run this same loop on a shared socket.
 
 TERM/INT drain: accept what is already queued, stop listening, answer everything received, close each
-connection once it has nothing in flight, give up after `drain_timeout`. QUIT stops at once.
+connection once it has nothing in flight and has been answered since the drain began or quiet for
+lifecycle.DRAIN_GRACE (a just-accepted one has had no chance to send yet), give up after `drain_timeout`.
+QUIT stops at once.
 """
 
 from __future__ import annotations
@@ -351,6 +353,7 @@ class TcpServer(_Loop):
         self.digests = collections.deque()  # type: Deque[Tuple[Conn, _Digest, Any]]  # from offload threads
         self.accept_paused_until = 0.0
         self.deadline = 0.0
+        self.drain_began = 0.0
         self.next_tick = 0.0
         self.accept_batch = ACCEPT_BATCH if parent is None else SHARED_ACCEPT_BATCH
 
@@ -467,6 +470,7 @@ class TcpServer(_Loop):
 
     def _start_drain(self) -> None:
         self.draining = True
+        self.drain_began = self.now  # connections accepted below have `last` == this: they get the grace
         if not self.accept_paused_until:
             self.accept(limit=1 << 16)  # connections the kernel already completed are ours to serve
         self._close_listener()
@@ -474,7 +478,10 @@ class TcpServer(_Loop):
         lifecycle.log_draining(self.log, len(self.conns))
 
     def _drain_step(self) -> Optional[int]:
-        for conn in [c for c in self.conns if c.idle and c.reading]:
+        began, now = self.drain_began, self.now
+        for conn in [
+            c for c in self.conns if c.reading and lifecycle.drain_may_close(c.idle, c.last, began, now)
+        ]:
             # Nothing queued either way: one last non-blocking read tells "idle" from "request just arrived".
             try:
                 data = conn.sock.recv(BUFSIZE)

@@ -23,7 +23,8 @@ new ones sat un-accepted for seconds. So:
   Whatever the kernel does not take at once goes out with sendall() as before.
 
 TERM/INT drain: stop accepting, then shut down the read side of every connection that has nothing in flight
-(its thread's blocked recv() returns EOF); busy ones finish first; give up after `drain_timeout`.
+and was answered since the drain began or has been quiet for lifecycle.DRAIN_GRACE (its thread's blocked
+recv() returns what already arrived, then EOF); busy ones finish first; give up after `drain_timeout`.
 """
 
 from __future__ import annotations
@@ -361,7 +362,8 @@ class TcpServer(socketserver.ThreadingTCPServer):
         self.connlog.failure(time.monotonic(), format_address(client_address), sys.exc_info()[1])
 
     def drain(self) -> int:
-        deadline = time.monotonic() + self.settings.drain_timeout
+        began = time.monotonic()  # after the last accept: every tracked connection's `last` is before it
+        deadline = began + self.settings.drain_timeout
         while True:
             with self._lock:
                 states = list(self.conns.values())
@@ -371,8 +373,9 @@ class TcpServer(socketserver.ThreadingTCPServer):
             if time.monotonic() >= deadline:
                 lifecycle.log_drain_timeout(self.log, self.settings.drain_timeout, len(states))
                 return 1
+            now = time.monotonic()
             for state in states:
-                if not state.busy and not state.shut:
+                if not state.shut and lifecycle.drain_may_close(not state.busy, state.last, began, now):
                     state.shut = True
                     # The thread's blocked recv() returns EOF; replies can still be sent.
                     with contextlib.suppress(OSError):
