@@ -16,11 +16,15 @@ import sys
 import time
 from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
 
-from monitoring import metrics, probes, render
+from monitoring import probes, render
 from monitoring.collect import Collector
+from monitoring.collect.snapshot import counted
 from monitoring.errors import MonitoringError, UsageError
 from monitoring.targets import DEFAULT_MANIFEST, port_targets, read_manifest
-from monitoring.verdict import EXIT_CODES, UNKNOWN, Thresholds, evaluate
+from monitoring.verdict import EXIT_CODES, UNKNOWN, Thresholds, evaluate, overdue
+
+# Nagios' own plugin timeout is 10 s; probes time out after 2 s and the first CPU window is 0.5 s.
+DEFAULT_DEADLINE = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument(
         "--count", type=int, default=0, help="with --watch: stop after N refreshes (0 = until Ctrl-C)"
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=DEFAULT_DEADLINE,
+        metavar="S",
+        help=f"the whole look (probes, supervisord, processes) within S seconds, else UNKNOWN saying which "
+        f"part did not finish (default {DEFAULT_DEADLINE:g}; 0: none)",
     )
     p.add_argument("--no-probes", action="store_true", help="don't send probe requests")
     p.add_argument(
@@ -105,15 +117,23 @@ def make_collector(args: argparse.Namespace, th: Thresholds) -> Collector:
     )
 
 
-def render_once(fmt: str, collector: Collector, th: Thresholds, compact: bool = False) -> Tuple[str, int]:
-    snap = collector.snapshot()
-    verdict = evaluate(snap, th)
+def render_once(
+    fmt: str, collector: Collector, th: Thresholds, compact: bool = False, deadline: float = 0.0
+) -> Tuple[str, int]:
+    """One look rendered; past the deadline, the same format says UNKNOWN and which part did not finish."""
+    look = collector.look_within(deadline) if deadline else collector.look()
+    late = look.part("deadline")
+    snap = look.snapshot if late is not None else counted(look)
+    verdict = overdue(snap, late.error) if late is not None else evaluate(snap, th)
     if fmt == "json":
         text = render.json_text(snap, verdict, indent=None if compact else 2) + "\n"
     elif fmt == "nagios":
         text = render.nagios_line(snap, verdict, th) + "\n"
     elif fmt == "prometheus":
-        text = metrics.prometheus_text(metrics.metric_families(snap))
+        from monitoring import metrics  # only this output needs the metric families
+
+        # the parts' health as the exporter shows it: a missed deadline is sockops_collector_up{...} 0
+        text = metrics.prometheus_text(metrics.all_families(look))
     else:
         text = render.table(snap, verdict)
     return text, verdict.exit_code
@@ -158,10 +178,12 @@ def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout) -> int:
         th = parse_thresholds(args.threshold)
         if args.interval <= 0:
             raise UsageError("--interval must be > 0 seconds")
+        if args.deadline < 0:
+            raise UsageError("--deadline must be >= 0 seconds (0: no deadline)")
         collector = make_collector(args, th)
         if args.watch:
             return watch(args, collector, th, out)
-        text, code = render_once(args.format, collector, th)
+        text, code = render_once(args.format, collector, th, deadline=args.deadline)
         out.write(text)
         return code
     except MonitoringError as exc:

@@ -220,3 +220,20 @@ def evaluate(snap: Snapshot, th: Optional[Thresholds] = None) -> Verdict:
     return Verdict(
         status=worst(f.status for f in findings), findings=tuple(findings), services=tuple(per_service)
     )
+
+
+def overdue(snap: Snapshot, reason: str) -> Verdict:
+    """UNKNOWN for a look that missed its deadline: nothing was measured, so nothing is OK or CRITICAL.
+
+    >>> from monitoring.model import PortSample, ServiceSample, Target, frozen_map
+    >>> t = Target("tcp/22", "tcp", 22)
+    >>> svc = ServiceSample(t, PortSample("tcp", 22, frozen_map({})), None, (), None, None)
+    >>> v = overdue(Snapshot("h", 0.0, "", None, (svc,)), "deadline 1s passed: probes did not finish")
+    >>> v.status, v.exit_code, v.services, v.reasons("system")
+    ('UNKNOWN', 3, (('tcp/22', 'UNKNOWN'),), ['deadline 1s passed: probes did not finish'])
+    """
+    return Verdict(
+        status=UNKNOWN,
+        findings=(Finding(UNKNOWN, "system", reason),),
+        services=tuple((svc.target.name, UNKNOWN) for svc in snap.services),
+    )

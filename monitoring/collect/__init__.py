@@ -13,6 +13,15 @@ The pieces are public so other consumers (the Prometheus exporter) reuse them in
     kernel's socket walks; processes.attribute_group(scanned, inodes) then counts each process's connections
 """
 
-from monitoring.collect.snapshot import Collector, Look, PartResult, SocketView
+from typing import Any
 
 __all__ = ["Collector", "Look", "PartResult", "SocketView"]
+
+
+def __getattr__(name: str) -> Any:
+    """Collector & co. on first use (PEP 562), so `from monitoring.collect import netlink` stays cheap."""
+    if name in __all__:
+        from monitoring.collect import snapshot
+
+        return getattr(snapshot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

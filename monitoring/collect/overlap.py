@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 
 
 def concurrently(*fns: Callable[[], Any]) -> List[Any]:
-    """Call every function, the first in this thread and each other one in its own; results in order.
+    """Call every function, each in its own thread; results in order.
 
     Waits for all of them; if any raised, re-raises the first failure (in argument order) here.
 
@@ -26,28 +26,7 @@ def concurrently(*fns: Callable[[], Any]) -> List[Any]:
     """
     if _cpus() < 2:  # one usable CPU: threads would only add switches
         return [fn() for fn in fns]
-    results: List[Any] = [None] * len(fns)
-    errors: List[Optional[BaseException]] = [None] * len(fns)
-
-    def call(i: int) -> None:
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:  # handed to the caller's thread below
-            errors[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(1, len(fns))]
-    for t in threads:
-        t.start()
-    try:
-        if fns:
-            call(0)
-    finally:
-        for t in threads:
-            t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    return results
+    return each(lambda fn: fn(), list(fns), threads=len(fns))
 
 
 def _cpus() -> int:
@@ -55,3 +34,43 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))  # what this process may run on (cgroups, taskset)
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def each(fn: Callable[[Any], Any], items: List[Any], threads: int) -> List[Any]:
+    """fn(item) for every item on at most `threads` daemon threads; results in order (first failure raised).
+
+    Daemon threads, not concurrent.futures: a worker stuck past a deadline must not hold up the process's
+    exit (the executor's workers are joined at interpreter shutdown), and the import costs ~5 ms.
+
+    >>> each(lambda x: x * 2, [1, 2, 3], threads=2)
+    [2, 4, 6]
+    """
+    pending = list(enumerate(items))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                i = pending.pop(0)[0]
+            work_one(i)
+
+    results: List[Any] = [None] * len(items)
+    errors: List[Optional[BaseException]] = [None] * len(items)
+
+    def work_one(i: int) -> None:
+        try:
+            results[i] = fn(items[i])
+        except BaseException as exc:  # handed to the caller's thread below
+            errors[i] = exc
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(threads, len(items))))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return results

@@ -12,14 +12,14 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.model import PoolTotals, ProcessSample
 
-try:  # psutil ships in the release venv; a bare interpreter still gets socket counts and probes
-    import psutil
-except ImportError:  # pragma: no cover - exercised on hosts without psutil
-    psutil = None  # type: ignore[assignment]
+# psutil ships in the release venv; a bare interpreter still gets socket counts and probes. It is imported on
+# first need (_psutil()), because a `--port` check never looks at processes and the import is ~10 ms of it.
+psutil: Any = None
+_psutil_tried = False
 
 Key = Tuple[int, float]  # (pid, create_time): pids get reused
 # a whole link target socket:[INODE] between NULs (the one byte no path can hold) or the ends of the text
@@ -65,8 +65,21 @@ class CpuTracker:
                 del self._last[key]
 
 
+def _psutil() -> Any:
+    """The psutil module, imported on the first call; None when it is not installed."""
+    global psutil, _psutil_tried  # noqa: PLW0603 - the lazy import sets the module's name once
+    if not _psutil_tried:
+        _psutil_tried = True
+        try:
+            import psutil as module
+        except ImportError:  # pragma: no cover - exercised on hosts without psutil
+            module = None
+        psutil = module
+    return psutil
+
+
 def available() -> bool:
-    return psutil is not None
+    return _psutil() is not None
 
 
 def fd_table(pid: int, proc_root: str = "/proc") -> Tuple[int, List[int]]:
@@ -154,6 +167,8 @@ def soft_nofile(pid: int, proc_root: str = "/proc") -> Optional[int]:
 
 
 def cpu_key(pid: int) -> Optional[Key]:
+    if _psutil() is None:
+        return None
     try:
         return (pid, psutil.Process(pid).create_time())
     except (psutil.Error, AttributeError):
@@ -163,7 +178,8 @@ def cpu_key(pid: int) -> Optional[Key]:
 def prime(pids: Iterable[int], tracker: CpuTracker) -> float:
     """Take a first CPU sample for processes the tracker hasn't seen; returns the oldest sample time."""
     oldest = time.monotonic()
-    if psutil is None:
+    pids = list(pids)
+    if not pids or _psutil() is None:
         return oldest
     for pid in pids:
         try:
@@ -207,7 +223,7 @@ def scan_process(
     pid: int, role: str, tracker: CpuTracker, *, proc_root: str = "/proc", now: Optional[float] = None
 ) -> Optional[Scanned]:
     """Everything about one process but its connection count (None if it is gone)."""
-    if psutil is None:
+    if _psutil() is None:
         return None
     now = time.time() if now is None else now
     denied: List[str] = []
@@ -297,7 +313,7 @@ def children(pid: int, proc_root: str = "/proc") -> List[int]:
             return []  # the process is gone
     except (OSError, ValueError):
         pass  # no CONFIG_PROC_CHILDREN, or not ours to read: ask psutil
-    if psutil is None:
+    if _psutil() is None:
         return []
     try:
         return sorted(c.pid for c in psutil.Process(pid).children(recursive=False))
@@ -307,7 +323,7 @@ def children(pid: int, proc_root: str = "/proc") -> List[int]:
 
 def scan_group(main_pid: int, tracker: CpuTracker, proc_root: str = "/proc") -> Tuple[Scanned, ...]:
     """A program's main process and its direct children (prefork workers), before attribution."""
-    if not main_pid or psutil is None:
+    if not main_pid or _psutil() is None:
         return ()
     out = []
     main = scan_process(main_pid, "main", tracker, proc_root=proc_root)

@@ -13,14 +13,14 @@ results), so `--watch`, the exporter and a one-shot run share one code path.
 
 from __future__ import annotations
 
-import concurrent.futures
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.collect import netlink, processes, procnet, ptree, sockets, supervisor, system
-from monitoring.collect.overlap import concurrently
+from monitoring.collect.overlap import concurrently, each
 from monitoring.collect.sockets import PortTable
 from monitoring.errors import CollectError, MonitoringError, SupervisorDown
 from monitoring.model import (
@@ -88,13 +88,18 @@ class _Parts:
     def __init__(self, before: Sequence[PartResult] = ()) -> None:
         self.results: List[PartResult] = list(before)
         self.notes: List[str] = []
+        self.running = ""  # the part under way, for a deadline's reason (read from another thread)
+        self.since = time.monotonic()
 
     def run(self, name: str, fn: Callable[[], Tuple[Any, str]]) -> Any:
         start = time.monotonic()
+        self.running, self.since = name, start
         try:
             value, problem = fn()
         except Exception as exc:  # any failure of one part must leave the others collected
             value, problem = None, describe(exc)
+        finally:
+            self.running = ""
         self.results.append(PartResult(name, not problem, round(time.monotonic() - start, 6), problem))
         return value
 
@@ -155,6 +160,25 @@ def assemble(
     )
 
 
+def overdue_reason(seconds: float, progress: _Parts, probing: Mapping[str, bool]) -> str:
+    """What a deadline found unfinished, in one line.
+
+    >>> p = _Parts([PartResult("supervisor", True, 0.01)]); p.running, p.since = "probes", 0.0
+    >>> overdue_reason(3, p, {"tcp/8080": False, "tcp/22": True}).split(": ", 1)[1].split(" (")[0]
+    'probes did not finish'
+    """
+    if progress.running:
+        what = f"{progress.running} did not finish ({time.monotonic() - progress.since:.1f}s in it"
+        waiting = sorted(name for name, returned in list(probing.items()) if not returned)
+        if progress.running == "probes" and waiting:
+            what += "; no answer yet from " + ", ".join(waiting)
+        what += ")"
+    else:
+        what = "the look did not finish"
+    done = ", ".join(p.name for p in progress.results) or "none"
+    return f"deadline {seconds:g}s passed: {what}; finished parts: {done}"
+
+
 def _program_key(program: Optional[ProgramSample]) -> Any:
     return (program.state, program.pid) if program is not None else None
 
@@ -200,6 +224,10 @@ class Collector:
         self.restarts = supervisor.RestartTracker(state_file)
         # target -> (when probed, its program's (state, pid) then, result)
         self._probed: Dict[Target, Tuple[float, Any, Optional[ProbeResult]]] = {}
+        self._progress = _Parts()  # the look under way (look_within reads it when the deadline passes)
+        # target name -> its probe returned; a dict, not a set: the deadline reads it while probes run, and
+        # only a resize breaks a concurrent iteration
+        self.probing: Dict[str, bool] = {}
 
     def carry_over(self, previous: Collector) -> None:
         """Keep what must survive a change of targets: restarts seen, CPU samples, recent probe results."""
@@ -285,10 +313,16 @@ class Collector:
                 fresh[t] = result
         due = [t for t in self.targets if t not in fresh]
         if due:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(due))) as pool:
-                for t, result in zip(due, pool.map(probe, due)):
-                    fresh[t] = result
-                    self._probed[t] = (now, _program_key(programs.get(t.name)), result)
+            self.probing = {t.name: False for t in due}
+
+            def run(t: Target) -> Optional[ProbeResult]:
+                result = probe(t)
+                self.probing[t.name] = True
+                return result
+
+            for t, result in zip(due, each(run, due, PROBE_THREADS)):
+                fresh[t] = result
+                self._probed[t] = (now, _program_key(programs.get(t.name)), result)
         return {t.name: fresh[t] for t in self.targets}
 
     def processes(
@@ -313,7 +347,7 @@ class Collector:
 
     def look(self, before: Sequence[PartResult] = ()) -> Look:
         """One look, part by part; `before`: parts the caller ran first (the exporter's manifest)."""
-        parts = _Parts(before)
+        parts = self._progress = _Parts(before)
         if self.restarts.note:
             parts.notes.append(self.restarts.note)
         # supervisord: running | down | "" (not asked, or could not tell); its pid roots the supervised tree
@@ -369,10 +403,50 @@ class Collector:
         notes: List[str] = []
         return self.system(view, notes), "; ".join(notes)
 
+    def look_within(self, seconds: float) -> Look:
+        """look() with a hard deadline. When it passes: a Look without figures whose part "deadline"
+        (ok=False) says which part had not finished. The late look is left to a daemon thread, so the process
+        can still exit at once (one-shot use: that thread may still touch this collector's trackers)."""
+        box: List[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box.append(self.look())
+            except BaseException as exc:  # handed to the caller's thread below
+                box.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="sockops-look", daemon=True).start()
+        if done.wait(seconds):
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            return box[0]
+        late = PartResult("deadline", False, seconds, overdue_reason(seconds, self._progress, self.probing))
+        snap = assemble(
+            self.targets,
+            None,
+            system_sample=NO_SYSTEM,
+            programs={},
+            procs={},
+            probes={},
+            parts=[late],
+            release=self.release,
+            hostname=socket.gethostname(),
+            now=time.time(),
+        )
+        return Look(snap, (*self._progress.results, late))
+
     def snapshot(self) -> Snapshot:
         """One look for one-shot use; CollectError when the sockets could not be counted at all."""
-        look = self.look()
-        counted = look.part("sockets")
-        if counted is not None and not counted.ok:
-            raise CollectError(f"counting sockets failed: {counted.error}")
-        return look.snapshot
+        return counted(self.look())
+
+
+def counted(look: Look) -> Snapshot:
+    """The look's snapshot, or CollectError when its sockets could not be counted at all (a snapshot without
+    counts would read as "nothing listening")."""
+    part = look.part("sockets")
+    if part is not None and not part.ok:
+        raise CollectError(f"counting sockets failed: {part.error}")
+    return look.snapshot

@@ -8,48 +8,16 @@ collectors and the host control program (hostctl) both talk through `proxy` / `c
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
-import socket
 import time
-import xmlrpc.client
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.errors import SupervisorDown, SupervisorError
 from monitoring.model import ProgramSample, Target
 
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: Optional[float]) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class UnixTransport(xmlrpc.client.Transport):
-    """xmlrpc.client transport speaking HTTP over a unix stream socket."""
-
-    def __init__(self, path: str, timeout: Optional[float] = 5.0) -> None:
-        super().__init__()
-        self._unix_path = path
-        self._timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        # Registered like the base class does, so Transport.close() (ServerProxy's `with`) closes it.
-        if self._connection[1] is not None and self._connection[0] == host:
-            return self._connection[1]
-        self._connection = (host, _UnixHTTPConnection(self._unix_path, self._timeout))
-        return self._connection[1]
+if TYPE_CHECKING:
+    import xmlrpc.client
 
 
 def proxy(socket_path: str, timeout: Optional[float] = 5.0) -> xmlrpc.client.ServerProxy:
@@ -58,7 +26,9 @@ def proxy(socket_path: str, timeout: Optional[float] = 5.0) -> xmlrpc.client.Ser
     timeout: seconds per socket operation; None for calls that wait on supervisord (stopProcessGroup with
     wait=True answers only once the group stopped, which may take the programs' stopwaitsecs).
     """
-    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport(socket_path, timeout))
+    from monitoring.collect import unixrpc  # xmlrpc + http.client only when supervisord is asked
+
+    return unixrpc.server_proxy(socket_path, timeout)
 
 
 @contextlib.contextmanager
@@ -68,6 +38,8 @@ def translated(socket_path: str) -> Iterator[None]:
     SupervisorDown is kept apart: there is no supervisord (no socket, or nobody accepts on it), which is a
     fact about the host, not a failure to look.
     """
+    from monitoring.collect import unixrpc
+
     try:
         yield
     except FileNotFoundError as exc:
@@ -83,9 +55,9 @@ def translated(socket_path: str) -> Iterator[None]:
         raise SupervisorDown(
             f"supervisord socket {socket_path}: connection refused (stale socket: supervisord is not running)"
         ) from exc
-    except xmlrpc.client.Fault as exc:
+    except unixrpc.Fault as exc:
         raise SupervisorError(f"supervisord at {socket_path}: {exc.faultString}") from exc
-    except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException) as exc:
+    except (OSError, *unixrpc.PROTOCOL_ERRORS) as exc:
         raise SupervisorError(f"supervisord socket {socket_path}: {exc}") from exc
 
 

@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[2]
 SUPERVISORD = Path(sys.executable).with_name("supervisord")
 
 
+def run_monitoring(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m monitoring ARGS` as cron or Nagios runs it; `timeout` turns a hang into a failure."""
+    return subprocess.run(
+        [sys.executable, "-m", "monitoring", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))

@@ -6,8 +6,6 @@ import doctest
 import importlib
 import json
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +14,7 @@ from monitoring.collect import Collector
 from monitoring.model import Snapshot, from_dict, to_dict
 from monitoring.targets import read_manifest
 from monitoring.verdict import evaluate
-from tests.monitoring.conftest import REPO, Supervised
+from tests.monitoring.conftest import Supervised, run_monitoring
 
 MODULES = [
     "monitoring.model",
@@ -43,20 +41,9 @@ def test_worked_examples_in_docstrings(name: str) -> None:
     assert result.attempted > 0
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "monitoring", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_cli_json_from_manifest_round_trips(supervised: Supervised) -> None:
-    proc = _run("--manifest", str(supervised.manifest), "--json", "--threshold", "time_wait_warning=0.99",
-                "--threshold", "time_wait_critical=1")  # fmt: skip
+    lenient = ["--threshold", "time_wait_warning=0.99", "--threshold", "time_wait_critical=1"]
+    proc = run_monitoring("--manifest", str(supervised.manifest), "--json", *lenient)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(proc.stdout)
     snap = from_dict(Snapshot, data)
@@ -74,8 +61,8 @@ def test_cli_arbitrary_port_without_manifest() -> None:
     lst.listen(4)
     port = lst.getsockname()[1]
     try:
-        proc = _run("--port", str(port), "--json", "--manifest", "")
-        ok = _run("--port", str(port), "--nagios", "--threshold", "time_wait_critical=1",
+        proc = run_monitoring("--port", str(port), "--json", "--manifest", "")
+        ok = run_monitoring("--port", str(port), "--nagios", "--threshold", "time_wait_critical=1",
                   "--threshold", "time_wait_warning=0.99")  # fmt: skip
     finally:
         lst.close()
@@ -86,7 +73,7 @@ def test_cli_arbitrary_port_without_manifest() -> None:
     assert svc["probe"]["kind"] == "tcp-connect"
     assert ok.returncode == 0
     assert ok.stdout.startswith("SOCKOPS OK - 1 services OK | time_wait=")
-    down = _run("--port", str(port), "--nagios")
+    down = run_monitoring("--port", str(port), "--nagios")
     assert down.returncode == 2
     assert down.stdout.startswith("SOCKOPS CRITICAL - ")
     assert f"nothing listening on tcp port {port}" in down.stdout
@@ -101,14 +88,16 @@ def test_cli_arbitrary_port_without_manifest() -> None:
     ],
 )
 def test_cli_user_errors_are_one_line_and_unknown(args: list[str], message: str) -> None:
-    proc = _run(*args)
+    proc = run_monitoring(*args)
     assert proc.returncode == 3
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_watch_prints_bounded_frames() -> None:
-    proc = _run("--port", "9", "--json", "--watch", "--interval", "0.1", "--count", "3", "--no-probes")
+    proc = run_monitoring(
+        "--port", "9", "--json", "--watch", "--interval", "0.1", "--count", "3", "--no-probes"
+    )
     frames = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(frames) == 3
     assert proc.returncode == 0
