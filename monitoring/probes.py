@@ -91,7 +91,9 @@ def tcp_connect(host: str, port: int, timeout: float = 2.0) -> ProbeResult:
 
     def connect() -> str:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
+            # an ASCII name as bytes: getaddrinfo() would otherwise import the idna codec (~2 ms) to encode it
+            name = host.encode("ascii") if host.isascii() else host
+            with socket.create_connection((name, port), timeout=timeout):
                 return "connected"
         except socket.timeout as exc:
             raise ServiceError(f"{_where(host, port)}: no connection within {timeout:g}s") from exc
