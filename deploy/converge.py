@@ -63,12 +63,15 @@ class Live:
         return sorted({p for a, p in self.repairs if a == "restart-program" and p and p not in done})
 
 
-def observe(c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str) -> Live:
+def observe(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str, locked: bool = True
+) -> Live:
     """One round trip: the live state, judged by the hostctl of `release` (a complete release on the host)."""
     p = settings.paths
     args = ("observe", "--manifest", p.manifest, "--conf", p.conf, "--base", p.base, "--applied", p.applied)
     try:
-        return Live.from_doc(hostctl_json(c, settings, release, facts, *args, what="observing", host=host))
+        doc = hostctl_json(c, settings, release, facts, *args, what="observing", host=host, owned=locked)
+        return Live.from_doc(doc)
     except ReleaseError as exc:
         return Live(False, (), (), error=str(exc).removeprefix(f"{host}: ").splitlines()[0][:300])
 

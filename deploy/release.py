@@ -55,7 +55,7 @@ def _deploy_locked(
     desired = desired_state(settings, wh, python_probe=facts.python, systemd=facts.systemd)
     pl = plan(settings, facts, desired, wh)
     running = facts.running() if facts.release(facts.running()) else ""
-    live = converge.observe(c, settings, running, facts, host=host) if running else None
+    live = converge.observe(c, settings, running, facts, host=host, locked=not dry_run) if running else None
     if not pl.changes:
         return _converge(c, settings, facts, pl.release, live, dry_run=dry_run, host=host, say=say)
     if dry_run:

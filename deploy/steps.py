@@ -49,14 +49,23 @@ def remote_pause(stage: str, say: Say) -> str:
 
 
 def root_run(
-    c: Context, settings: DeploySettings, script: str, *, uid: int, what: str, host: str, warn: bool = False
+    c: Context,
+    settings: DeploySettings,
+    script: str,
+    *,
+    uid: int,
+    what: str,
+    host: str,
+    warn: bool = False,
+    owned: bool = True,
 ) -> Any:
     """Run a shell script (set -e) with root rights (sudo when the login user is not root).
 
     The script runs as a step owned by the host lock (deploy.lock.owned): if the deploy dies, the lock's
-    holder kills it before the lock is free again.
+    holder kills it before the lock is free again. `owned=False` for read-only work outside the lock (a dry
+    run's observation), which no holder may reap.
     """
-    cmd = lock.owned(settings.paths.lock, script)
+    cmd = lock.owned(settings.paths.lock, script) if owned else f"sh -c {shlex.quote('set -e; ' + script)}"
     result = c.run(cmd, hide=True, warn=True) if uid == 0 else c.sudo(cmd, hide=True, warn=True)
     if result.failed and not warn:
         detail = (result.stderr.strip() or result.stdout.strip())[-800:]
@@ -198,11 +207,18 @@ def hostctl(settings: DeploySettings, release: str, *args: str) -> str:
 
 
 def hostctl_json(
-    c: Context, settings: DeploySettings, release: str, facts: HostFacts, *args: str, what: str, host: str
+    c: Context,
+    settings: DeploySettings,
+    release: str,
+    facts: HostFacts,
+    *args: str,
+    what: str,
+    host: str,
+    owned: bool = True,
 ) -> dict[str, Any]:
     """Run a hostctl command as root; its last stdout line is its JSON document, even on exit 1."""
     cmd = hostctl(settings, release, *args)
-    result = root_run(c, settings, cmd, uid=facts.uid, what=what, host=host, warn=True)
+    result = root_run(c, settings, cmd, uid=facts.uid, what=what, host=host, warn=True, owned=owned)
     return json_result(result, host=host, what=what)
 
 

@@ -312,3 +312,14 @@ def test_a_changed_deploy_also_restarts_a_program_it_found_off(tmp_path):
         assert "health gate passed" in out
         answers("127.0.0.1", tcp=tcp, transfer=transfer)
         assert "unchanged" in ok(sockops(changed, "deploy", "--host", "local"))
+
+
+def test_a_dry_run_plans_the_switch_and_lists_what_it_observed(tmp_path):
+    with local_host(tmp_path) as (base, _changed, _tcp, _transfer):
+        # a dry run takes no lock: it observes read-only (not as a lock-owned step) and changes nothing
+        (tmp_path / "host/srv/current").unlink()
+        out = ok(sockops(base, "deploy", "--host", "local", "--dry-run"))
+        assert "would switch current (none)" in out
+        assert "would repair: " in out  # what observe found
+        assert not (tmp_path / "host/srv/current").exists()
+        assert "health gate passed" in ok(sockops(base, "deploy", "--host", "local"))
