@@ -1,5 +1,6 @@
-"""asyncio driver: asyncio.Protocol / DatagramProtocol (Streams cost ~30% more per request).
+"""asyncio driver: asyncio.Protocol (Streams cost ~30% more per request); udp-echo on a loop reader callback.
 
+udp-echo bypasses asyncio's datagram transport (see DatagramReader).
 Backpressure: pause_writing() from the transport stops reading that client until resume_writing().
 Transfer bodies go out with loop.sendfile (zero-copy on selector transports); while a body is in flight the
 connection stops reading and queues later replies, so replies stay in request order.
@@ -28,7 +29,7 @@ from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
-    dropped_detail,
+    answer_datagrams,
     file_root,
     format_address,
     overdue,
@@ -296,29 +297,19 @@ class AtOnceProtocol(StreamProtocol):
         self.transport.write(self.reply_to(self.state.view[:nbytes].tobytes()))
 
 
-class DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, sock: socket.socket, settings: Settings, log: logging.Logger, loop: Any) -> None:
-        self.sock, self.core, self.loop = sock, udp_core(sock, settings), loop
+class DatagramReader:
+    """udp-echo inside the event loop without asyncio's datagram transport: a reader callback on the raw
+    non-blocking socket (loop.add_reader) answers with plain recvfrom/sendto, a batch per wake-up. The
+    transport's per-datagram machinery (a protocol call, a buffer check, a sendto through its own queue) cost
+    ~5x the echo itself: 0.14-0.33x the C epoll reference. Same core, same rate limit and drop counts."""
+
+    def __init__(self, sock: socket.socket, settings: Settings, log: logging.Logger) -> None:
+        self.sock, self.core = sock, udp_core(sock, settings)
         self.seen = 0  # datagrams received: the drain waits until this stops moving
-        self.transport = None  # type: Any
         self.dropped = RateLimited(log, "udp datagrams dropped")
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.seen += 1
-        reply = self.core.datagram_received(data, addr, _now())
-        if reply.__class__ is bytes:
-            if reply:
-                self.transport.sendto(reply, addr)
-            else:  # the transport silently drops empty datagrams; one in, one out holds for empty ones too
-                self.sock.sendto(reply, addr)
-        else:
-            self.dropped.hit(self.loop.time(), dropped_detail(self.core, reply))
-
-    def error_received(self, exc: Exception) -> None:  # ICMP errors for earlier replies: nothing to do
-        pass
+    def readable(self) -> None:
+        self.seen += answer_datagrams(self.sock, self.core, self.dropped, _now())
 
 
 def _stop_future(loop: Any, log: logging.Logger) -> asyncio.Future:
@@ -397,19 +388,18 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
 async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
     loop = asyncio.get_event_loop()
     stop = _stop_future(loop, log)
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramProtocol(sock, settings, log, loop), sock=sock
-    )
+    reader = DatagramReader(sock, settings, log)
+    loop.add_reader(sock.fileno(), reader.readable)
     mode = await stop
     if mode == lifecycle.DRAIN:
-        # Let the loop answer what is already queued on the socket (works on uvloop too, which owns the fd):
-        # stop once a short wait brings no new datagram.
+        # Answer what is already queued on the socket: stop once a short wait brings no new datagram.
         for _ in range(50):
-            seen = protocol.seen
+            seen = reader.seen
             await asyncio.sleep(0.02)
-            if protocol.seen == seen:
+            if reader.seen == seen:
                 break
-    transport.close()
+    loop.remove_reader(sock.fileno())
+    sock.close()
     lifecycle.log_udp_stopped(log, mode)
     return 0
 

@@ -30,7 +30,7 @@ from services.drivers.runtime import (
     Settings,
     StreamCore,
     Wakeup,
-    dropped_detail,
+    answer_datagrams,
     file_root,
     format_address,
     overdue,
@@ -51,7 +51,6 @@ ACCEPT_BATCH = 64
 # Prefork workers share one listening socket and all wake for it: taking one connection per wake-up lets
 # the others take theirs, instead of the first worker to wake swallowing the whole accept queue.
 SHARED_ACCEPT_BATCH = 1
-UDP_BATCH = 64
 DRAIN_TICK = 0.05
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -516,22 +515,7 @@ class UdpServer(_Loop):
         self.dropped = RateLimited(log, "udp datagrams dropped")
 
     def serve_ready(self) -> None:
-        sock, core, bufsize = self.sock, self.core, self.core.max_size + 1
-        for _ in range(UDP_BATCH):
-            try:
-                data, addr = sock.recvfrom(bufsize)
-            except _AGAIN:
-                return
-            except OSError:  # e.g. ICMP errors queued on the socket: nothing to answer
-                continue
-            reply = core.datagram_received(data, addr, self.now)
-            if reply.__class__ is bytes:
-                try:
-                    sock.sendto(reply, addr)
-                except OSError as exc:
-                    self.dropped.hit(self.now, f"reply to {format_address(addr)} not sent: {exc}")
-            else:
-                self.dropped.hit(self.now, dropped_detail(core, reply))
+        answer_datagrams(self.sock, self.core, self.dropped, self.now)
 
     def run(self) -> int:
         self.sock.setblocking(False)
