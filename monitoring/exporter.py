@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from monitoring import metrics, probes, serve
+from monitoring import metrics, probes, serve, webconfig
 from monitoring.collect import Collector
 from monitoring.collect.snapshot import Look, PartResult, describe
 from monitoring.errors import ManifestError, MonitoringError, UsageError
@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source", choices=("auto", "netlink", "proc"), default="auto", help="socket table source"
     )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default="",
+        metavar="PATH",
+        help="TLS and basic auth, in the web-config format of Prometheus' exporters (tls_server_config, "
+        "basic_auth_users with bcrypt hashes); default: plain HTTP, no auth",
+    )
     p.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)  # tests: an unreadable /proc
     return p
 
@@ -250,9 +258,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = settings_from_args(args)
         if settings.manifest:
             read_manifest(settings.manifest)  # a missing or broken manifest at start is the user's to fix
+        web = webconfig.read(args.web_config_file) if args.web_config_file else webconfig.WebConfig()
+        tls = webconfig.ssl_context(web)
+        auth = webconfig.Passwords(web.users).check if web.users else None
         scraper = Scraper(settings, log=_log)
         scraper.scrape()  # first look: restart tracking starts now, failing parts are logged right away
-        server = make_server(host, port, renderer(scraper), scraper.log, workers=settings.workers)
+        server = make_server(
+            host, port, renderer(scraper), scraper.log, workers=settings.workers, tls=tls, auth=auth
+        )
     except MonitoringError as exc:
         _log(str(exc))
         return 2
@@ -260,7 +273,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     where = f"[{bound_host}]:{bound_port}" if ":" in str(bound_host) else f"{bound_host}:{bound_port}"
     targets = ", ".join(t.name for t in scraper.collector.targets) or "none"
     # stdout, one line: tests (and people) read the bound port from it when --bind asked for port 0
-    print(f"serving http://{where}/metrics (targets: {targets})", flush=True)
+    scheme = "https" if tls is not None else "http"
+    guarded = " with basic auth" if auth is not None else ""
+    print(f"serving {scheme}://{where}/metrics{guarded} (targets: {targets})", flush=True)
 
     def stop(signum: int, _frame: Any) -> None:
         # shutdown() waits for serve_forever() to return, which runs in this (the main) thread

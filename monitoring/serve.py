@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from monitoring.collect.snapshot import describe
@@ -56,6 +56,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
+        auth = self.server.auth
+        if auth is not None and not auth(self.headers.get("Authorization")):
+            body = b"unauthorized\n"
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="sockops-exporter"')
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if path == "/metrics":
             try:
                 body, ctype, code = self.server.render(), CONTENT_TYPE, 200
@@ -94,7 +104,10 @@ class MetricsServer:
         *,
         workers: int = WORKERS,
         backlog: int = BACKLOG,
+        tls: Any = None,
+        auth: Optional[Callable[[Optional[str]], bool]] = None,
     ) -> None:
+        """tls: an ssl.SSLContext (server side), or None for plain HTTP; auth: Authorization header -> ok."""
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -109,6 +122,8 @@ class MetricsServer:
         self.render = render
         self.log = log
         self.workers = workers
+        self.tls = tls
+        self.auth = auth
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrape")
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -199,7 +214,14 @@ class MetricsServer:
         keep = False
         try:
             peer = conn.getpeername()
+            if self.tls is not None and not hasattr(conn, "pending"):  # a new connection: TLS handshake
+                # here in a pool thread, under the request timeout, so a slow handshake never blocks accept()
+                conn.settimeout(REQUEST_TIMEOUT)
+                conn = self.tls.wrap_socket(conn, server_side=True)
             keep = not _Handler(conn, peer, self).close_connection
+            # decrypted bytes already buffered by TLS are invisible to the selector: answer them now
+            while keep and getattr(conn, "pending", lambda: 0)():
+                keep = not _Handler(conn, peer, self).close_connection
         except Exception as exc:  # a scraper that gave up mid-response: one log line, not a traceback
             self.log(f"connection failed: {exc!r}")
         with self._lock:
@@ -241,10 +263,12 @@ def make_server(
     log: Callable[[str], None],
     *,
     workers: int = WORKERS,
+    tls: Any = None,
+    auth: Optional[Callable[[Optional[str]], bool]] = None,
 ) -> MetricsServer:
-    """Bind /metrics; ExporterError if the port is taken."""
+    """Bind /metrics (HTTPS with `tls`, basic auth with `auth`); ExporterError if the port is taken."""
     try:
-        return MetricsServer((host, port), render, log, workers=workers)
+        return MetricsServer((host, port), render, log, workers=workers, tls=tls, auth=auth)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise ExporterError(

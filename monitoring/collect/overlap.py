@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 
 
 def concurrently(*fns: Callable[[], Any]) -> List[Any]:
-    """Call every function, each in its own thread; results in order.
+    """Call every function, the first in this thread and each other one in its own; results in order.
 
     Waits for all of them; if any raised, re-raises the first failure (in argument order) here.
 
@@ -26,7 +26,32 @@ def concurrently(*fns: Callable[[], Any]) -> List[Any]:
     """
     if _cpus() < 2:  # one usable CPU: threads would only add switches
         return [fn() for fn in fns]
-    return each(lambda fn: fn(), list(fns), threads=len(fns))
+    results: List[Any] = [None] * len(fns)
+    errors: List[Optional[BaseException]] = [None] * len(fns)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:  # handed to the caller's thread below
+            errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(1, len(fns))]
+    _run_all(threads, lambda: call(0) if fns else None, errors)
+    return results
+
+
+def _run_all(threads: List[threading.Thread], here: Callable[[], Any], errors: List[Any]) -> None:
+    """Start the threads, run `here` in this one, wait for all; then raise the first error recorded."""
+    for t in threads:
+        t.start()
+    try:
+        here()
+    finally:
+        for t in threads:
+            t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
 
 
 def _cpus() -> int:
@@ -37,7 +62,8 @@ def _cpus() -> int:
 
 
 def each(fn: Callable[[Any], Any], items: List[Any], threads: int) -> List[Any]:
-    """fn(item) for every item on at most `threads` daemon threads; results in order (first failure raised).
+    """fn(item) for every item on at most `threads` threads, this one included (the others: daemon threads);
+    results in order; the first failure (in item order) is raised here.
 
     Daemon threads, not concurrent.futures: a worker stuck past a deadline must not hold up the process's
     exit (the executor's workers are joined at interpreter shutdown), and the import costs ~5 ms.
@@ -65,12 +91,6 @@ def each(fn: Callable[[Any], Any], items: List[Any], threads: int) -> List[Any]:
         except BaseException as exc:  # handed to the caller's thread below
             errors[i] = exc
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(threads, len(items))))]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(items)) - 1)]
+    _run_all(workers, work, errors)
     return results

@@ -31,6 +31,7 @@ MODULES = [
     "monitoring.metrics",
     "monitoring.collect.snapshot",
     "monitoring.verdict",
+    "monitoring.webconfig",
 ]
 
 

@@ -78,8 +78,10 @@ def exporter(*args: str) -> Iterator[Exporter]:
     )
     try:
         line = _first_line(proc, seconds=30)
-        assert line.startswith("serving http://127.0.0.1:"), line + proc.stderr.read()
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert line.startswith(("serving http://127.0.0.1:", "serving https://127.0.0.1:")), (
+            line + proc.stderr.read()
+        )
+        port = int(line.split("://127.0.0.1:")[1].split("/")[0])
         yield Exporter(proc, port)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,166 @@
+"""The exporter's optional TLS and basic auth (issue 15), configured with Prometheus' web-config format.
+
+A real exporter process serves HTTPS with a self-signed certificate made here (cryptography, in the
+operator's venv) and bcrypt-hashed users; scrapes go over real TLS connections on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.client
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import bcrypt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from monitoring import webconfig
+from tests.monitoring.conftest import REPO
+from tests.monitoring.test_exporter import exporter
+
+PASSWORD = "correct horse"
+
+
+def self_signed(d: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, valid for a day."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sockops-exporter test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = d / "exporter.crt", d / "exporter.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture
+def web_config(tmp_path: Path) -> Path:
+    self_signed(tmp_path)
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web.yml"
+    # relative cert paths: exporter-toolkit resolves them against the config file's directory
+    path.write_text(
+        "# as node_exporter reads it\n"
+        "tls_server_config:\n"
+        "  cert_file: exporter.crt\n"
+        "  key_file: exporter.key\n"
+        "basic_auth_users:\n"
+        f"  prometheus: '{hashed}'\n"
+    )
+    return path
+
+
+def _get(port: int, cafile: Path | None, auth: str | None) -> tuple[int, str, str]:
+    """GET /metrics over TLS, trusting `cafile` (None: only the system's CAs)."""
+    ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=ctx)
+    try:
+        headers = {"Authorization": auth} if auth else {}
+        conn.request("GET", "/metrics", headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("WWW-Authenticate") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _plain_get(port: int) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_tls_scrape_with_basic_auth(web_config: Path) -> None:
+    cafile = web_config.parent / "exporter.crt"
+    with exporter("--port", "22", "--no-probes", "--manifest", "", "--web.config.file", str(web_config)) as e:
+        status, _, text = _get(e.port, cafile, _basic("prometheus", PASSWORD))
+        assert status == 200, text
+        assert "sockops_connections" in text
+        again, _, _ = _get(e.port, cafile, _basic("prometheus", PASSWORD))  # remembered, still checked
+        assert again == 200
+        for auth in (None, _basic("prometheus", "wrong"), _basic("nobody", PASSWORD), "Bearer x"):
+            status, challenge, _ = _get(e.port, cafile, auth)
+            assert status == 401, auth
+            assert challenge == 'Basic realm="sockops-exporter"'
+        # plain HTTP to the TLS port gets no metrics
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            _plain_get(e.port)
+        # a client that does not trust the certificate is refused by its own verification
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _get(e.port, None, _basic("prometheus", PASSWORD))
+
+
+def _start_fails(*args: str, env_path: str = "") -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": env_path} if env_path else {}
+    return subprocess.run(
+        [sys.executable, "-m", "monitoring.exporter", "--bind", "127.0.0.1:0", "--port", "22",
+         "--manifest", "", "--no-probes", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_plaintext_password_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  prometheus: hunter2\n")
+    proc = _start_fails("--web.config.file", str(path))
+    assert proc.returncode == 2
+    assert "basic_auth_users.prometheus is not a bcrypt hash" in proc.stderr
+    assert "serving" not in proc.stdout
+
+
+def test_basic_auth_without_bcrypt_module_is_refused(web_config: Path, tmp_path: Path) -> None:
+    # an interpreter where `import bcrypt` fails: a module on PYTHONPATH that raises ImportError
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "bcrypt.py").write_text("raise ImportError('bcrypt is not installed here')\n")
+    proc = _start_fails("--web.config.file", str(web_config), env_path=str(shadow))
+    assert proc.returncode == 2
+    assert "basic_auth_users needs the `bcrypt` module" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tls_server_config:\n  cert_file: a\n", "needs both cert_file and key_file"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAnyClientCert\n",
+         "tls_server_config.client_auth_type is not supported"),
+        ("http_server_config:\n  http2: true\n", "http_server_config not supported"),
+        ("basic_auth_users:\n  - a\n", "expected `key: value`"),
+    ],
+)  # fmt: skip
+def test_web_config_refusals(text: str, message: str) -> None:
+    with pytest.raises(webconfig.WebConfigError, match=message.replace("(", r"\(")):
+        webconfig.parse(text, "web.yml")
