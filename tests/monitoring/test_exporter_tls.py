@@ -7,13 +7,18 @@ operator's venv) and bcrypt-hashed users; scrapes go over real TLS connections o
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import http.client
 import ipaddress
+import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import bcrypt
@@ -24,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from monitoring import webconfig
-from tests.monitoring.conftest import REPO
+from tests.deploy.test_prometheus import stop_server  # the same SIGTERM-then-KILL by pid
+from tests.monitoring.conftest import REPO, free_port
 from tests.monitoring.test_exporter import exporter
 
 PASSWORD = "correct horse"
@@ -164,3 +170,60 @@ def test_basic_auth_without_bcrypt_module_is_refused(web_config: Path, tmp_path:
 def test_web_config_refusals(text: str, message: str) -> None:
     with pytest.raises(webconfig.WebConfigError, match=message.replace("(", r"\(")):
         webconfig.parse(text, "web.yml")
+
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+def _targets(url: str) -> dict[str, dict]:
+    """Prometheus' active targets by job."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{url}/api/v1/targets?state=active", timeout=5) as resp:
+        data = json.load(resp)
+    return {t["labels"]["job"]: t for t in data["data"]["activeTargets"]}
+
+
+@pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="Debian's prometheus is not installed")
+def test_real_prometheus_scrapes_over_tls_with_basic_auth(web_config: Path, tmp_path: Path) -> None:
+    """The scrape config the operator side must generate: https, the exporter's certificate as CA, and the
+    basic auth user; a job with a wrong password is down with 401."""
+    cafile = web_config.parent / "exporter.crt"
+    with exporter("--port", "22", "--no-probes", "--manifest", "", "--web.config.file", str(web_config)) as e:
+
+        def job(name: str, password: str) -> str:
+            return (
+                f"  - job_name: {name}\n    scheme: https\n    tls_config:\n      ca_file: {cafile}\n"
+                f"    basic_auth:\n      username: prometheus\n      password: '{password}'\n"
+                f"    static_configs:\n      - targets: ['127.0.0.1:{e.port}']\n"
+            )
+
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+            + job("sockops", PASSWORD)
+            + job("wrong", "nope")
+        )
+        port, log = free_port(), tmp_path / "prometheus.log"
+        with log.open("w") as log_fh:
+            server = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log_fh, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            seen: dict[str, dict] = {}
+            deadline = time.monotonic() + 60  # bounded wait for the first scrapes, not a speed assertion
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    seen = _targets(f"http://127.0.0.1:{port}")
+                if {j: seen.get(j, {}).get("health") for j in ("sockops", "wrong")} == {
+                    "sockops": "up",
+                    "wrong": "down",
+                }:
+                    break
+                time.sleep(0.5)
+            assert seen.get("sockops", {}).get("health") == "up", (seen, log.read_text()[-2000:])
+            assert seen["wrong"]["health"] == "down"
+            assert "401" in seen["wrong"]["lastError"]
+        finally:
+            stop_server(server)
