@@ -7,6 +7,11 @@
     python -m monitoring --watch --interval 2     # refresh in place until Ctrl-C
 
 Exit status is the verdict's Nagios code (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN); errors exit 3.
+A one-shot run ends within --deadline seconds (default 5, probes and supervisord included): a part still
+running then is an UNKNOWN verdict that names it, in whichever format was asked for.
+
+Run on every host by Nagios, cron or Consul, so it imports only what the asked-for output needs
+(supervisord's XML-RPC client, psutil, services' protocol clients and the Prometheus families on first use).
 """
 
 from __future__ import annotations
