@@ -44,6 +44,11 @@ from services.files import FileBody, Found, open_body
 
 DRAIN_TICK = 0.05
 READ_BUFFER = 65536
+# A transport holding this much unsent output pauses us (pause_writing -> pause_reading), and while any is
+# held a read takes only what keeps it under this: a client that never reads costs at most ~64 KiB of
+# buffered replies, not a full read on top of a full buffer (1,000 such clients: issue 14's 100 MiB bound).
+HIGH_WATER = 65536
+MIN_READ = 4096
 # time.monotonic itself (a C function, ~40 ns): asyncio's loop.time() wraps it in a Python method call.
 _now = time.monotonic
 SENDFILE_SLICE = 4 << 20
@@ -108,8 +113,12 @@ class StreamProtocol(asyncio.BufferedProtocol):
             victim.kill()
             state.conns.discard(victim)  # gone now, not at its connection_lost: never picked twice
         state.conns.add(self)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        buffered = self.transport.get_write_buffer_size()
+        if buffered:
+            return self.state.view[: max(HIGH_WATER - buffered, MIN_READ)]
         return self.state.view
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -47,6 +47,9 @@ from services.files import FileBody, FileRoot, Found, open_body
 BUFSIZE = 65536  # below glibc's mmap threshold: big enough for few syscalls, cheap to allocate
 HIGH_WATER = 1 << 16  # queued output at which we stop reading a client (64 KiB: bounded memory per client)
 LOW_WATER = 1 << 14  # ... and resume
+# While output is queued, a read takes only what keeps the queue under HIGH_WATER (at least this much):
+# a full BUFSIZE read on top of 60 KiB queued would let a client that never reads pin ~124 KiB, not 64.
+MIN_READ = 4096
 ACCEPT_BATCH = 64
 # Prefork workers share one listening socket and all wake for it: taking one connection per wake-up lets
 # the others take theirs, instead of the first worker to wake swallowing the whole accept queue.
@@ -110,8 +113,9 @@ class Conn:
 
     # -- reading --
     def on_read(self) -> None:
+        pending = self.pending
         try:
-            data = self.sock.recv(BUFSIZE)
+            data = self.sock.recv(max(HIGH_WATER - pending, MIN_READ) if pending else BUFSIZE)
         except _AGAIN:
             return
         except OSError:
