@@ -51,6 +51,8 @@ class DeployBenchRequest:
     python: str = "/usr/bin/python3"  # interpreter on the test hosts (they share this machine's /usr)
     prefix: str = "sockbench"  # host names sockbench1..N: never the user's testhost1..N
     state_dir: str = ""  # "" = <testhosts.BASE_DIR>/bench-<pid>
+    zero_downtime: bool = False  # instead of the fleet: failed requests during deploy/restart/rollback
+    variants: tuple[str, ...] = ()  # --zero-downtime: the services' variants ("" = all four)
 
 
 def validate(req: DeployBenchRequest) -> DeployBenchRequest:
@@ -249,6 +251,10 @@ def deploy_bench(req: DeployBenchRequest, progress: Progress = print) -> dict[st
     from devtools import testhosts
 
     req = validate(req)
+    if req.zero_downtime:
+        from devtools.bench.zero_downtime import VARIANTS, zero_downtime_bench
+
+        return zero_downtime_bench(req.variants or VARIANTS, python=req.python, progress=progress)
     problem = testhosts.support_problem()
     if problem:
         raise BenchError(f"--deploy needs test hosts: {problem}")

@@ -17,7 +17,7 @@ import pytest
 
 import devtools.bench as benchmod
 from devtools import testhosts as th
-from devtools.bench import deploy_bench, results, runner
+from devtools.bench import deploy_bench, results, runner, zero_downtime
 from devtools.bench.errors import BenchError
 
 
@@ -156,3 +156,36 @@ def test_a_failing_deploy_fails_the_bench_and_still_removes_the_fleet() -> None:
         deploy_bench.deploy_bench(req, progress=lambda msg: None)
     assert not state_dir.exists()
     assert _processes_mentioning(str(state_dir)) == []
+
+
+def test_zero_downtime_docstring_examples() -> None:
+    failed, attempted = doctest.testmod(zero_downtime, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert attempted > 0
+    assert failed == 0
+
+
+def test_zero_downtime_refuses_an_unknown_variant() -> None:
+    with pytest.raises(BenchError, match="variants \\['uvloop2'\\]: choose from threaded, prefork"):
+        zero_downtime.zero_downtime_bench(["uvloop2"], python="/usr/bin/python3")
+
+
+@pytest.mark.hosts  # --host local: root, a real supervisord
+def test_zero_downtime_one_variant_is_well_formed_and_undeploys(tmp_path: Path) -> None:
+    req = deploy_bench.DeployBenchRequest(zero_downtime=True, variants=("selectors",))
+    out = deploy_bench.deploy_bench(req, progress=lambda _msg: None)
+    assert out["python"] == "/usr/bin/python3"
+    assert list(out["results"]) == ["selectors"]
+    for action in zero_downtime.ACTIONS:
+        for protocol in zero_downtime.PROTOCOLS:
+            cell = out["results"]["selectors"][action][protocol]
+            # the load ran before and after the command: at least SETTLE_OK answers each side
+            assert cell["total"] - cell["failed"] >= 2 * zero_downtime.SETTLE_OK, (action, protocol, cell)
+            assert 0 <= cell["failed"] <= cell["total"] <= zero_downtime.MAX_REQUESTS
+            assert len(cell["errors"]) == min(cell["failed"], zero_downtime.ERRORS_KEPT)
+            assert cell["command_s"] > 0
+    assert out["failed"]["selectors"] == sum(
+        c[p]["failed"] for c in out["results"]["selectors"].values() for p in zero_downtime.PROTOCOLS
+    )
+    assert out["goals"]["zero_failed_met"] == (out["failed"]["selectors"] == 0)
+    assert zero_downtime.markdown_table(out).splitlines()[2].startswith("| selectors | ")
+    assert psutil.Process().children(recursive=True) == []  # supervisord and the services are gone
