@@ -428,6 +428,8 @@ ns.add_task(prometheus_config)
         "deploy": "instead of the grid: unchanged re-deploy time, 1 vs N test hosts in parallel (root)",
         "deploy_hosts": "--deploy: test hosts deployed to in parallel (default 8; --python = their "
         "interpreter, default /usr/bin/python3)",
+        "zero_downtime": "--deploy: instead of the fleet, failed/total TCP and UDP requests during a changed "
+        "deploy, restart and rollback on --host local, per variant (--variants; default all four)",
     }
 )
 @_user_errors
@@ -456,6 +458,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     build_optimize=False,
     deploy=False,
     deploy_hosts=8,
+    zero_downtime=False,
 ):
     """Measure every variant of every service side by side with reference servers (loopback only)."""
     from devtools import bench as benchmod
@@ -480,7 +483,15 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     build_req = (
         benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv, build_optimize) if build else None
     )
-    deploy_req = benchmod.DeployBenchRequest(hosts=int(deploy_hosts)) if deploy else None
+    deploy_req = (
+        benchmod.DeployBenchRequest(
+            hosts=int(deploy_hosts),
+            zero_downtime=bool(zero_downtime),
+            variants=tuple(v for v in (variants or "").split(",") if v) if zero_downtime else (),
+        )
+        if deploy or zero_downtime
+        else None
+    )
     benchmod.bench(opts, monitor=monitor, build=build_req, deploy=deploy_req)
 
 
