@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from invoke import Collection, Exit, task
 
+from deploy import validate
 from deploy.config import DEFAULTS
 from deploy.errors import DeployError
 from deploy.hostspec import host_list
@@ -32,6 +33,11 @@ def _user_errors(fn: F) -> F:
             raise Exit(f"sockops: {exc}", code=1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _count(value: Any, flag: str, low: int = 0, high: int = 10_000) -> int:
+    """A numeric flag ('' = its default 0): invoke would cast an int-typed flag itself, with a traceback."""
+    return validate.parse_count(value or 0, flag=flag, low=low, high=high)
 
 
 def _split(flags: list[str] | None) -> list[str]:
@@ -69,11 +75,13 @@ ns.configure(DEFAULTS)
 
 @task(help={"count": "how many hosts (1-63)", "prefix": "host name prefix", "state_dir": "fleet dir"})
 @_user_errors
-def fleet_up(c, count=2, prefix="testhost", state_dir=""):
+def fleet_up(c, count="2", prefix="testhost", state_dir=""):
     """Start N disposable SSH test hosts (root; netns + real sshd); replaces the previous fleet."""
     from devtools import testhosts
 
-    fleet = testhosts.up(int(count), prefix=prefix, state_dir=state_dir or testhosts.DEFAULT_STATE_DIR)
+    fleet = testhosts.up(
+        _count(count, "--count", 1, 63), prefix=prefix, state_dir=state_dir or testhosts.DEFAULT_STATE_DIR
+    )
     print(testhosts.describe(fleet))
 
 
@@ -123,6 +131,8 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "optimize": "PGO + LTO with a bounded profile run (slower build, faster interpreter)",
         "no_install_deps": "do not install missing -dev packages; only warn about them",
         "force": "rebuild even if the prefix already holds this exact build",
+        "no_compile_on_targets": "targets get only a packed build of their platform from the operator cache "
+        "(no compiler, no -dev packages on them); a platform with nothing cached is refused",
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
     },
@@ -136,12 +146,13 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
     source="",
     mirror="",
     sha256="",
-    jobs=0,
+    jobs="",
     optimize=False,
     no_install_deps=False,
     force=False,
     ssh_config="",
     accept_new_host_key=False,
+    no_compile_on_targets=False,
 ):
     """Build CPython from a verified tarball into a dedicated prefix, atomically (no-op if already built)."""
     from deploy import python_build
@@ -154,7 +165,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         source=source,
         mirror=mirror,
         sha256=sha256,
-        jobs=int(jobs),
+        jobs=_count(jobs, "--jobs", 0, 1024),
         optimize=optimize,
         install_deps=not no_install_deps,
         force=force,
@@ -164,6 +175,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         request,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
+        compile_on_targets=not no_compile_on_targets,
     )
 
 
@@ -197,7 +209,7 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
     variant="",
     dry_run=False,
     accept_new_host_key=False,
-    serial=0,
+    serial="",
     ssh_config="",
     inventory="",
 ):
@@ -211,7 +223,7 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
         variant=variant,
         dry_run=dry_run,
         accept_new_host_key=accept_new_host_key,
-        serial=int(serial),
+        serial=_count(serial, "--serial"),
         ssh_config=_ssh_config(c, ssh_config),
     )
 
@@ -271,7 +283,7 @@ def restart(c, host, program, ssh_config=""):
     },
 )
 @_user_errors
-def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0917 - signature = the CLI
+def logs(c, host, program, lines="40", follow=False, ssh_config=""):  # noqa: PLR0917 - signature = the CLI
     """Show the tail of the services' logs from /var/log/sockops."""
     from deploy import commands
 
@@ -279,7 +291,7 @@ def logs(c, host, program, lines=40, follow=False, ssh_config=""):  # noqa: PLR0
         c.config.sockops,
         _split(host),
         program,
-        lines=int(lines),
+        lines=_count(lines, "--lines", 1, 100_000),
         follow=follow,
         ssh_config=_ssh_config(c, ssh_config),
     )
@@ -348,7 +360,7 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False, invent
 )
 @_user_errors
 def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
-    c, host="local", watch=False, interval=2.0, count=0, ssh_config="", accept_new_host_key=False
+    c, host="local", watch=False, interval="2", count="", ssh_config="", accept_new_host_key=False
 ):
     """Top-like view of one host: connections by state, TIME_WAIT, per-process load, probes."""
     from deploy import health as health_mod
@@ -357,8 +369,8 @@ def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signa
         c.config.sockops,
         host,
         watch=watch,
-        interval=float(interval),
-        count=int(count),
+        interval=validate.parse_seconds(interval, flag="--interval", low=0.1, high=3600),
+        count=_count(count, "--count"),
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
     )
@@ -384,7 +396,7 @@ ns.add_task(monitor)
     },
 )
 @_user_errors
-def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
+def prometheus_config(c, host, out="prometheus", port="", ssh_config=""):
     """Write Prometheus targets, alert rules (sockops.health thresholds), scrape config, alertmanager.yml."""
     from deploy import prometheus
 
@@ -392,7 +404,7 @@ def prometheus_config(c, host, out="prometheus", port=0, ssh_config=""):
         c.config.sockops,
         _split(host),
         out=out,
-        port=int(port),
+        port=_count(port, "--port", 0, 65535),
         ssh_config=_ssh_config(c, ssh_config),
     )
 

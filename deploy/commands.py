@@ -8,12 +8,13 @@ same path with their step from deploy.operate. Each raises DeployError when a ho
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from invoke import Context
 
-from deploy import fleet, operate, release, report
+from deploy import fleet, operate, release, report, validate
 from deploy.config import DeploySettings, deploy_settings
 from deploy.errors import DeployError
 from deploy.outcome import HostOutcome
@@ -42,6 +43,8 @@ def deploy(
 ) -> list[HostOutcome[Any]]:
     """`sockops deploy`: every host in parallel (or in --serial batches); raises DeployError if any failed."""
     settings = settings_from(cfg, python=python, variant=variant)
+    for risk in validate.risks(validate.plain(cfg)):  # allowed by sockops.allow_risky: said loudly
+        report.emit(f"WARNING: {risk} (allowed by sockops.allow_risky)", sys.stderr)
 
     def step(c: Context, host: str) -> Any:
         return release.deploy_host(c, host, settings, dry_run=dry_run, say=report.printer(host))

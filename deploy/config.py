@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from deploy import validate
 from deploy.errors import ConfigError
 from services import addr
 from services.addr import SERVICES, VARIANTS
@@ -121,26 +122,19 @@ def parse_bind(value: str, *, what: str) -> tuple[str, int]:
 
 
 def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[ServiceSpec, ...]:
-    """Typed service list from the `sockops` config mapping; `variant` (a flag) overrides config."""
+    """Typed service list from a validated `sockops` mapping; `variant` (a flag) overrides config."""
     default_variant = variant or str(cfg.get("variant") or "selectors")
     specs = []
     for name, entry in dict(cfg.get("services") or {}).items():
-        if name not in SERVICES:
-            raise ConfigError(f"sockops.services.{name}: unknown service; known: {', '.join(SERVICES)}")
         if entry is None or entry.get("enabled", True) is False:
             continue
-        chosen = variant or str(entry.get("variant") or default_variant)
-        if chosen not in VARIANTS:
-            raise ConfigError(
-                f"sockops.services.{name}.variant: {chosen!r} is not one of {', '.join(VARIANTS)}"
-            )
         host, port = parse_bind(str(entry.get("bind", "")), what=f"sockops.services.{name}.bind")
         specs.append(
             ServiceSpec(
                 name=name,
                 host=host,
                 port=port,
-                variant=chosen,
+                variant=variant or str(entry.get("variant") or default_variant),
                 workers=int(entry.get("workers") or 0),
                 root=str(entry.get("root") or ""),
             )
@@ -231,47 +225,30 @@ def _absolute(value: str, *, what: str) -> str:
 
 
 def deploy_settings(cfg: Mapping[str, Any], *, python: str = "", variant: str = "") -> DeploySettings:
-    """Typed deploy settings from the `sockops` config mapping; flags (python, variant) override config."""
-    raw_paths = dict(DEFAULTS["sockops"]["paths"])
-    raw_paths.update(dict(cfg.get("paths") or {}))
-    paths = Paths(**{k: _absolute(str(v), what=f"sockops.paths.{k}") for k, v in raw_paths.items()})
-    services = service_specs(cfg, variant=variant)
-    if not services:
-        raise ConfigError(
-            "sockops.services: no service enabled; enable at least one of " + ", ".join(SERVICES)
-        )
-    ports = [(s.proto, s.port) for s in services]
-    if len(set(ports)) != len(ports):
-        raise ConfigError(f"sockops.services: two services of one protocol share a port: {ports}")
-    exp = dict(cfg.get("exporter") or {})
+    """Typed deploy settings from the `sockops` config; flags (python, variant) override config.
+
+    The whole mapping is checked first (deploy.validate: every problem at once, one line each); what
+    follows only converts.
+    """
+    data = validate.plain(cfg)
+    validate.raise_for(validate.config_problems(data, DEFAULTS["sockops"]))
+    if variant and variant not in VARIANTS:
+        raise ConfigError(f"--variant {variant!r}: must be one of {', '.join(VARIANTS)}")
+    raw_paths = {**DEFAULTS["sockops"]["paths"], **(data.get("paths") or {})}
+    exp = data.get("exporter") or {}
     exporter = None
     if exp.get("enabled", True):
         host, port = parse_bind(str(exp.get("bind") or "0.0.0.0:9480"), what="sockops.exporter.bind")
         exporter = ExporterSpec(host=host, port=port)
-    user = str(cfg.get("user") or "sockops")
-    if not user.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"sockops.user: {user!r} is not a valid user name")
-    try:
-        keep = int(cfg.get("keep_releases", 5))
-        timeout = float(cfg.get("health_timeout", 20.0))
-        stopwait = int(cfg.get("stopwaitsecs", 10))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"sockops: keep_releases/health_timeout/stopwaitsecs must be numbers ({exc})"
-        ) from exc
-    if keep < 2:
-        raise ConfigError(
-            "sockops.keep_releases: must be at least 2 (the current release and one to roll back to)"
-        )
     return DeploySettings(
-        python=_absolute(str(python or cfg.get("python") or DEFAULTS["sockops"]["python"]), what="--python"),
-        paths=paths,
-        user=user,
-        services=services,
+        python=_absolute(str(python or data.get("python") or DEFAULTS["sockops"]["python"]), what="--python"),
+        paths=Paths(**{k: _absolute(str(v), what=f"sockops.paths.{k}") for k, v in raw_paths.items()}),
+        user=str(data.get("user") or "sockops"),
+        services=service_specs(data, variant=variant),
         exporter=exporter,
-        keep_releases=keep,
-        health_timeout=timeout,
-        stopwaitsecs=stopwait,
-        cache_dir=str(cfg.get("cache_dir") or ""),
-        source_root=str(cfg.get("source_root") or ""),
+        keep_releases=int(data.get("keep_releases", 5)),
+        health_timeout=float(data.get("health_timeout", 20.0)),
+        stopwaitsecs=int(data.get("stopwaitsecs", 10)),
+        cache_dir=str(data.get("cache_dir") or ""),
+        source_root=str(data.get("source_root") or ""),
     )

@@ -146,3 +146,16 @@ def repair(
             f"{host}: release {release} still fails after the repairs:\n{health_failure(doc)}"
         )
     say("health gate passed: " + ", ".join(sorted(doc.get("services", {}))))
+
+
+def gate_unobserved(
+    c: Context, settings: DeploySettings, release: str, facts: HostFacts, error: str, *, host: str, say: Say
+) -> None:
+    """When `observe` could not run, "unchanged" rests on the health gate alone, and says so."""
+    doc = step_health(c, settings, release, facts, host=host)
+    if not doc.get("ok"):
+        raise HealthGateError(
+            f"{host}: the live state could not be observed ({error}) and the health gate fails:\n"
+            f"{health_failure(doc)}"
+        )
+    say(f"unchanged: release {release} is current, every service answers (not observed: {error})")

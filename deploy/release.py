@@ -106,8 +106,12 @@ def _converge(
     say: Say,
 ) -> Done[Any]:
     """Nothing to change on disk: "unchanged" when the live host agrees, else repair and health-gate."""
+    if live is not None and live.error and not dry_run:
+        # observe itself failed: "unchanged" still has to be a checked claim, so the health gate decides
+        converge.gate_unobserved(c, settings, release, facts, live.error, host=host, say=say)
+        return outcome.unchanged(release)
     if live is None or live.converged or live.error:
-        # no observation: a first deploy has nothing running; a release older than `hostctl observe` can't
+        # no observation: a first deploy has nothing running (a dry run only reports)
         unseen = f" (live state not observed: {live.error})" if live is not None and live.error else ""
         say(f"unchanged: release {release} is current, supervisord runs it, nothing restarted{unseen}")
         return outcome.unchanged(release)

@@ -190,8 +190,8 @@ def _services(cfg: Mapping[str, Any], known: Mapping[str, Any]) -> tuple[list[Pr
         if entry is None or not isinstance(entry, Mapping) or entry.get("enabled", True) is False:
             continue
         problems += _unknown(entry, {**known.get(name, {}), "enabled": True, "root": "", "workers": 0}, key)
-        variant = entry.get("variant") or cfg.get("variant") or "selectors"
-        if variant not in addr.VARIANTS:
+        variant = entry.get("variant")  # "" inherits sockops.variant, which is checked once on its own
+        if variant and variant not in addr.VARIANTS:
             problems.append(Problem(f"{key}.variant", variant, f"must be one of {', '.join(addr.VARIANTS)}"))
         workers = entry.get("workers", 0)
         problems += _range(f"{key}.workers", workers, 0, MAX_WORKERS, integer=True, what="0 = one per CPU")
@@ -270,6 +270,19 @@ def program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[t
     return _program_binds(cfg, defaults)[1]
 
 
+def _identity_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
+    """Paths and the interpreter must be absolute; the service user a plain user name."""
+    problems = []
+    paths = {**defaults.get("paths", {}), **(cfg.get("paths") or {})}
+    for key, value in [*((f"paths.{k}", v) for k, v in paths.items()), ("python", cfg.get("python", "/"))]:
+        if not isinstance(value, str) or not value.startswith("/") or "\n" in value:
+            problems.append(Problem(f"sockops.{key}", value, "must be an absolute path"))
+    user = cfg.get("user", "sockops")
+    if not isinstance(user, str) or not user.replace("-", "").replace("_", "").isalnum():
+        problems.append(Problem("sockops.user", user, "must be a user name (letters, digits, - and _)"))
+    return problems
+
+
 def config_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
     """Every problem of the merged `sockops` mapping (empty: it is good to deploy)."""
     problems = list(_unknown(cfg, {**defaults, RISKY_KEY: False}, "sockops"))
@@ -288,16 +301,49 @@ def config_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list
                        what="seconds every service gets to answer after a deploy")  # fmt: skip
     problems += _range("sockops.stopwaitsecs", cfg.get("stopwaitsecs", 10), 1, 3600, integer=True,
                        what="seconds of graceful drain before SIGKILL")  # fmt: skip
+    problems += _identity_problems(cfg, defaults)
+    if not bind_problems and not any(name != "exporter" for name, *_ in binds):
+        fix = f"enable at least one of {', '.join(addr.SERVICES)}"
+        problems.append(Problem("sockops.services", cfg.get("services"), f"no service is enabled; {fix}"))
     if cfg.get(RISKY_KEY) is not True:
         fix = "; set sockops.allow_risky: true if you mean it"
         problems += [Problem(p.key, p.value, p.fix + fix) for p in risks(cfg)]
     return problems
 
 
+def plain(value: Any) -> Any:
+    """invoke's config views (DataProxy: mapping-like, not a Mapping) as plain dicts, recursively.
+
+    >>> from invoke import Config
+    >>> plain(Config(overrides={"sockops": {"services": {"x": {"bind": ":1"}}}}).sockops)
+    {'services': {'x': {'bind': ':1'}}}
+    """
+    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+        return {k: plain(value[k]) for k in value.keys()}  # noqa: SIM118 - DataProxy has no __iter__ contract
+    return value
+
+
 def check_config(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
     """Raise one ConfigError naming every problem; return the risks that were allowed (to warn about)."""
-    raise_for(config_problems(cfg, defaults))
-    return risks(cfg)
+    data = plain(cfg)
+    raise_for(config_problems(data, defaults))
+    return risks(data)
+
+
+def parse_seconds(value: Any, *, flag: str, low: float = 0.0, high: float = 86_400.0) -> float:
+    """A duration flag in seconds, or a ConfigError naming the flag and the range.
+
+    >>> parse_seconds("2.5", flag="--interval", low=0.1)
+    2.5
+    >>> parse_seconds("soon", flag="--interval", low=0.1)
+    Traceback (most recent call last):
+    ...
+    deploy.errors.ConfigError: --interval 'soon': must be a number of seconds from 0.1 to 86400
+    """
+    got = _number(value, integer=False)
+    if got is None or not low <= got <= high:
+        raise ConfigError(f"{flag} {value!r}: must be a number of seconds from {low:g} to {high:g}")
+    return float(got)
 
 
 def parse_count(value: Any, *, flag: str, low: int = 0, high: int = 10_000) -> int:

@@ -34,6 +34,7 @@ def _local_cfg(tmp_path: Path, name: str, *, tcp: int, transfer: int, udp_varian
         paths={"base": f"{base}/srv", "etc": f"{base}/etc", "run": f"{base}/run", "log": f"{base}/log"},
         exporter={"enabled": False},
         user="root",
+        allow_risky=True,  # services as root is refused without it
     )
 
 

@@ -284,6 +284,7 @@ def test_local_deploy_on_python37_then_311_then_undeploy(tmp_path):
         exporter={"enabled": False},
         # pyenv's interpreter lives under /root (mode 0700), which an unprivileged service user cannot enter
         user="root",
+        allow_risky=True,  # services as root is refused without it
     )
     try:
         out = ok(sockops(cfg, "deploy", "--host", "local", "--python", py37))

@@ -146,12 +146,12 @@ def test_systemd_unit_runs_supervisord_in_foreground():
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"variant": "forking"}, "not one of threaded"),
+        ({"variant": "forking"}, "must be one of threaded"),
         ({"paths": {"base": "relative"}}, "sockops.paths.base"),
-        ({"keep_releases": 1}, "at least 2"),
+        ({"keep_releases": 1}, "must be an integer from 2 to 100"),
         (
             {"services": {"tcp-echo": {"bind": "0.0.0.0:8080"}, "transfer": {"bind": "0.0.0.0:8080"}}},
-            "share a port",
+            "tcp port 8080 is already taken by tcp-echo",
         ),
         ({"services": {"tcp-echo": {"bind": "0.0.0.0"}}}, "HOST:PORT"),
     ],

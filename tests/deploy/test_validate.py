@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +203,40 @@ def test_invoke_config_files_are_found_next_to_the_tasks_and_at_runtime(tmp_path
     runtime.write_text("")
     found = validate.config_files(str(tmp_path), str(runtime))
     assert found[-3:] == [tmp_path / "invoke.yaml", tmp_path / "invoke.py", runtime]
+
+
+def _sockops(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("sockops")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["deploy", "--dry-run", "--serial=abc"], "sockops: --serial 'abc': must be a whole number from 0"),
+        (
+            ["build-python", "--version", "3.9.2", "--jobs=abc"],
+            "sockops: --jobs 'abc': must be a whole number",
+        ),
+        (["logs", "--lines=x"], "sockops: --lines 'x': must be a whole number from 1"),
+        (["monitor", "--interval=soon"], "sockops: --interval 'soon': must be a number of seconds"),
+    ],
+    ids=["serial", "jobs", "lines", "interval"],
+)
+def test_numeric_flags_fail_in_one_line_from_the_cli(args: list[str], expected: str, tmp_path: Path) -> None:
+    proc = _sockops(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == expected or proc.stderr.startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_broken_invoke_yaml_is_one_line_per_problem_from_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("sockops:\n  services: tcp-echo\n  variant: [a\n")
+    proc = _sockops("-f", "bad.yaml", "status", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "bad.yaml:4: (syntax)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "bad.yaml").write_text("sockops:\n  services:\n    transfer: {workers: many}\n")
+    proc = _sockops("-f", "bad.yaml", "deploy", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "sockops.services.transfer.workers = 'many': must be an integer" in proc.stderr, proc.stderr

@@ -31,6 +31,25 @@ MAX_REQUESTS = 30_000
 BOUND = 30.0  # seconds any single wait may take; the whole load is bounded by ROUNDS * BOUND
 
 
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def migrate_requests():
+    """The kernel handover hostctl turns on before a bridged restart (hostctl.control.migrate_requests):
+    set here too, so this module does not depend on a deploy test having run first; restored afterwards."""
+    from hostctl.control import migrate_requests as turn_on
+
+    before = MIGRATE_REQ.read_text().strip()
+    note = turn_on()
+    if MIGRATE_REQ.read_text().strip() != "1":
+        pytest.fail(
+            f"cannot turn on net.ipv4.tcp_migrate_req (needs root, Linux 5.14+): {note}", pytrace=False
+        )
+    yield
+    MIGRATE_REQ.write_text(before + "\n")
+
+
 def _recv_exact(sock: socket.socket, count: int) -> bytes:
     data = b""
     while len(data) < count:
