@@ -32,6 +32,7 @@ from services.drivers.runtime import (
     answer_datagrams,
     file_root,
     format_address,
+    leave_reuse_port_group,
     overdue,
     request_started,
     stream_core_factory,
@@ -401,7 +402,9 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
     loop.add_reader(sock.fileno(), reader.readable)
     mode = await stop
     if mode == lifecycle.DRAIN:
-        # Answer what is already queued on the socket: stop once a short wait brings no new datagram.
+        # New flows go to the reuse-port twin; answer what is already queued: stop once a short wait brings
+        # no new datagram.
+        leave_reuse_port_group(sock)
         for _ in range(50):
             seen = reader.seen
             await asyncio.sleep(0.02)

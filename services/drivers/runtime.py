@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, List, Optional, Tuple, Union
 
@@ -338,6 +339,30 @@ def answer_datagrams(sock: socket.socket, core: UdpEchoCore, dropped: RateLimite
         else:
             dropped.hit(now, dropped_detail(core, reply))
     return taken
+
+
+def leave_reuse_port_group(sock: socket.socket) -> None:
+    """Stop new datagrams from reaching a draining udp-echo socket, keeping those already queued.
+
+    An SO_REUSEPORT group hashes each UDP flow to one socket and Linux has no UDP counterpart of
+    tcp_migrate_req: whatever is queued on (or hashed to) a socket when it closes is lost. A connected UDP
+    socket is skipped by the group's lookup for every other peer, so connect() it to its own port on
+    loopback (no client sends from there): new flows go to the twin, the queue can be drained to empty, and
+    sendto() to an explicit address still works on a connected Linux UDP socket."""
+    host = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+    # If that fails (no loopback in this namespace?) the drain works as before: datagrams may race the close.
+    with contextlib.suppress(OSError):
+        sock.connect((host, sock.getsockname()[1]))
+
+
+UDP_DRAIN_MAX = 1 << 12  # answer_datagrams batches while draining: bounded even if the connect() failed
+
+
+def drain_datagrams(sock: socket.socket, core: UdpEchoCore, dropped: RateLimited) -> None:
+    """After leave_reuse_port_group: answer the queue until it is empty (bounded)."""
+    for _ in range(UDP_DRAIN_MAX):
+        if not answer_datagrams(sock, core, dropped, time.monotonic()):
+            return
 
 
 # ---- signals ---------------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ from services.drivers.runtime import (
     StreamCore,
     Wakeup,
     answer_datagrams,
+    drain_datagrams,
     file_root,
     format_address,
+    leave_reuse_port_group,
     overdue,
     request_started,
     set_nodelay,
@@ -538,7 +540,9 @@ class UdpServer(_Loop):
                     self.log.warning("master process is gone: stopping")
                     return 0
             if self.stop.mode == lifecycle.DRAIN:
-                self.serve_ready()  # answer what already arrived
+                # New flows go to the reuse-port twin; answer everything that already arrived.
+                leave_reuse_port_group(self.sock)
+                drain_datagrams(self.sock, self.core, self.dropped)
             lifecycle.log_udp_stopped(self.log, self.stop.mode)
             return 0
         finally:

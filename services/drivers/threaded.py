@@ -53,6 +53,7 @@ from services.drivers.runtime import (
     dropped_detail,
     file_root,
     format_address,
+    leave_reuse_port_group,
     request_started,
     set_nodelay,
     stream_core_factory,
@@ -449,7 +450,10 @@ def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
                 else:
                     server.service_ready()
         if stop.mode == lifecycle.DRAIN:
-            # Connections the kernel already completed (or datagrams already queued) are ours to answer.
+            # Connections the kernel already completed (or datagrams already queued) are ours to answer;
+            # new datagram flows go to the reuse-port twin.
+            if isinstance(server, UdpServer):
+                leave_reuse_port_group(server.socket)
             for _ in range(1 << 16):
                 ready = sel.select(0)
                 if not ready or stop.mode == lifecycle.QUIT:

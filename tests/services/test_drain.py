@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -131,11 +132,19 @@ def test_term_next_to_a_reuse_port_twin_fails_no_request(
     old = start(0)
     new = start(old.port)
     with Load(name, old.port) as load:
-        load.wait_for(50)
-        for _ in range(ROUNDS):
-            old.send_signal(signal.SIGTERM)
-            assert old.wait() == 0, old.log_text()
-            load.wait_for(50)
-            old, new = new, start(old.port)
-            load.wait_for(50)
+        term_and_replace(old, new, start, load, rounds=ROUNDS, step=50)
     assert load.errors == [], (load.ok, len(load.errors), load.errors[:3])
+
+
+def term_and_replace(
+    old: Service, new: Service, start: Callable, load: Load, *, rounds: int, step: int
+) -> None:
+    """`rounds` times: TERM the older of two reuse-port twins, start its replacement on the same port; the
+    load answers `step` more requests before and after each step."""
+    load.wait_for(step)
+    for _ in range(rounds):
+        old.send_signal(signal.SIGTERM)
+        assert old.wait() == 0, old.log_text()
+        load.wait_for(step)
+        old, new = new, start(old.port)
+        load.wait_for(step)
