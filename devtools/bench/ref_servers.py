@@ -59,14 +59,8 @@ class BacklogThreadingTCPServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
 
 
-def run_tutorial(host, port, udp, backlog_1024=False):
-    if udp:
-        server_cls = socketserver.ThreadingUDPServer
-    elif backlog_1024:
-        server_cls = BacklogThreadingTCPServer
-    else:
-        server_cls = socketserver.ThreadingTCPServer
-    server = server_cls((host, port), MyUDPHandler if udp else MyTCPHandler)
+def _serve_until_term(server):
+    """Announce the bound port, serve until SIGTERM, close: every socketserver reference ends the same way."""
     _announce(server.server_address[1])
 
     def stop():
@@ -79,6 +73,17 @@ def run_tutorial(host, port, udp, backlog_1024=False):
         pass
     finally:
         server.server_close()
+
+
+def run_tutorial(host, port, udp, backlog_1024=False):
+    if udp:
+        server_cls = socketserver.ThreadingUDPServer
+    elif backlog_1024:
+        server_cls = BacklogThreadingTCPServer
+    else:
+        server_cls = socketserver.ThreadingTCPServer
+    server = server_cls((host, port), MyUDPHandler if udp else MyTCPHandler)
+    _serve_until_term(server)
 
 
 # --- minimal asyncio ---------------------------------------------------------------------------------------
@@ -138,18 +143,7 @@ class SendfileServer(socketserver.ThreadingTCPServer):
 def run_sendfile(host, port, path):
     handler = type("Handler", (SendfileHandler,), {"path": path})
     server = SendfileServer((host, port), handler)
-    _announce(server.server_address[1])
-
-    def stop():
-        raise KeyboardInterrupt
-
-    _stop_on_term(stop)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    _serve_until_term(server)
 
 
 def main(argv=None):

@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 from services.protocol.transfer import NEED_DATA, Frame, FrameReader, encode_frame
 from tests.services.conftest import SERVICE_PYTHON, Service, make_tree, start_service
+from tests.services.test_hostile import non_readers, push_all_until_stuck, server_rss
 
 BOUND = 30.0
 
@@ -151,47 +150,16 @@ def big_get(variant: str, logs: Path, python: str, root: Path) -> str:
         _stop(svc)
 
 
-def _rss(svc: Service) -> int:
-    master = psutil.Process(svc.pid)
-    total = 0
-    for proc in [master, *master.children()]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total
-
-
 def rss(variant: str, logs: Path, python: str, count: int) -> str:
     svc = _start("tcp-echo", variant, logs, python, "--max-conns", str(count + 100))
-    socks = []
+    socks: list = []
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-            sock.settimeout(BOUND)
-            sock.connect(svc.address)
-            socks.append(sock)
+        non_readers(svc.address, count, socks)
         for sock in socks:
             _echo_ok(sock)
-        before = _rss(svc)
-        sel = selectors.DefaultSelector()
-        for sock in socks:
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_WRITE)
-        chunk, deadline = b"m" * 65536, time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready = sel.select(0.5)
-            if not ready:
-                break
-            for key, _ in ready:
-                try:
-                    key.fileobj.send(chunk)
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    sel.unregister(key.fileobj)
-        sel.close()
-        grown = _rss(svc) - before
+        before = server_rss(svc)
+        push_all_until_stuck(socks, b"m" * 65536)
+        grown = server_rss(svc) - before
         return f"+{grown / 2**20:.0f} MiB for {count} clients ({grown / count / 1024:.0f} KiB each)"
     finally:
         for sock in socks:

@@ -246,18 +246,24 @@ def push_all_until_stuck(socks: list, chunk: bytes) -> int:
     return pushed
 
 
+def non_readers(address: tuple, count: int, socks: list) -> list:
+    """Connect `count` clients (appended to `socks`, which the caller closes) with small buffers: what piles
+    up must be the server's choice, not the kernel's."""
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.settimeout(BOUND)
+        sock.connect(address)
+    return socks
+
+
 def test_clients_that_never_read_cost_bounded_memory(services, tree: tuple, variant: str) -> None:
     svc = start(services, variant, "tcp-echo", tree, *ONE_WORKER)
-    socks = []
+    socks: list = []
     try:
-        for _ in range(NON_READERS):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            # Small client buffers: what piles up must be the server's choice, not the kernel's.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-            sock.settimeout(BOUND)
-            sock.connect(svc.address)
-            socks.append(sock)
+        non_readers(svc.address, NON_READERS, socks)
         assert all(works("tcp-echo", sock) for sock in socks)
         before = server_rss(svc)
         push_all_until_stuck(socks, b"m" * 65536)
