@@ -17,7 +17,7 @@ from invoke import Collection, Exit, task
 from deploy import validate
 from deploy.config import DEFAULTS
 from deploy.errors import DeployError
-from deploy.hostspec import host_list
+from deploy.hostspec import Targets, host_list
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,13 +45,34 @@ def _split(flags: list[str] | None) -> list[str]:
     return host_list(flags)
 
 
-def _hosts(flags: list[str] | None, inventory: str) -> list[str]:
-    """--host values; with --inventory FILE they are that inventory's hosts, groups and patterns."""
+def _targets(flags: list[str] | None, inventory: str) -> Targets:
+    """The one way every task reads --host: host strings, or with --inventory FILE that inventory's hosts,
+    groups and patterns, each with its `sockops_*` vars (deploy.hostvars)."""
     if not inventory:
-        return host_list(flags)
+        return Targets(tuple(host_list(flags)))
     from deploy import inventory as inventory_mod  # only --inventory needs ansible-core
 
-    return host_list(inventory_mod.expand(flags or [], inventory))
+    return inventory_mod.targets(flags or [], inventory)
+
+
+def _hosts(flags: list[str] | None, inventory: str) -> list[str]:
+    """The host strings of _targets, for tasks that take no per-host settings."""
+    return list(_targets(flags, inventory).hosts)
+
+
+def _rollout(serial: Any, max_fail: Any) -> Any:
+    """--serial and --max-fail, parsed and checked together (deploy.rollout), one line per mistake."""
+    from deploy import rollout
+
+    return rollout.parse(serial or "", max_fail or "")
+
+
+def _one_host(flag: str, inventory: str) -> str:
+    """monitor's single --host: with --inventory, a pattern that must select exactly one host."""
+    hosts = _hosts([flag] if flag else None, inventory)
+    if len(hosts) != 1:
+        raise DeployError(f"--host {flag!r} selects {len(hosts)} hosts; monitor watches one at a time")
+    return hosts[0]
 
 
 def _ssh_config(c: Any, flag: str) -> str:
@@ -66,6 +87,14 @@ _INVENTORY_HELP = (
     "takes its hosts, groups and patterns (web, web:&eu, web:!db, web[0:3], all)"
 )
 _KEY_HELP = "record the key of a host not yet in known_hosts (like ssh accept-new); a changed key is refused"
+_SERIAL_HELP = (
+    "hosts per batch: N, P% of the hosts, or a list like 1,10%,100% (a canary, then waves; the last size "
+    "repeats, as in Ansible's serial); default: all hosts at once"
+)
+_MAX_FAIL_HELP = (
+    "failure budget of the whole run (not per batch): N failed hosts or P% of the hosts; once it is spent no "
+    "new batch starts and the rest are reported 'not started' (needs --serial; default 1)"
+)
 
 ns = Collection()
 ns.configure(DEFAULTS)
@@ -135,6 +164,7 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "(no compiler, no -dev packages on them); a platform with nothing cached is refused",
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
+        "inventory": _INVENTORY_HELP,
     },
 )
 @_user_errors
@@ -153,6 +183,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
     ssh_config="",
     accept_new_host_key=False,
     no_compile_on_targets=False,
+    inventory="",
 ):
     """Build CPython from a verified tarball into a dedicated prefix, atomically (no-op if already built)."""
     from deploy import python_build
@@ -171,7 +202,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         force=force,
     )
     python_build.run_task(
-        _split(host),
+        _hosts(host, inventory),
         request,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
@@ -196,7 +227,8 @@ ns.add_task(build_python)
         "(default: per-service config, else sockops.variant)",
         "dry_run": "print what would change on each host and change nothing",
         "accept_new_host_key": _KEY_HELP,
-        "serial": "deploy N hosts at a time and stop after the first batch with a failure (0 = all at once)",
+        "serial": _SERIAL_HELP,
+        "max_fail": _MAX_FAIL_HELP,
         "ssh_config": _SSH_HELP,
         "inventory": _INVENTORY_HELP,
     },
@@ -212,29 +244,45 @@ def deploy(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signat
     serial="",
     ssh_config="",
     inventory="",
+    max_fail="",
 ):
     """Deploy the services under supervisord: new release, switch, restart what changed, health gate."""
     from deploy import commands
 
     commands.deploy(
         c.config.sockops,
-        _hosts(host, inventory),
+        _targets(host, inventory),
         python=python,
         variant=variant,
         dry_run=dry_run,
         accept_new_host_key=accept_new_host_key,
-        serial=_count(serial, "--serial"),
+        serial=_rollout(serial, max_fail),
         ssh_config=_ssh_config(c, ssh_config),
     )
 
 
-@task(iterable=["host"], help={"host": _HOST_HELP, "ssh_config": _SSH_HELP})
+@task(
+    iterable=["host"],
+    auto_shortflags=False,
+    help={
+        "host": _HOST_HELP,
+        "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
+        "serial": _SERIAL_HELP,
+        "max_fail": _MAX_FAIL_HELP,
+    },
+)
 @_user_errors
-def rollback(c, host, ssh_config=""):
+def rollback(c, host, ssh_config="", inventory="", serial="", max_fail=""):  # noqa: PLR0917 - the CLI
     """Switch back to the previous release (health-gated; on failure returns to the current one)."""
     from deploy import commands
 
-    commands.rollback(c.config.sockops, _split(host), ssh_config=_ssh_config(c, ssh_config))
+    commands.rollback(
+        c.config.sockops,
+        _targets(host, inventory),
+        ssh_config=_ssh_config(c, ssh_config),
+        serial=_rollout(serial, max_fail),
+    )
 
 
 @task(
@@ -252,24 +300,34 @@ def status(c, host, json=False, ssh_config="", inventory=""):
     from deploy import commands
 
     commands.status(
-        c.config.sockops, _hosts(host, inventory), as_json=json, ssh_config=_ssh_config(c, ssh_config)
+        c.config.sockops, _targets(host, inventory), as_json=json, ssh_config=_ssh_config(c, ssh_config)
     )
 
 
 @task(
     iterable=["host", "program"],
+    auto_shortflags=False,
     help={
         "host": _HOST_HELP,
         "program": "program to restart (repeatable; default: all)",
         "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
+        "serial": _SERIAL_HELP,
+        "max_fail": _MAX_FAIL_HELP,
     },
 )
 @_user_errors
-def restart(c, host, program, ssh_config=""):
+def restart(c, host, program, ssh_config="", inventory="", serial="", max_fail=""):  # noqa: PLR0917 - the CLI
     """Restart supervised programs (all, or the given --program sockops-tcp-echo ...)."""
     from deploy import commands
 
-    commands.restart(c.config.sockops, _split(host), program, ssh_config=_ssh_config(c, ssh_config))
+    commands.restart(
+        c.config.sockops,
+        _targets(host, inventory),
+        program,
+        ssh_config=_ssh_config(c, ssh_config),
+        serial=_rollout(serial, max_fail),
+    )
 
 
 @task(
@@ -280,16 +338,17 @@ def restart(c, host, program, ssh_config=""):
         "lines": "how many lines from the end",
         "follow": "keep printing new lines (one host only; Ctrl-C to stop)",
         "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
     },
 )
 @_user_errors
-def logs(c, host, program, lines="40", follow=False, ssh_config=""):  # noqa: PLR0917 - signature = the CLI
+def logs(c, host, program, lines="40", follow=False, ssh_config="", inventory=""):  # noqa: PLR0917 - the CLI
     """Show the tail of the services' logs from /var/log/sockops."""
     from deploy import commands
 
     commands.logs(
         c.config.sockops,
-        _split(host),
+        _targets(host, inventory),
         program,
         lines=_count(lines, "--lines", 1, 100_000),
         follow=follow,
@@ -299,18 +358,28 @@ def logs(c, host, program, lines="40", follow=False, ssh_config=""):  # noqa: PL
 
 @task(
     iterable=["host"],
+    auto_shortflags=False,
     help={
         "host": _HOST_HELP,
         "purge": "also remove the transfer files and the system user",
         "ssh_config": _SSH_HELP,
+        "inventory": _INVENTORY_HELP,
+        "serial": _SERIAL_HELP,
+        "max_fail": _MAX_FAIL_HELP,
     },
 )
 @_user_errors
-def undeploy(c, host, purge=False, ssh_config=""):
+def undeploy(c, host, purge=False, ssh_config="", inventory="", serial="", max_fail=""):  # noqa: PLR0917
     """Stop sockops' supervisord and remove releases, config and logs from the host(s)."""
     from deploy import commands
 
-    commands.undeploy(c.config.sockops, _split(host), purge=purge, ssh_config=_ssh_config(c, ssh_config))
+    commands.undeploy(
+        c.config.sockops,
+        _targets(host, inventory),
+        purge=purge,
+        ssh_config=_ssh_config(c, ssh_config),
+        serial=_rollout(serial, max_fail),
+    )
 
 
 for _t in (deploy, rollback, status, restart, logs, undeploy):
@@ -356,18 +425,26 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False, invent
         "count": "with --watch: stop after N refreshes (0 = until Ctrl-C)",
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
+        "inventory": _INVENTORY_HELP + "; it must select one host",
     },
 )
 @_user_errors
 def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signature is the CLI
-    c, host="local", watch=False, interval="2", count="", ssh_config="", accept_new_host_key=False
+    c,
+    host="local",
+    watch=False,
+    interval="2",
+    count="",
+    ssh_config="",
+    accept_new_host_key=False,
+    inventory="",
 ):
     """Top-like view of one host: connections by state, TIME_WAIT, per-process load, probes."""
     from deploy import health as health_mod
 
     code = health_mod.monitor(
         c.config.sockops,
-        host,
+        _one_host(host, inventory),
         watch=watch,
         interval=validate.parse_seconds(interval, flag="--interval", low=0.1, high=3600),
         count=_count(count, "--count"),
@@ -442,6 +519,8 @@ ns.add_task(prometheus_config)
         "interpreter, default /usr/bin/python3)",
         "zero_downtime": "--deploy: instead of the fleet, failed/total TCP and UDP requests during a changed "
         "deploy, restart and rollback on --host local, per variant (--variants; default all four)",
+        "repair": "--deploy: instead of the fleet, the time `sockops deploy` takes to repair each of issue "
+        "13's faults on a private --host local (--runs each), goal 2x an unchanged re-deploy + the restart",
     }
 )
 @_user_errors
@@ -471,6 +550,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     deploy=False,
     deploy_hosts=8,
     zero_downtime=False,
+    repair=False,
 ):
     """Measure every variant of every service side by side with reference servers (loopback only)."""
     from devtools import bench as benchmod
@@ -500,8 +580,9 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
             hosts=int(deploy_hosts),
             zero_downtime=bool(zero_downtime),
             variants=tuple(v for v in (variants or "").split(",") if v) if zero_downtime else (),
+            repair=bool(repair),
         )
-        if deploy or zero_downtime
+        if deploy or zero_downtime or repair
         else None
     )
     benchmod.bench(opts, monitor=monitor, build=build_req, deploy=deploy_req)

@@ -3,6 +3,11 @@
 A deploy reads top-down: tasks.deploy -> commands.deploy -> fleet.run -> release.deploy_host (steps, on
 each host) -> HostOutcome per host -> report.table. rollback, undeploy, status, restart and logs take the
 same path with their step from deploy.operate. Each raises DeployError when a host failed, after printing.
+
+`hosts` is a list of host strings or a deploy.hostspec.Targets (from `--inventory`: each host's `sockops_*`
+vars become its own settings, deploy.hostvars, all checked before any host is touched). The tasks that
+change hosts take a deploy.rollout.Rollout (`--serial 1,10%,100% --max-fail 2`): batches and the run's
+failure budget.
 """
 
 from __future__ import annotations
@@ -10,18 +15,30 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Union
 
 from invoke import Context
 
-from deploy import fleet, operate, release, report, validate
-from deploy.config import DeploySettings, deploy_settings
+from deploy import fleet, hostvars, operate, release, report, validate
+from deploy.config import DeploySettings
 from deploy.errors import DeployError
+from deploy.hostspec import Targets
 from deploy.outcome import HostOutcome
+from deploy.rollout import Rollout
+
+Hosts = Union[Sequence[str], Targets]
 
 
-def settings_from(cfg: Mapping[str, Any], *, python: str = "", variant: str = "") -> DeploySettings:
-    return deploy_settings(cfg, python=python, variant=variant)
+def settings_from(
+    cfg: Mapping[str, Any], hosts: Hosts, *, python: str = "", variant: str = ""
+) -> dict[str, DeploySettings]:
+    """Each host's settings: the config, its inventory vars, the flags; refused as a whole before any host."""
+    targets = hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
+    return hostvars.settings_by_host(cfg, targets, python=python, variant=variant)
+
+
+def _names(hosts: Hosts) -> list[str]:
+    return list(hosts.hosts if isinstance(hosts, Targets) else hosts)
 
 
 def _finish(outcomes: Sequence[HostOutcome[Any]], what: str) -> list[HostOutcome[Any]]:
@@ -32,95 +49,116 @@ def _finish(outcomes: Sequence[HostOutcome[Any]], what: str) -> list[HostOutcome
 
 def deploy(
     cfg: Mapping[str, Any],
-    hosts: Sequence[str],
+    hosts: Hosts,
     *,
     python: str = "",
     variant: str = "",
     dry_run: bool = False,
     accept_new_host_key: bool = False,
-    serial: int = 0,
+    serial: int | Rollout = 0,
     ssh_config: str = "",
 ) -> list[HostOutcome[Any]]:
-    """`sockops deploy`: every host in parallel (or in --serial batches); raises DeployError if any failed."""
-    settings = settings_from(cfg, python=python, variant=variant)
+    """`sockops deploy`: every host in parallel (or in batches); raises DeployError if any failed."""
+    settings = settings_from(cfg, hosts, python=python, variant=variant)
     for risk in validate.risks(validate.plain(cfg)):  # allowed by sockops.allow_risky: said loudly
         report.emit(f"WARNING: {risk} (allowed by sockops.allow_risky)", sys.stderr)
 
     def step(c: Context, host: str) -> Any:
-        return release.deploy_host(c, host, settings, dry_run=dry_run, say=report.printer(host))
+        return release.deploy_host(c, host, settings[host], dry_run=dry_run, say=report.printer(host))
 
     outcomes = fleet.run(
-        hosts, step, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key, serial=serial
+        _names(hosts), step, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key, serial=serial
     )
     return _finish(outcomes, "dry run" if dry_run else "deploy")
 
 
 def rollback(
-    cfg: Mapping[str, Any], hosts: Sequence[str], *, ssh_config: str = "", accept_new_host_key: bool = False
+    cfg: Mapping[str, Any],
+    hosts: Hosts,
+    *,
+    ssh_config: str = "",
+    accept_new_host_key: bool = False,
+    serial: int | Rollout = 0,
 ) -> list[HostOutcome[Any]]:
-    settings = settings_from(cfg)
+    settings = settings_from(cfg, hosts)
 
     def step(c: Context, host: str) -> Any:
-        return operate.rollback_host(c, host, settings, say=report.printer(host))
+        return operate.rollback_host(c, host, settings[host], say=report.printer(host))
 
-    outcomes = fleet.run(hosts, step, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
+    outcomes = fleet.run(
+        _names(hosts), step, ssh_config=ssh_config, accept_new_host_key=accept_new_host_key, serial=serial
+    )
     return _finish(outcomes, "rollback")
 
 
 def undeploy(
-    cfg: Mapping[str, Any], hosts: Sequence[str], *, purge: bool = False, ssh_config: str = ""
+    cfg: Mapping[str, Any],
+    hosts: Hosts,
+    *,
+    purge: bool = False,
+    ssh_config: str = "",
+    serial: int | Rollout = 0,
 ) -> list[HostOutcome[Any]]:
-    settings = settings_from(cfg)
+    settings = settings_from(cfg, hosts)
 
     def step(c: Context, host: str) -> Any:
-        return operate.undeploy_host(c, host, settings, purge=purge, say=report.printer(host))
+        return operate.undeploy_host(c, host, settings[host], purge=purge, say=report.printer(host))
 
-    return _finish(fleet.run(hosts, step, ssh_config=ssh_config), "undeploy")
+    return _finish(fleet.run(_names(hosts), step, ssh_config=ssh_config, serial=serial), "undeploy")
 
 
-def status(
-    cfg: Mapping[str, Any], hosts: Sequence[str], *, as_json: bool = False, ssh_config: str = ""
-) -> None:
-    settings = settings_from(cfg)
+def status(cfg: Mapping[str, Any], hosts: Hosts, *, as_json: bool = False, ssh_config: str = "") -> None:
+    settings = settings_from(cfg, hosts)
     outcomes = fleet.run(
-        hosts, lambda c, h: operate.status_host(c, h, settings), ssh_config=ssh_config, say_failures=False
+        _names(hosts),
+        lambda c, h: operate.status_host(c, h, settings[h]),
+        ssh_config=ssh_config,
+        say_failures=False,
     )
     docs = [
         o.value if o.ok else {"host": o.host, "release": "-", "programs": [], "error": o.error}
         for o in outcomes
     ]
     report.emit(json.dumps(docs, indent=2) if as_json else report.status_table(docs))
+    unread = [o.error for o in outcomes if not o.ok]  # unreachable, no sudo rights, ...: say why
+    if unread:
+        raise DeployError(f"status: could not read {len(unread)} host(s): {'; '.join(unread)}")
     bad = [d["host"] for d in docs if d.get("error") or not d.get("supervisord", False)]
     if bad:
         raise DeployError(f"status: supervisord is not answering on {', '.join(bad)}")
 
 
 def restart(
-    cfg: Mapping[str, Any], hosts: Sequence[str], programs: Sequence[str], *, ssh_config: str = ""
+    cfg: Mapping[str, Any],
+    hosts: Hosts,
+    programs: Sequence[str],
+    *,
+    ssh_config: str = "",
+    serial: int | Rollout = 0,
 ) -> list[HostOutcome[Any]]:
-    settings = settings_from(cfg)
+    settings = settings_from(cfg, hosts)
 
     def step(c: Context, host: str) -> Any:
-        return operate.restart_host(c, host, settings, programs, say=report.printer(host))
+        return operate.restart_host(c, host, settings[host], programs, say=report.printer(host))
 
-    return _finish(fleet.run(hosts, step, ssh_config=ssh_config), "restart")
+    return _finish(fleet.run(_names(hosts), step, ssh_config=ssh_config, serial=serial), "restart")
 
 
 def logs(
     cfg: Mapping[str, Any],
-    hosts: Sequence[str],
+    hosts: Hosts,
     programs: Sequence[str],
     *,
     lines: int = 40,
     follow: bool = False,
     ssh_config: str = "",
 ) -> None:
-    settings = settings_from(cfg)
-    if follow and len(hosts) != 1:
+    settings = settings_from(cfg, hosts)
+    if follow and len(_names(hosts)) != 1:
         raise DeployError("logs --follow works on one host at a time; pass a single --host")
     outcomes = fleet.run(
-        hosts,
-        lambda c, h: operate.logs_host(c, h, settings, programs, lines=lines, follow=follow),
+        _names(hosts),
+        lambda c, h: operate.logs_host(c, h, settings[h], programs, lines=lines, follow=follow),
         ssh_config=ssh_config,
         say_failures=False,
     )

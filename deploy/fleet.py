@@ -19,9 +19,10 @@ What `run` does, per host: connect (deploy.hosts.connect: `local` is an invoke.C
 else a fabric.Connection whose host key is verified), call `step(c, host)`, close the connection the way
 `fabric.Connection.__exit__` does, and record a `deploy.outcome.HostOutcome`: the status of a returned
 `Done` (changed / unchanged / planned), "ok" with the value for any other return value (read-only tasks),
-"failed" with the message for any exception (one host failing never stops the others), "skipped" for hosts
-never attempted because an earlier --serial batch failed. Hosts of a batch run in parallel, at most `jobs`
-at a time; outcomes come back in the order of `hosts`.
+"failed" with the message for any exception (one host failing never stops the others), "skipped" (detail
+"not started", the reason as its error) for hosts never attempted because the failed hosts of earlier
+batches spent the run's failure budget (deploy.rollout: `--serial 1,10%,100% --max-fail 2`). Hosts of a batch
+run in parallel, at most `jobs` at a time; outcomes come back in the order of `hosts`.
 
 `fan_out(hosts, fn)` is the parallel part alone, for a `fn(host)` that needs no connection.
 `connected(host, ...)` is the connection part alone, for one interactive host (monitor --watch).
@@ -40,8 +41,11 @@ from invoke import Context
 from deploy.errors import DeployError, HostError
 from deploy.outcome import FAILED, OK, SKIPPED, Done, HostOutcome, failed
 from deploy.report import Say, printer
+from deploy.rollout import Rollout, Size, spent_reason
 
 T = TypeVar("T")
+
+NOT_STARTED = "not started"  # the detail of a SKIPPED host: nothing was done on it
 
 MAX_JOBS = 32  # hosts worked on at once: each is a thread plus an SSH session on the operator
 Connect = Callable[[str], Context]
@@ -118,13 +122,19 @@ def fan_out(
 
 
 def batches(hosts: Sequence[str], serial: int) -> list[list[str]]:
-    """Split hosts into --serial batches (0 = all at once).
+    """Split hosts into --serial batches of `serial` hosts (0 = all at once); see deploy.rollout for lists.
 
     >>> batches(["a", "b", "c"], 2), batches(["a", "b"], 0)
     ([['a', 'b'], ['c']], [['a', 'b']])
     """
-    size = serial if serial > 0 else max(len(hosts), 1)
-    return [list(hosts[i : i + size]) for i in range(0, len(hosts), size)]
+    return as_rollout(serial).batches(hosts)
+
+
+def as_rollout(serial: int | Rollout) -> Rollout:
+    """A plain `serial=N` (0 = all at once) as the Rollout it means: batches of N, budget 1 failed host."""
+    if isinstance(serial, Rollout):
+        return serial
+    return Rollout((Size(serial),)) if serial > 0 else Rollout()
 
 
 def run(
@@ -133,45 +143,54 @@ def run(
     *,
     ssh_config: str | None = None,
     accept_new_host_key: bool = False,
-    serial: int = 0,
+    serial: int | Rollout = 0,
     jobs: int = 0,
     connect: Connect | None = None,
     say_failures: bool = True,
 ) -> list[HostOutcome[Any]]:
-    """step(c, host) on every host: connected, in parallel (or --serial batches), closed, one outcome each.
+    """step(c, host) on every host: connected, in parallel (or in batches), closed, one outcome each.
 
-    With `serial`, a batch with a failed host stops the run: later hosts are SKIPPED. `say_failures` prints
-    "[host] FAILED: ..." the moment a host fails (tasks that render failures themselves turn it off).
-    `connect` replaces the SSH connector (tests; build hosts that need a different config).
+    `serial` is a batch size (0 = all at once) or a deploy.rollout.Rollout (`--serial 1,10%,100%
+    --max-fail 2`). Failed hosts are counted across the whole run; once they spend the failure budget (1
+    host unless the Rollout says otherwise), no new batch starts: later hosts are SKIPPED, each with the
+    reason. `say_failures` prints "[host] FAILED: ..." the moment a host fails (tasks that render failures
+    themselves turn it off). `connect` replaces the SSH connector (tests; build hosts with another config).
     """
     check_unique(hosts)
     conn = connect or connector(ssh_config=ssh_config, accept_new_host_key=accept_new_host_key)
+    plan = as_rollout(serial)
 
     def on_host(host: str) -> Any:
         with connected(host, conn) as c:
             return step(c, host)
 
     outcomes: list[HostOutcome[Any]] = []
-    groups = batches(hosts, serial)
+    groups = plan.batches(hosts)
+    budget = plan.budget(len(hosts))
     for i, batch in enumerate(groups):
         outcomes += fan_out(batch, on_host, jobs=jobs, say_failures=say_failures)
-        if serial and failed(outcomes):
-            rest = [h for group in groups[i + 1 :] for h in group]
-            outcomes += [HostOutcome(h, SKIPPED, error="an earlier batch failed") for h in rest]
+        rest = [h for group in groups[i + 1 :] for h in group]
+        if rest and len(failed(outcomes)) >= budget:
+            why = spent_reason(i + 1, len(groups), len(failed(outcomes)), budget)
+            outcomes += [HostOutcome(h, SKIPPED, error=why, detail=NOT_STARTED) for h in rest]
             break
     return outcomes
 
 
 def raise_for_failures(outcomes: Sequence[HostOutcome[Any]], *, what: str) -> None:
-    """One DeployError naming every failed host (and the skipped ones), if any failed.
+    """One DeployError naming every failed host (and the ones never started, with why), if any failed.
 
-    >>> outcomes = [HostOutcome("a", "failed", error="a: x"), HostOutcome("b", "skipped")]
+    >>> why = "failure budget spent after batch 1 of 2 (1 failed host, budget 1)"
+    >>> outcomes = [HostOutcome("a", "failed", error="a: x"), HostOutcome("b", "skipped", error=why)]
     >>> raise_for_failures(outcomes, what="deploy")
     Traceback (most recent call last):
-    deploy.errors.DeployError: deploy failed on 1 of 2 host(s): a; not attempted after the failed batch: b
+    deploy.errors.DeployError: deploy failed on 1 of 2 host(s): a; not attempted after the failed batch: b \
+(failure budget spent after batch 1 of 2 (1 failed host, budget 1))
     """
     bad = [o.host for o in failed(outcomes)]
-    skipped = [o.host for o in outcomes if o.status == SKIPPED]
+    skipped = [o for o in outcomes if o.status == SKIPPED]
     if bad:
-        extra = f"; not attempted after the failed batch: {', '.join(skipped)}" if skipped else ""
+        names = ", ".join(o.host for o in skipped)
+        why = f" ({skipped[0].error})" if skipped and skipped[0].error else ""
+        extra = f"; not attempted after the failed batch: {names}{why}" if skipped else ""
         raise DeployError(f"{what} failed on {len(bad)} of {len(outcomes)} host(s): {', '.join(bad)}{extra}")

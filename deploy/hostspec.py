@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from deploy.errors import ConfigError
 
@@ -111,6 +113,26 @@ def host_list(flags: Sequence[str] | None) -> list[str]:
                 parse_host(name)
             hosts.append(name)
     return hosts
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The hosts a task runs on (connection strings, in order) and, for hosts from an `--inventory`, their
+    `sockops_*` inventory vars (prefix stripped) by connection string (see deploy.hostvars)."""
+
+    hosts: tuple[str, ...]
+    vars: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)  # inventory's
+
+    def label(self, host: str) -> str:
+        """How a message names a host: its inventory name too, when it has one (pure).
+
+        >>> t = Targets(("root@10.0.0.1:22", "local"), names={"root@10.0.0.1:22": "web1"})
+        >>> t.label("root@10.0.0.1:22"), t.label("local")
+        ('web1 (root@10.0.0.1:22)', 'local')
+        """
+        name = self.names.get(host, host)
+        return host if name == host else f"{name} ({host})"
 
 
 def known_hosts_name(host: str, port: int) -> str:

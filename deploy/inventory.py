@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from deploy.errors import ConfigError
-from deploy.hostspec import LOCAL, parse_host
+from deploy.hostspec import LOCAL, Targets, parse_host
 
 VAR_PREFIX = "sockops_"
 INSTALL_HINT = "pip install 'sockops[ansible]'"
@@ -235,12 +235,7 @@ def resolve(patterns: Sequence[str], inventory_file: str) -> list[InventoryHost]
     return list(chosen.values())
 
 
-def expand(hosts: Sequence[str], inventory_file: str) -> list[str]:
-    """`--host` flag values (each may be `a,b`) read as patterns of the inventory: connection strings.
-
-    `local` passes through; every other item must select inventory hosts. No --host at all is an error,
-    not `all`: a forgotten flag must not roll out to the whole inventory.
-    """
+def _patterns(hosts: Sequence[str], inventory_file: str) -> list[str]:
     patterns = [item.strip() for flag in hosts for item in flag.split(",")]
     if not patterns:
         raise InventoryError(
@@ -248,4 +243,21 @@ def expand(hosts: Sequence[str], inventory_file: str) -> list[str]:
         )
     if not all(patterns):
         raise InventoryError(f"--host {','.join(hosts)!r}: empty pattern; name hosts, groups or patterns")
-    return [host.connection for host in resolve(patterns, inventory_file)]  # local.connection is local
+    return patterns
+
+
+def expand(hosts: Sequence[str], inventory_file: str) -> list[str]:
+    """`--host` flag values (each may be `a,b`) read as patterns of the inventory: connection strings.
+
+    `local` passes through; every other item must select inventory hosts. No --host at all is an error,
+    not `all`: a forgotten flag must not roll out to the whole inventory.
+    """
+    return list(targets(hosts, inventory_file).hosts)
+
+
+def targets(hosts: Sequence[str], inventory_file: str) -> Targets:
+    """Like `expand`, with each host's `sockops_*` vars (prefix stripped) by connection string."""
+    chosen = resolve(_patterns(hosts, inventory_file), inventory_file)
+    own = {h.connection: MappingProxyType(dict(h.vars)) for h in chosen if h.vars}
+    names = MappingProxyType({h.connection: h.name for h in chosen})
+    return Targets(tuple(h.connection for h in chosen), MappingProxyType(own), names)  # local stays local

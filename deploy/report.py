@@ -1,8 +1,9 @@
 """Everything a fleet task prints: per-host prefixed lines while it runs, then one per-host table.
 
 - `printer(host)` -> `say(msg)`: "[host] msg" lines, whole lines even when hosts run in parallel.
-- `table(outcomes, detail="RELEASE")`: HOST STATUS <detail> TIME, then the first line of each error and each
-  warning (every task's summary: deploy, rollback, undeploy, restart, build-python).
+- `table(outcomes, detail="RELEASE")`: HOST STATUS <detail> TIME, then the first line of each error, one line
+  naming the hosts never started and why (a spent failure budget), and each warning (every task's summary:
+  deploy, rollback, undeploy, restart, build-python).
 - `status_table(docs)`: the program table of `sockops status`.
 - `emit(text)`: print to stdout; a reader that went away (`sockops deploy | head`) is not an error.
 
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-from deploy.outcome import HostOutcome
+from deploy.outcome import SKIPPED, HostOutcome
 
 Say = Callable[[str], None]
 
@@ -91,9 +92,24 @@ def table(outcomes: Sequence[HostOutcome[Any]], *, detail: str = "DETAIL") -> st
     """
     rows = [("HOST", "STATUS", detail, "TIME")]
     rows += [(o.host, o.status, o.detail or "-", f"{o.seconds:.1f}s") for o in outcomes]
-    notes = [f"{o.host}: {error_line(o)}" for o in outcomes if o.error]
+    notes = [f"{o.host}: {error_line(o)}" for o in outcomes if o.error and o.status != SKIPPED]
+    notes += skipped_lines(outcomes)
     notes += [f"{o.host}: warning: {w}" for o in outcomes for w in o.warnings]
     return "\n".join(_columns(rows) + (["", *notes] if notes else []))
+
+
+def skipped_lines(outcomes: Sequence[HostOutcome[Any]]) -> list[str]:
+    """One line per reason for the hosts never started, naming them all (a wave of 90 is one line) (pure).
+
+    >>> why = "failure budget spent after batch 1 of 3 (1 failed host, budget 1)"
+    >>> skipped_lines([HostOutcome("b", "skipped", error=why), HostOutcome("c", "skipped", error=why)])
+    ['not started, failure budget spent after batch 1 of 3 (1 failed host, budget 1): b, c']
+    """
+    by_reason: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o.status == SKIPPED:
+            by_reason.setdefault(o.error or "not attempted", []).append(o.host)
+    return [f"not started, {why}: {', '.join(names)}" for why, names in by_reason.items()]
 
 
 def status_table(docs: Sequence[Mapping[str, Any]]) -> str:

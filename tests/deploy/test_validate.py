@@ -213,7 +213,7 @@ def _sockops(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["deploy", "--dry-run", "--serial=abc"], "sockops: --serial 'abc': must be a whole number from 0"),
+        (["deploy", "--dry-run", "--serial=abc"], "sockops: --serial 'abc': must be a whole number from 1"),
         (
             ["build-python", "--version", "3.9.2", "--jobs=abc"],
             "sockops: --jobs 'abc': must be a whole number",
