@@ -1,4 +1,6 @@
-"""Pure: a look at a host -> Prometheus metric families -> text format 0.0.4 or prometheus_client metrics.
+"""A look at a host -> Prometheus metric families -> text format 0.0.4 or prometheus_client metrics.
+
+Pure, except `all_families`, which also reads the services' own counters (their --stats-file).
 
 `metric_families` (a snapshot) and `look_families` (what only a look knows: per-part health and timing,
 release, fd usage) are the one place metric names are defined, shared by `python -m monitoring --prometheus`
@@ -7,10 +9,13 @@ and the exporter.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from monitoring.collect.snapshot import Look
+from monitoring.collect import servicestats
+from monitoring.collect.servicestats import ServiceStats
+from monitoring.collect.snapshot import Look, PartResult
 from monitoring.model import ProcessSample, Snapshot
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -247,8 +252,47 @@ def look_families(look: Look) -> List[MetricFamily]:
     return fams
 
 
+def stats_families(stats: Mapping[str, ServiceStats]) -> List[MetricFamily]:
+    """What services count themselves (their --stats-file): udp-echo's dropped datagrams by reason.
+
+    >>> s = ServiceStats("udp-echo", "/f", {"rate-limited": 7}, 0.0)
+    >>> print(prometheus_text(stats_families({"udp-echo": s})).splitlines()[-1])
+    sockops_udp_dropped_datagrams_total{reason="rate-limited",service="udp-echo"} 7
+    """
+    return [
+        _family(
+            "sockops_udp_dropped_datagrams_total",
+            "counter",
+            "Datagrams a UDP service received and did not answer, by reason (rate-limited: over the "
+            "per-source token bucket), as the service counts them.",
+            (
+                ({"service": name, "reason": reason}, n)
+                for name, st in sorted(stats.items())
+                for reason, n in sorted(st.dropped.items())
+            ),
+        )
+    ]
+
+
+def with_service_stats(look: Look, proc_root: str = "/proc") -> Tuple[Look, Dict[str, ServiceStats]]:
+    """Read the services' own counters for a look; how that went is one more part ("servicestats"), when
+    any supervised service keeps a stats file (otherwise there was nothing to read, and no part to report)."""
+    start = time.monotonic()
+    try:
+        stats, problems = servicestats.read_all(look.snapshot, proc_root)
+    except Exception as exc:  # a part's failure is its collector_up 0, never a failed scrape
+        stats, problems = {}, [f"{type(exc).__name__}: {exc}"]
+    if not stats and not problems:
+        return look, stats
+    part = PartResult("servicestats", not problems, round(time.monotonic() - start, 6), "; ".join(problems))
+    return Look(look.snapshot, (*look.parts, part)), stats
+
+
 def all_families(look: Look) -> List[MetricFamily]:
-    return metric_families(look.snapshot) + look_families(look)
+    """Every family: the snapshot's, the look's, and the services' own counters (read now: one small file
+    per supervised service that keeps one)."""
+    look, stats = with_service_stats(look)
+    return metric_families(look.snapshot) + look_families(look) + stats_families(stats)
 
 
 def client_metrics(families: Sequence[MetricFamily]) -> Iterator[Any]:

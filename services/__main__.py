@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CIDR,...",
         help="udp-echo: source networks never rate-limited (default: loopback; 'none': no exemption)",
     )
+    p.add_argument(
+        "--stats-file",
+        default="",
+        metavar="PATH",
+        help="udp-echo: keep the drop counters in this JSON file (mode 0640, rewritten at most once a "
+        "second) for the exporter; its directory must be writable (default: none)",
+    )
     p.add_argument("--backlog", type=int, default=1024, help="listen backlog (default 1024)")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: start next to a running instance")
     p.add_argument(
@@ -189,6 +196,7 @@ def validate(args: argparse.Namespace) -> Settings:
         reuse_port=args.reuse_port,
         drain_timeout=args.drain_timeout,
         loop=args.loop,
+        stats_file=os.path.abspath(args.stats_file) if args.stats_file else "",
     )
 
 

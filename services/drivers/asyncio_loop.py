@@ -29,6 +29,7 @@ from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
+    UdpStats,
     answer_datagrams,
     file_root,
     format_address,
@@ -317,9 +318,12 @@ class DatagramReader:
         self.sock, self.core = sock, udp_core(sock, settings)
         self.seen = 0  # datagrams received: the drain waits until this stops moving
         self.dropped = RateLimited(log, "udp datagrams dropped")
+        self.stats = UdpStats(settings, self.core, log)
 
     def readable(self) -> None:
-        self.seen += answer_datagrams(self.sock, self.core, self.dropped, _now())
+        now = _now()
+        self.seen += answer_datagrams(self.sock, self.core, self.dropped, now)
+        self.stats.tick(now)
 
 
 def _stop_future(loop: Any, log: logging.Logger) -> asyncio.Future:
@@ -400,7 +404,10 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
     stop = _stop_future(loop, log)
     reader = DatagramReader(sock, settings, log)
     loop.add_reader(sock.fileno(), reader.readable)
-    mode = await stop
+    while not stop.done():  # the last second's counts reach the stats file even when traffic stops
+        await asyncio.wait([stop], timeout=1.0)
+        reader.stats.tick(_now())
+    mode = stop.result()
     if mode == lifecycle.DRAIN:
         # New flows go to the reuse-port twin; answer what is already queued: stop once a short wait brings
         # no new datagram.
@@ -412,6 +419,7 @@ async def _serve_udp(sock: socket.socket, settings: Settings, log: logging.Logge
                 break
     loop.remove_reader(sock.fileno())
     sock.close()
+    reader.stats.flush(_now())
     lifecycle.log_udp_stopped(log, mode)
     return 0
 

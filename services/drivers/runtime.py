@@ -21,8 +21,9 @@ from services.drivers import lifecycle
 from services.drivers.lifecycle import ACTIONS
 from services.errors import BindError
 from services.files import FileRoot
-from services.protocol.echo import LOOPBACK, Dropped, EchoCore, SourceRate, UdpEchoCore
+from services.protocol.echo import DROP_REASONS, LOOPBACK, Dropped, EchoCore, SourceRate, UdpEchoCore
 from services.protocol.transfer import TransferCore
+from services.stats import StatsFile
 
 StreamCore = Union[EchoCore, TransferCore]
 
@@ -48,6 +49,7 @@ class Settings:
     reuse_port: bool = False
     drain_timeout: float = 5.0  # TERM: in-flight requests get this long; below supervisord stopwaitsecs (10)
     loop: str = "asyncio"  # asyncio variant: asyncio | uvloop
+    stats_file: str = ""  # udp-echo: where the drop counters go for the exporter ("" = nowhere)
 
     @property
     def proto(self) -> str:
@@ -313,6 +315,26 @@ def udp_core(sock: socket.socket, settings: Settings) -> UdpEchoCore:
     return UdpEchoCore(own=own, rate=rate)
 
 
+class UdpStats:
+    """A udp-echo process's drop counts -> its --stats-file (services.stats), every reason present from the
+    start (a counter the exporter shows at 0 before the first drop), at most one rewrite a second."""
+
+    def __init__(self, settings: Settings, core: UdpEchoCore, log: logging.Logger) -> None:
+        self.core = core
+        self.file = StatsFile(settings.stats_file, settings.service, log)
+        self.zeros = dict.fromkeys(DROP_REASONS, 0)
+        self.flush(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Call often (every loop pass): cheap unless a second has passed and a count changed."""
+        if now >= self.file.due:
+            self.file.update({**self.zeros, **self.core.dropped}, now)
+
+    def flush(self, now: float) -> None:
+        """At start and at exit: write now, whatever the second."""
+        self.file.update({**self.zeros, **self.core.dropped}, now, force=True)
+
+
 UDP_BATCH = 64  # datagrams answered per wake-up: the loop's other work (signals, ticks) is not starved
 
 
@@ -335,6 +357,7 @@ def answer_datagrams(sock: socket.socket, core: UdpEchoCore, dropped: RateLimite
             try:
                 sendto(reply, addr)
             except OSError as exc:
+                core.count("reply-not-sent")
                 dropped.hit(now, f"reply to {format_address(addr)} not sent: {exc}")
         else:
             dropped.hit(now, dropped_detail(core, reply))

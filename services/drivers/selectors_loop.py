@@ -29,6 +29,7 @@ from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
+    UdpStats,
     Wakeup,
     answer_datagrams,
     drain_datagrams,
@@ -519,6 +520,7 @@ class UdpServer(_Loop):
         self.sock = sock
         self.core = udp_core(sock, settings)
         self.dropped = RateLimited(log, "udp datagrams dropped")
+        self.stats = UdpStats(settings, self.core, log)
 
     def serve_ready(self) -> None:
         answer_datagrams(self.sock, self.core, self.dropped, self.now)
@@ -536,6 +538,7 @@ class UdpServer(_Loop):
                         self.serve_ready()
                     else:
                         wakeup.drain()
+                self.stats.tick(self.now)
                 if self.orphaned():
                     self.log.warning("master process is gone: stopping")
                     return 0
@@ -543,6 +546,7 @@ class UdpServer(_Loop):
                 # New flows go to the reuse-port twin; answer everything that already arrived.
                 leave_reuse_port_group(self.sock)
                 drain_datagrams(self.sock, self.core, self.dropped)
+            self.stats.flush(time.monotonic())
             lifecycle.log_udp_stopped(self.log, self.stop.mode)
             return 0
         finally:

@@ -49,6 +49,7 @@ from services.drivers.runtime import (
     RateLimited,
     Settings,
     StreamCore,
+    UdpStats,
     Wakeup,
     dropped_detail,
     file_root,
@@ -395,6 +396,7 @@ class UdpServer(socketserver.UDPServer):
         self.max_packet_size = self.core.max_size + 1
         self.log = log
         self.dropped = RateLimited(log, "udp datagrams dropped")
+        self.stats = UdpStats(settings, self.core, log)
         self.connlog = ConnectionLog(log)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -427,9 +429,18 @@ class UdpHandler(socketserver.BaseRequestHandler):
             try:
                 sock.sendto(reply, self.client_address)
             except OSError as exc:
+                self.server.core.count("reply-not-sent")
                 self.server.dropped.hit(time.monotonic(), f"reply not sent: {exc}")
         else:
             self.server.dropped.hit(time.monotonic(), dropped_detail(self.server.core, reply))
+
+
+def _dispatch(ready: Any, server: Union[TcpServer, UdpServer], wakeup: Wakeup) -> None:
+    for key, _ in ready:
+        if key.data is None:
+            wakeup.drain()
+        else:
+            server.service_ready()
 
 
 def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
@@ -444,11 +455,9 @@ def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
     sel.register(wakeup.reader, selectors.EVENT_READ, None)
     try:
         while not stop.mode:
-            for key, _ in sel.select(1.0):
-                if key.data is None:
-                    wakeup.drain()
-                else:
-                    server.service_ready()
+            _dispatch(sel.select(1.0), server, wakeup)
+            if isinstance(server, UdpServer):
+                server.stats.tick(time.monotonic())
         if stop.mode == lifecycle.DRAIN:
             # Connections the kernel already completed (or datagrams already queued) are ours to answer;
             # new datagram flows go to the reuse-port twin.
@@ -458,11 +467,7 @@ def _run(server: Union[TcpServer, UdpServer], log: logging.Logger) -> str:
                 ready = sel.select(0)
                 if not ready or stop.mode == lifecycle.QUIT:
                     break
-                for key, _ in ready:
-                    if key.data is not None:
-                        server.service_ready()
-                    else:
-                        wakeup.drain()
+                _dispatch(ready, server, wakeup)
         return stop.mode
     finally:
         sel.close()
@@ -474,7 +479,10 @@ def serve(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
     """Run the service on an already bound socket; returns the process exit code."""
     threading.stack_size(THREAD_STACK)
     if settings.proto == "udp":
-        lifecycle.log_udp_stopped(log, _run(UdpServer(sock, settings, log), log))
+        udp = UdpServer(sock, settings, log)
+        mode = _run(udp, log)
+        udp.stats.flush(time.monotonic())
+        lifecycle.log_udp_stopped(log, mode)
         return 0
     server = TcpServer(sock, stream_core_factory(settings), settings, log)
     sys.setswitchinterval(SWITCH_INTERVAL)

@@ -17,6 +17,8 @@ MAX_DATAGRAM = 32768
 MIN_SOURCE_PORT = 1024
 # Never rate-limited by default: the kernel drops packets from outside that claim a loopback source.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+# Why a datagram got no answer: the core's guards, and a reply the socket's send buffer could not take.
+DROP_REASONS = ("privileged-source-port", "own-socket", "too-large", "rate-limited", "reply-not-sent")
 _UNSEEN = object()
 
 
@@ -146,8 +148,12 @@ class UdpEchoCore:
             return self._drop("rate-limited", addr, data)
         return data.upper()
 
-    def _drop(self, reason: str, addr: Tuple, data: bytes) -> Dropped:
+    def count(self, reason: str) -> None:
+        """One more datagram dropped for `reason` (drivers count the replies they could not send)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _drop(self, reason: str, addr: Tuple, data: bytes) -> Dropped:
+        self.count(reason)
         return Dropped(reason, (addr[0], addr[1]), len(data))
 
     def _from_own(self, host: str, port: int) -> bool:

@@ -68,7 +68,7 @@ class Supervised:
         raise AssertionError(f"{program} not RUNNING: {self.info(program)}")
 
 
-def _config(d: Path, ports: dict[str, int]) -> str:
+def _config(d: Path, ports: dict[str, int], udp_flags: str = "") -> str:
     py = sys.executable
     common = f"directory={REPO}\nstartsecs=1\nautorestart=true\n"
     common += "stopasgroup=true\nkillasgroup=true\nstopwaitsecs=5\n"
@@ -90,7 +90,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 command={py} -m services tcp-echo --variant prefork --workers 3 --bind 127.0.0.1:{ports["tcp-echo"]}
 {common}
 [program:sockops-udp-echo]
-command={py} -m services udp-echo --variant selectors --bind 127.0.0.1:{ports["udp-echo"]}
+command={py} -m services udp-echo --variant selectors --bind 127.0.0.1:{ports["udp-echo"]}{udp_flags}
 {common}
 [program:sockops-transfer]
 command={py} -m services transfer --variant threaded --bind 127.0.0.1:{ports["transfer"]} --root {d}/files
@@ -128,12 +128,13 @@ def _wait_answering(ports: dict[str, int], seconds: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def supervised_services(d: Path) -> Iterator[Supervised]:
-    """supervisord in `d`: tcp-echo (prefork, 3 workers), udp-echo and transfer on free loopback ports."""
+def supervised_services(d: Path, udp_flags: str = "") -> Iterator[Supervised]:
+    """supervisord in `d`: tcp-echo (prefork, 3 workers), udp-echo (plus `udp_flags`) and transfer on free
+    loopback ports."""
     (d / "files").mkdir(parents=True, exist_ok=True)
     (d / "files" / "hello.txt").write_text("hello\n")
     ports = {"tcp-echo": free_port(), "udp-echo": free_port(socket.SOCK_DGRAM), "transfer": free_port()}
-    (d / "supervisord.conf").write_text(_config(d, ports))
+    (d / "supervisord.conf").write_text(_config(d, ports, udp_flags))
     sock = str(d / "supervisor.sock")
     manifest = d / "services.json"
     manifest.write_text(json.dumps(manifest_data(sock, ports)))
