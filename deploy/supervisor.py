@@ -48,6 +48,7 @@ def service_command(spec: ServiceSpec, paths: Paths) -> str:
         argv += ["--workers", str(spec.workers)]
     if spec.name == "transfer":
         argv += ["--root", spec.root or paths.files]
+    argv += ["--stats-file", f"{paths.run}-stats/{spec.name}.json"] if spec.name == "udp-echo" else []
     # SO_REUSEPORT: a restart starts the new process next to the old one (hostctl's bridge): none refused
     argv += ["--reuse-port"]
     return " ".join(shlex.quote(a) for a in argv)
