@@ -6,6 +6,7 @@ compiled with the system's cc at bench time (devtools.bench.native). See docs/BE
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ def bench(
     """Run the bench, print the table, write bench.json (+ bench.png); returns the JSON path.
 
     monitor=True measures the monitoring snapshot, build=... build-python against pyenv's python-build,
-    deploy=... unchanged re-deploys to 1 vs N test hosts, instead of the services grid.
+    deploy=... unchanged re-deploys to 1 vs N test hosts (or, with .repair, the time a deploy takes to repair
+    each fault on a private --host local), instead of the services grid.
     """
     from dataclasses import replace
 
@@ -109,12 +111,17 @@ def bench(
         if not monitor:  # the machine line names the interpreter the services ran on: the hosts'
             opts = replace(opts, python=req.python)
         say = console or Console(stderr=True)
-        extra.append(("deploy", lambda: deploy_bench(req, lambda msg: say.print(msg, highlight=False))))
+        section = "repair" if req.repair else "deploy"  # the repair figures have their own table
+        extra.append((section, lambda: deploy_bench(req, lambda msg: say.print(msg, highlight=False))))
     if extra:
         opts = replace(opts, services=())
     report = run_bench(opts, command=command, console=console or Console(stderr=True), extra_sections=extra)
     print_report(report, out_console)
     json_path, png = write_outputs(report, opts.out)
+    if "repair" in report.extra and not (report.cells or report.transfer):  # else bench.md holds it already
+        from devtools.bench.render import markdown
+
+        (opts.out / "bench.md").write_text(markdown(json.loads(json_path.read_text())))
     hint = (
         ", chart: " + str(png)
         if png

@@ -53,6 +53,7 @@ class DeployBenchRequest:
     state_dir: str = ""  # "" = <testhosts.BASE_DIR>/bench-<pid>
     zero_downtime: bool = False  # instead of the fleet: failed requests during deploy/restart/rollback
     variants: tuple[str, ...] = ()  # --zero-downtime: the services' variants ("" = all four)
+    repair: bool = False  # instead of the fleet: time for a deploy to repair each of issue 13's faults
 
 
 def validate(req: DeployBenchRequest) -> DeployBenchRequest:
@@ -60,6 +61,8 @@ def validate(req: DeployBenchRequest) -> DeployBenchRequest:
         raise BenchError(f"--deploy-hosts: {req.hosts} is outside 1..{MAX_HOSTS}")
     if not 1 <= req.runs <= 50:
         raise BenchError(f"--runs: {req.runs} is outside 1..50")
+    if req.zero_downtime and req.repair:
+        raise BenchError("--zero-downtime and --repair are two benches: run them one at a time")
     if not req.python.startswith("/"):
         raise BenchError(f"--python {req.python!r}: give the absolute path of the test hosts' interpreter")
     return req
@@ -255,6 +258,10 @@ def deploy_bench(req: DeployBenchRequest, progress: Progress = print) -> dict[st
         from devtools.bench.zero_downtime import VARIANTS, zero_downtime_bench
 
         return zero_downtime_bench(req.variants or VARIANTS, python=req.python, progress=progress)
+    if req.repair:
+        from devtools.bench.repair import repair_bench
+
+        return repair_bench(python=req.python, runs=req.runs, progress=progress)
     problem = testhosts.support_problem()
     if problem:
         raise BenchError(f"--deploy needs test hosts: {problem}")

@@ -150,6 +150,78 @@ def extra_table(name: str, section: Any) -> Table:
     return table
 
 
+REPAIR_COLUMNS = (
+    "case",
+    "converged",
+    "deploy s (median)",
+    "min - max",
+    "host TIME s",
+    "goal s",
+    "ratio",
+    "the command said",
+)
+
+
+def _seconds(spread: dict[str, float] | None, key: str = "median_s") -> str:
+    return f"{spread[key]:.2f}" if spread else "-"
+
+
+def repair_rows(section: dict[str, Any]) -> list[list[str]]:
+    """--repair figures as table cells, one row per case (baselines first, as measured).
+
+    >>> w = {"median_s": 2.5, "min_s": 2.25, "max_s": 3.0}
+    >>> row = {"label": "kill -9 supervisord", "runs": 3, "converged": 3, "wall": w, "host_s": w,
+    ...     "goal_s": 10.0, "ratio": 0.25, "said": ["changed"], "repairs": ["repaired: x"], "failures": []}
+    >>> repair_rows({"cases": {"kill-supervisord": row}})
+    [['kill -9 supervisord', '3/3', '2.50', '2.25 - 3.00', '2.50', '10.00', '0.25x', 'changed; repaired: x']]
+    """
+    out = []
+    for row in section["cases"].values():
+        wall = row["wall"]
+        said = "; ".join([*row["said"], *row["repairs"]])
+        failed = f"FAILED {len(row['failures'])}: {row['failures'][0]}" if row["failures"] else ""
+        out.append(
+            [
+                row["label"],
+                f"{row['converged']}/{row['runs']}",
+                _seconds(wall),
+                f"{_seconds(wall, 'min_s')} - {_seconds(wall, 'max_s')}" if wall else "-",
+                _seconds(row["host_s"]),
+                f"{row['goal_s']:.2f}" if row["goal_s"] is not None else "-",
+                f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-",
+                "; ".join(t for t in (said, failed) if t)[:200],
+            ]
+        )
+    return out
+
+
+def _repair_title(section: dict[str, Any]) -> str:
+    base = section["baselines_s"]
+    goals = section["goals"]
+    return (
+        f"repair: {section['runs']} run(s) per case, `{section['command']}`, {section['timed']}; goal = "
+        f"{goals['rule']} (unchanged {base['unchanged'] or 0:.2f} s, restart {base['restart'] or 0:.2f} s); "
+        f"ratio = median / goal; all met: {goals['all_met']}, all converged: {goals['all_converged']}"
+    )
+
+
+def repair_table(section: dict[str, Any]) -> Table:
+    table = Table(title=_repair_title(section))
+    for col in REPAIR_COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in repair_rows(section):
+        table.add_row(*row)
+    return table
+
+
+def repair_markdown(section: dict[str, Any]) -> str:
+    """The --repair table as Markdown, under its title line."""
+    lines = [_repair_title(section), "", "| " + " | ".join(REPAIR_COLUMNS) + " |"]
+    lines.append("|---|--:|--:|--:|--:|--:|--:|---|")
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in repair_rows(section)]
+    return "\n".join(lines) + "\n"
+
+
 def print_report(report: Report, console: Console) -> None:
     m = report.machine
     console.print(
@@ -162,7 +234,7 @@ def print_report(report: Report, console: Console) -> None:
     if report.transfer:
         console.print(transfer_table(report))
     for name, section in report.extra.items():
-        console.print(extra_table(name, section))
+        console.print(repair_table(section) if name == "repair" else extra_table(name, section))
     for note in report.notes:
         console.print(f"note: {note}")
 
@@ -206,6 +278,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [""] if lines else []  # a blank line between the two tables
         lines += ["| " + " | ".join(TRANSFER_COLUMNS) + " |", "|--:|---|--:|--:|--:|--:|--:|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in transfer_rows(data["transfer"])]
+    if data.get("extra", {}).get("repair"):
+        lines += [""] if lines else []
+        lines.append(repair_markdown(data["extra"]["repair"]).rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.faults import Host, start_stray
 from tests.deploy.test_lock import group_alive
 from tests.deploy.test_release import SOCKOPS, _free_port, _wait_for_line, answers, ok, sockops, write_cfg
 
@@ -258,13 +259,8 @@ def _outside_supervisord(tmp_path: Path) -> list[int]:
 def test_deploy_observes_the_live_host_and_repairs_what_is_off(tmp_path):
     with local_host(tmp_path) as (base, _changed, tcp, transfer):
         assert "unchanged" in ok(sockops(base, "deploy", "--host", "local"))
-        srv = tmp_path / "host/srv"
         # a stray copy of tcp-echo started by hand from the release venv, sharing the port (SO_REUSEPORT)
-        stray = subprocess.Popen(
-            [f"{srv}/current/venv/bin/python", "-m", "services", "tcp-echo", "--variant", "selectors",
-             "--bind", f"127.0.0.1:{tcp}", "--reuse-port"],
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        stray = start_stray(Host(tmp_path / "host", tcp, transfer))
         try:
             deadline = time.monotonic() + 30
             while stray.pid not in _outside_supervisord(tmp_path) and time.monotonic() < deadline:
