@@ -12,6 +12,23 @@ socket counts. HTTP lives in monitoring.serve.
 
 The manifest is re-read when it changes (a deploy rewrites it): a redeploy with other ports needs no restart.
 Runs on the hosts' Python 3.7+ with prometheus_client from the release venv.
+
+Privileges. The deploy runs the exporter as its own system user, `sockops-exporter`, with no capabilities
+(CapEff 0; it binds a port >= 1024). What it reads, and why that needs no root:
+- program states: supervisord's XML-RPC on its unix socket, which the deploy makes 0770 root:sockops-exporter
+  (in a 0710 run directory). supervisord's RPC has no read-only mode, so that group can also stop and start
+  programs: the price of reading states without root. It is the exporter's own group, not the services'
+  user, so an exploited service (the side that faces the network) cannot reach the socket;
+- connection counts per service: the kernel's socket tables by port (netlink sock_diag, or /proc/net/tcp{,6}
+  and udp{,6}), which any user may read; nothing here is counted per process;
+- per-process CPU, RSS, threads, fd limit, workers: /proc/PID/stat, statm, status, limits and
+  task/*/children, readable for processes of another user;
+- NOT readable: /proc/PID/fd of the services' processes (another uid: the kernel's ptrace access rules).
+  So `sockops_program_open_fds` and `sockops_program_fd_usage_ratio` are left out, never exported as zero,
+  and `sockops_exporter_unreadable_figure{figure="fds"} 1` says so (`sockops health` over SSH, as root,
+  still reports fd usage). Running the exporter as the services' own user would read them, but would give
+  that user the socket (above); CAP_SYS_PTRACE would read them, but lets the exporter take over any
+  process. Neither is worth an fd count.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ from monitoring import metrics, probes, serve, webconfig
 from monitoring.collect import Collector
 from monitoring.collect.snapshot import Look, PartResult, describe
 from monitoring.errors import ManifestError, MonitoringError, UsageError
-from monitoring.model import Target
+from monitoring.model import Snapshot, Target
 from monitoring.serve import ExporterError, make_server
 from monitoring.targets import DEFAULT_MANIFEST, Manifest, port_targets, read_manifest
 from services import addr
@@ -104,6 +121,7 @@ class Scraper:
         self._manifest: Optional[Manifest] = None
         self._lock = threading.Lock()
         self._failing: Dict[str, str] = {}
+        self._unreadable: Tuple[str, ...] = ()
         self._last: Optional[Tuple[float, Look]] = None  # (when it started, the look)
 
     def _collector(self, manifest: Optional[Manifest]) -> Collector:
@@ -117,6 +135,7 @@ class Scraper:
             cpu_window=0.0,  # CPU is exported as a seconds counter; Prometheus computes the rate
             release=manifest.release if manifest else "",
             probe_ttl=self.settings.probe_interval,
+            denied_ok=True,  # unreadable figures are exported as such (unreadable_families), not as failures
         )
 
     def scrape(self) -> Look:
@@ -134,6 +153,13 @@ class Scraper:
                 if part.error != self._failing.get(part.name, ""):  # log changes only: no flood every 15s
                     self.log(f"collector {part.name}: {part.error or 'recovered'}")
                     self._failing[part.name] = part.error
+            denied = unreadable(look.snapshot)
+            if denied != self._unreadable:
+                self._unreadable = denied
+                self.log(
+                    f"not readable as uid {os.geteuid()}: {', '.join(denied) or 'nothing any more'} "
+                    "(those figures are left out of /metrics, not zero)"
+                )
             self._last = (started, look)
             return look
 
@@ -153,6 +179,28 @@ class Scraper:
         return PartResult("manifest", not problem, round(time.monotonic() - start, 6), problem)
 
 
+def unreadable(snap: Snapshot) -> Tuple[str, ...]:
+    """The per-process figures this process may not read in a snapshot (ProcessSample.denied), sorted.
+
+    >>> from monitoring.model import ServiceSample, SystemSample, PortSample, ProcessSample, frozen_map
+    >>> p = ProcessSample(1, "main", "sleeping", 0.0, 1.0, 1.0, 2.0, 100, 1, None, 1024, None,
+    ...                   ("fds", "connections"))
+    >>> svc = ServiceSample(Target("a", "tcp", 1), PortSample("tcp", 1, frozen_map({})), None, (p,), None)
+    >>> unreadable(Snapshot("h", 0.0, "", SystemSample(*[None] * 11), (svc,)))
+    ('connections', 'fds')
+    """
+    return tuple(sorted({d for svc in snap.services for p in svc.processes for d in p.denied}))
+
+
+def unreadable_families(snap: Snapshot) -> List[metrics.MetricFamily]:
+    samples = tuple(((("figure", name),), 1.0) for name in unreadable(snap))
+    help_text = (
+        "1 for a per-process figure the exporter's user may not read; the metrics made from it are left "
+        "out, not zero (fds: sockops_program_open_fds, sockops_program_fd_usage_ratio)."
+    )
+    return [metrics.MetricFamily("sockops_exporter_unreadable_figure", "gauge", help_text, samples)]
+
+
 class SockopsCollector:
     """prometheus_client custom collector: one look per scrape."""
 
@@ -163,7 +211,8 @@ class SockopsCollector:
         return []  # unknown until the first look; also keeps register() from collecting
 
     def collect(self) -> Iterator[Any]:
-        return metrics.client_metrics(metrics.all_families(self.scraper.scrape()))
+        look = self.scraper.scrape()
+        return metrics.client_metrics(metrics.all_families(look) + unreadable_families(look.snapshot))
 
 
 def renderer(scraper: Scraper) -> Callable[[], bytes]:

@@ -271,7 +271,12 @@ def make_server(
         return MetricsServer((host, port), render, log, workers=workers, tls=tls, auth=auth)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # the deployed exporter has no CAP_NET_BIND_SERVICE: a port below the host's
+        # net.ipv4.ip_unprivileged_port_start (1024 by default) is refused with EACCES
+        why = (
+            " (a privileged port: the exporter runs unprivileged)" if isinstance(exc, PermissionError) else ""
+        )
         raise ExporterError(
-            f"cannot listen on {where}: {exc.strerror or exc}; choose another --bind "
+            f"cannot listen on {where}: {exc.strerror or exc}{why}; choose another --bind "
             "(sockops.exporter.bind in invoke's config for deployed hosts)"
         ) from exc

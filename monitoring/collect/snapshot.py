@@ -194,7 +194,9 @@ class Collector:
     window in seconds when a process is seen for the first time (later looks reuse the previous sample);
     probe_ttl: seconds a probe result is reused (0: probe on every look), so a fast scraper does not drive
     load on the services; base: sockops' base directory, to find strays (processes from its release venvs
-    outside supervisord's tree); None: the base this interpreter's release venv lies in, "" to not look.
+    outside supervisord's tree); None: the base this interpreter's release venv lies in, "" to not look;
+    denied_ok: per-process figures this user may not read (ProcessSample.denied names them) are a note, not a
+    failed "processes" part (the exporter runs unprivileged by design and says so in its own metric).
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class Collector:
         release: str = "",
         probe_ttl: float = 0.0,
         base: Optional[str] = None,
+        denied_ok: bool = False,
     ) -> None:
         self.targets = tuple(targets)
         self.supervisor_socket = supervisor_socket
@@ -220,6 +223,7 @@ class Collector:
         self.release = release
         self.probe_ttl = probe_ttl
         self.base = ptree.default_base() if base is None else base
+        self.denied_ok = denied_ok
         self.cpu = processes.CpuTracker()
         self.restarts = supervisor.RestartTracker(state_file)
         # target -> (when probed, its program's (state, pid) then, result)
@@ -378,7 +382,11 @@ class Collector:
         wait = self.cpu_window - (time.monotonic() - oldest)
         if all_pids and not groups and wait > 0:
             time.sleep(wait)
-        procs = parts.run("processes", lambda: self.processes(programs, view, groups)) if programs else {}
+        procs = (
+            parts.run("processes", lambda: self._processes_part(programs, view, groups, parts))
+            if programs
+            else {}
+        )
         saved = self.restarts.save()
         if saved:
             parts.notes.append(saved)
@@ -398,6 +406,15 @@ class Collector:
             strays=found,
         )
         return Look(snap, tuple(parts.results))
+
+    def _processes_part(
+        self, programs: Mapping[str, ProgramSample], view: Optional[SocketView], groups: Groups, parts: _Parts
+    ) -> Tuple[Dict[str, Tuple[ProcessSample, ...]], str]:
+        samples, denied = self.processes(programs, view, groups)
+        if denied and self.denied_ok and processes.available():  # a missing psutil stays a failure
+            parts.notes.append(denied)
+            denied = ""
+        return samples, denied
 
     def _system_part(self, view: Optional[SocketView]) -> Tuple[SystemSample, str]:
         notes: List[str] = []

@@ -48,8 +48,8 @@ def translated(socket_path: str) -> Iterator[None]:
         ) from exc
     except PermissionError as exc:
         raise SupervisorError(
-            f"supervisord socket {socket_path}: permission denied (the socket is root-only; "
-            "run as root or with sudo)"
+            f"supervisord socket {socket_path}: permission denied for uid {os.geteuid()} "
+            f"({_socket_access(socket_path)}; run as root or with sudo)"
         ) from exc
     except ConnectionRefusedError as exc:
         raise SupervisorDown(
@@ -59,6 +59,23 @@ def translated(socket_path: str) -> Iterator[None]:
         raise SupervisorError(f"supervisord at {socket_path}: {exc.faultString}") from exc
     except (OSError, *unixrpc.PROTOCOL_ERRORS) as exc:
         raise SupervisorError(f"supervisord socket {socket_path}: {exc}") from exc
+
+
+def _socket_access(socket_path: str) -> str:
+    """Who may open the socket, in words: 'root only', or 'root and group sockops-exporter'."""
+    try:
+        st = os.stat(socket_path)
+    except OSError:
+        return "its directory is not searchable"
+    if not st.st_mode & 0o060 or st.st_gid == 0:
+        return "root only"
+    try:
+        import grp
+
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (ImportError, KeyError):
+        group = str(st.st_gid)
+    return f"root and group {group}"
 
 
 def connect(socket_path: str, timeout: Optional[float] = 5.0, wait: float = 0.0) -> xmlrpc.client.ServerProxy:
