@@ -7,13 +7,51 @@ task collection, so `INVOKE_SOCKOPS_VARIANT=asyncio invoke deploy --host web1` w
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from deploy import validate
 from deploy.errors import ConfigError
 from services import addr
 from services.addr import SERVICES, VARIANTS
+from services.protocol.echo import LOOPBACK
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A service's hardening flags (`python -m services --help`); the defaults are the services' own.
+
+    Each is configurable per service (`sockops.services.<name>.<field>`); a value equal to its default is
+    left off the command line, so the command shows only what the operator chose.
+    """
+
+    max_conns: int = 4096  # per process (prefork: per worker); the longest-idle one makes room at the cap
+    max_conns_per_ip: int = 0  # 0 = no limit
+    idle_timeout: float = 300.0  # seconds without a complete request; 0 = never
+    request_timeout: float = 30.0  # seconds a begun request has to complete; 0 = no limit
+    backlog: int = 1024
+    drain_timeout: float = 5.0  # seconds in-flight requests get on TERM (prefork master: +2)
+    udp_rate: float = 2000.0  # datagrams a second per source address; 0 = no limit
+    udp_burst: float = 0.0  # token bucket size; 0 = twice udp_rate
+    udp_rate_exempt: tuple[str, ...] = LOOPBACK  # source networks never rate-limited; () = none
+
+
+# Which flags apply to which protocol (udp-echo has no connections; TCP services no datagram rate).
+LIMIT_KEYS: dict[str, tuple[str, ...]] = {
+    "tcp": ("max_conns", "max_conns_per_ip", "idle_timeout", "request_timeout", "backlog", "drain_timeout"),
+    "udp": ("udp_rate", "udp_burst", "udp_rate_exempt", "drain_timeout"),
+}
+
+
+def limit_defaults(proto: str) -> dict[str, Any]:
+    """The config defaults of one protocol's flags (lists, as YAML has them).
+
+    >>> limit_defaults("udp")["udp_rate_exempt"]
+    ['127.0.0.0/8', '::1/128']
+    """
+    base = Limits()
+    return {k: list(v) if isinstance(v, tuple) else v for k in LIMIT_KEYS[proto] for v in [getattr(base, k)]}
+
 
 DEFAULTS: dict[str, Any] = {
     "sockops": {
@@ -79,10 +117,17 @@ DEFAULTS: dict[str, Any] = {
         },
         "services": {
             # The classic tutorial used 8080 for everything; TCP and UDP can share it, transfer cannot.
-            "tcp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},
-            "udp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0},
+            # each service also takes its protocol's hardening flags (Limits, LIMIT_KEYS)
+            "tcp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0, **limit_defaults("tcp")},
+            "udp-echo": {"bind": "0.0.0.0:8080", "variant": "", "workers": 0, **limit_defaults("udp")},
             # root "" = <paths.base>/files
-            "transfer": {"bind": "0.0.0.0:8081", "variant": "", "workers": 0, "root": ""},
+            "transfer": {
+                "bind": "0.0.0.0:8081",
+                "variant": "",
+                "workers": 0,
+                "root": "",
+                **limit_defaults("tcp"),
+            },
         },
     }
 }
@@ -98,6 +143,7 @@ class ServiceSpec:
     variant: str
     workers: int  # 0 = one per CPU (prefork only)
     root: str = ""  # transfer only
+    limits: Limits = Limits()
 
     @property
     def proto(self) -> str:
@@ -121,6 +167,18 @@ def parse_bind(value: str, *, what: str) -> tuple[str, int]:
         raise ConfigError(f"{what}: {exc}") from exc
 
 
+def service_limits(entry: Mapping[str, Any], proto: str) -> Limits:
+    """Typed hardening flags of one validated service entry; keys of the other protocol are ignored.
+
+    >>> service_limits({"max_conns_per_ip": 8, "udp_rate": 5}, "tcp").max_conns_per_ip, Limits().udp_rate
+    (8, 2000.0)
+    """
+    base = Limits()
+    kinds = {f.name: type(getattr(base, f.name)) for f in fields(Limits)}
+    given = {k: entry[k] for k in LIMIT_KEYS[proto] if entry.get(k) is not None}
+    return Limits(**{k: tuple(map(str, v)) if kinds[k] is tuple else kinds[k](v) for k, v in given.items()})
+
+
 def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[ServiceSpec, ...]:
     """Typed service list from a validated `sockops` mapping; `variant` (a flag) overrides config."""
     default_variant = variant or str(cfg.get("variant") or "selectors")
@@ -137,6 +195,7 @@ def service_specs(cfg: Mapping[str, Any], *, variant: str = "") -> tuple[Service
                 variant=variant or str(entry.get("variant") or default_variant),
                 workers=int(entry.get("workers") or 0),
                 root=str(entry.get("root") or ""),
+                limits=service_limits(entry, SERVICES[name]),
             )
         )
     return tuple(specs)
@@ -216,6 +275,13 @@ class DeploySettings:
     stopwaitsecs: int
     cache_dir: str
     source_root: str = ""
+
+    def binds(self) -> list[tuple[str, str, str, int]]:
+        """(program, proto, host, port) of every program a deploy starts (deploy.validate's shape)."""
+        found = [(s.name, s.proto, s.host, s.port) for s in self.services]
+        if self.exporter is not None:
+            found.append(("exporter", "tcp", self.exporter.host, self.exporter.port))
+        return found
 
 
 def _absolute(value: str, *, what: str) -> str:

@@ -13,7 +13,7 @@ import json
 import shlex
 from collections.abc import Mapping
 
-from deploy.config import DeploySettings, ExporterSpec, Paths, ServiceSpec
+from deploy.config import LIMIT_KEYS, DeploySettings, ExporterSpec, Limits, Paths, ServiceSpec
 
 LOG_MAXBYTES = "10MB"
 LOG_BACKUPS = 5
@@ -38,9 +38,9 @@ def python_path(paths: Paths) -> str:
 def service_command(spec: ServiceSpec, paths: Paths) -> str:
     """The contract-2 command line for one service.
 
-    >>> spec = ServiceSpec("transfer", "0.0.0.0", 8081, "prefork", 4, "/f")
-    >>> service_command(spec, Paths()).split(" ", 1)[1]
-    '-m services transfer --variant prefork --bind 0.0.0.0:8081 --workers 4 --root /f'
+    >>> spec = ServiceSpec("transfer", "0.0.0.0", 8081, "prefork", 4, "/f", Limits(idle_timeout=60))
+    >>> service_command(spec, Paths()).split(" ", 3)[3]
+    'transfer --variant prefork --bind 0.0.0.0:8081 --workers 4 --root /f --idle-timeout 60 --reuse-port'
     """
     argv = [python_path(paths), "-m", "services", spec.name, "--variant", spec.variant]
     argv += ["--bind", _bind(spec.host, spec.port)]
@@ -48,10 +48,41 @@ def service_command(spec: ServiceSpec, paths: Paths) -> str:
         argv += ["--workers", str(spec.workers)]
     if spec.name == "transfer":
         argv += ["--root", spec.root or paths.files]
+    argv += limit_flags(spec)
     argv += ["--stats-file", f"{paths.run}-stats/{spec.name}.json"] if spec.name == "udp-echo" else []
     # SO_REUSEPORT: a restart starts the new process next to the old one (hostctl's bridge): none refused
     argv += ["--reuse-port"]
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def _flag_value(value: object) -> str:
+    """A flag's value as `python -m services` parses it: 300.0 -> '300', a network tuple -> 'a,b' or 'none'.
+
+    >>> _flag_value(300.0), _flag_value(0.25), _flag_value(("10.0.0.0/8",)), _flag_value(())
+    ('300', '0.25', '10.0.0.0/8', 'none')
+    """
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def limit_flags(spec: ServiceSpec) -> list[str]:
+    """The hardening flags of the service's protocol that differ from the services' own defaults.
+
+    >>> limit_flags(ServiceSpec("tcp-echo", "::", 80, "threaded", 0, limits=Limits(max_conns_per_ip=8)))
+    ['--max-conns-per-ip', '8']
+    >>> limit_flags(ServiceSpec("udp-echo", "::", 80, "threaded", 0, limits=Limits(max_conns_per_ip=8)))
+    []
+    """
+    default = Limits()
+    argv: list[str] = []
+    for key in LIMIT_KEYS[spec.proto]:
+        value = getattr(spec.limits, key)
+        if value != getattr(default, key):
+            argv += ["--" + key.replace("_", "-"), _flag_value(value)]
+    return argv
 
 
 def exporter_command(exporter: ExporterSpec, paths: Paths) -> str:

@@ -14,6 +14,7 @@ Each `Problem` names where (file:line when known, else the key), the bad value a
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,19 @@ CONFIG_PREFIXES = ("/etc/invoke", "~/.invoke")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".py")
 MAX_WORKERS = 256
 RISKY_KEY = "allow_risky"
+# The services' hardening flags (deploy.config.Limits): (low, high, integer, what the value means).
+LIMIT_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "max_conns": (1, 1_048_576, True, "connections per process; at the cap the longest-idle one is closed"),
+    "max_conns_per_ip": (0, 1_048_576, True, "connections per client address and process; 0 = no limit"),
+    "idle_timeout": (0, 86_400, False, "seconds without a complete request; 0 = never"),
+    "request_timeout": (0, 86_400, False, "seconds a begun request has to complete; 0 = no limit"),
+    "backlog": (1, 65_535, True, "listen backlog"),
+    "drain_timeout": (0, 3_600, False, "seconds in-flight requests get on TERM"),
+    "udp_rate": (0, 10_000_000, False, "datagrams a second per source address; 0 = no limit"),
+    "udp_burst": (0, 10_000_000, False, "token bucket size; 0 = twice udp_rate"),
+}
+# A prefork master waits drain_timeout + this for its workers (python -m services --help, --drain-timeout).
+PREFORK_DRAIN_EXTRA = 2
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,71 @@ def _bind(key: str, value: Any) -> tuple[list[Problem], tuple[str, int] | None]:
         return [Problem(key, value, str(exc).split(": ", 1)[-1].replace(f"{value!r} ", ""))], None
 
 
+def _exempt_problems(key: str, value: Any) -> list[Problem]:
+    """udp_rate_exempt: a list of networks as `python -m services --udp-rate-exempt` takes them.
+
+    >>> [str(p) for p in _exempt_problems("k", ["10.0.0.1/8"])]
+    ["k = '10.0.0.1/8': not a network (host bits set?); e.g. [127.0.0.0/8, '::1/128'], [] for none"]
+    """
+    fix = "e.g. [127.0.0.0/8, '::1/128'], [] for none"
+    if not isinstance(value, list):
+        return [Problem(key, value, f"must be a list of networks; {fix}")]
+    problems = []
+    for net in value:
+        try:
+            ipaddress.ip_network(str(net))
+        except ValueError:
+            problems.append(Problem(key, net, f"not a network (host bits set?); {fix}"))
+    return problems
+
+
+def _limit_problems(
+    key: str, entry: Mapping[str, Any], known: Mapping[str, Any], stopwait: Any
+) -> list[Problem]:
+    """The hardening flags a service has (its defaults' keys): ranges, and limits that could never apply."""
+    problems: list[Problem] = []
+    for name in (n for n in LIMIT_RANGES if n in known and n in entry):
+        lo, hi, integer, what = LIMIT_RANGES[name]
+        problems += _range(f"{key}.{name}", entry[name], lo, hi, integer=integer, what=what)
+    if "udp_rate_exempt" in known and "udp_rate_exempt" in entry:
+        problems += _exempt_problems(f"{key}.udp_rate_exempt", entry["udp_rate_exempt"])
+    if problems:
+        return problems
+    per_ip, cap = (
+        _number(entry.get(n, known.get(n)), integer=True) for n in ("max_conns_per_ip", "max_conns")
+    )
+    if per_ip and cap and per_ip > cap:
+        fix = f"above max_conns ({cap:g}) it never applies; lower it or raise max_conns"
+        problems.append(Problem(f"{key}.max_conns_per_ip", entry["max_conns_per_ip"], fix))
+    drain, wait = _number(entry.get("drain_timeout"), integer=False), _number(stopwait, integer=True)
+    # only a chosen drain is checked: short test stopwaitsecs with the default drain are fine
+    if (
+        drain is not None
+        and wait
+        and drain != known.get("drain_timeout")
+        and drain + PREFORK_DRAIN_EXTRA >= wait
+    ):
+        fix = (
+            f"supervisord kills after sockops.stopwaitsecs ({wait:g} s), before the drain "
+            f"(+{PREFORK_DRAIN_EXTRA} s for prefork) ends; lower it below {wait - PREFORK_DRAIN_EXTRA:g} "
+            "or raise stopwaitsecs"
+        )
+        problems.append(Problem(f"{key}.drain_timeout", entry["drain_timeout"], fix))
+    return problems
+
+
+def _entry_keys(entry: Mapping[str, Any], name: str, known: Mapping[str, Any]) -> list[Problem]:
+    """Unknown keys of one service entry; a flag of the other protocol says which services take it."""
+    key, mine = f"sockops.services.{name}", {**known.get(name, {}), "enabled": True, "root": "", "workers": 0}
+    problems = []
+    for unknown in _unknown(entry, mine, key):
+        flag = unknown.key.rsplit(".", 1)[-1]
+        takers = [n for n, e in known.items() if isinstance(e, Mapping) and flag in e]
+        fix = f"only {', '.join(takers)} take{'s' * (len(takers) == 1)} it; remove it here"
+        problems.append(Problem(unknown.key, unknown.value, fix) if takers else unknown)
+    return problems
+
+
 def _services(cfg: Mapping[str, Any], known: Mapping[str, Any]) -> tuple[list[Problem], list[tuple]]:
     """Problems of sockops.services and the (program, proto, host, port) of each enabled one."""
     problems: list[Problem] = []
@@ -189,12 +268,13 @@ def _services(cfg: Mapping[str, Any], known: Mapping[str, Any]) -> tuple[list[Pr
             continue
         if entry is None or not isinstance(entry, Mapping) or entry.get("enabled", True) is False:
             continue
-        problems += _unknown(entry, {**known.get(name, {}), "enabled": True, "root": "", "workers": 0}, key)
+        problems += _entry_keys(entry, name, known)
         variant = entry.get("variant")  # "" inherits sockops.variant, which is checked once on its own
         if variant and variant not in addr.VARIANTS:
             problems.append(Problem(f"{key}.variant", variant, f"must be one of {', '.join(addr.VARIANTS)}"))
         workers = entry.get("workers", 0)
         problems += _range(f"{key}.workers", workers, 0, MAX_WORKERS, integer=True, what="0 = one per CPU")
+        problems += _limit_problems(key, entry, known.get(name, {}), cfg.get("stopwaitsecs", 10))
         bad, bound = _bind(f"{key}.bind", entry.get("bind", ""))
         problems += bad
         if bound:
@@ -223,23 +303,60 @@ def port_collisions(binds: Sequence[tuple[str, str, str, int]]) -> list[Problem]
     return problems
 
 
+def _is_local(host: str, local: Sequence[str]) -> bool:
+    """A wildcard, 127.0.0.1, a name (resolved on the host, not here), or one of the host's addresses."""
+    if host in ("0.0.0.0", "::", "", "127.0.0.1"):
+        return True
+    try:
+        wanted = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return any(_same_address(wanted, a) for a in local)
+
+
+def _same_address(wanted: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text.partition("%")[0]) == wanted
+    except ValueError:
+        return False
+
+
 def foreign_binds(binds: Sequence[tuple[str, str, str, int]], local: Sequence[str]) -> list[Problem]:
     """Bind addresses that are not on the host (found by facts, before the health gate would find them).
+
+    `local` empty means the host's addresses are unknown (no `ip` there): nothing is refused.
 
     >>> [str(p) for p in foreign_binds([("tcp-echo", "tcp", "192.0.2.55", 8080)], ["127.0.0.1", "::1"])]
     ["sockops.services.tcp-echo.bind = '192.0.2.55': not an address of this host (it has 127.0.0.1, ::1); \
 use one of them or 0.0.0.0"]
     >>> foreign_binds([("exporter", "tcp", "0.0.0.0", 9480), ("udp-echo", "udp", "::", 8080)], ["10.0.0.1"])
     []
+    >>> foreign_binds([("tcp-echo", "tcp", "127.0.0.1", 1), ("transfer", "tcp", "::0001", 2)], ["::1"])
+    []
     """
-    wild = {"0.0.0.0", "::", ""}
     problems = []
     for name, _proto, host, _port in binds:
-        if host not in wild and host not in local:
+        if local and not _is_local(host, local):
             key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
             fix = f"not an address of this host (it has {', '.join(local)}); use one of them or 0.0.0.0"
             problems.append(Problem(key, host, fix))
     return problems
+
+
+def refuse_foreign_binds(
+    binds: Sequence[tuple[str, str, str, int]], local: Sequence[str], *, host: str
+) -> None:
+    """One line (a ConfigError) naming each program whose bind address `host` does not have.
+
+    >>> refuse_foreign_binds([("tcp-echo", "tcp", "192.0.2.55", 8080)], ["10.0.0.1"], host="web1")
+    Traceback (most recent call last):
+    ...
+    deploy.errors.ConfigError: web1: sockops.services.tcp-echo.bind = '192.0.2.55': not an address of this \
+host (it has 10.0.0.1); use one of them or 0.0.0.0
+    """
+    problems = foreign_binds(binds, local)
+    if problems:
+        raise ConfigError(f"{host}: " + "; ".join(map(str, problems)))
 
 
 def risks(cfg: Mapping[str, Any]) -> list[Problem]:
