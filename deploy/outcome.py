@@ -4,8 +4,9 @@ A per-host step (see deploy.fleet) returns either a plain value (the outcome is 
 as status, logs or health) or a `Done` that says what it did to the host ("changed" / "unchanged" /
 "planned" for a dry run), with a one-line detail for the table, the list of changes and any warnings. The
 fleet adds the host, the time taken, and turns an exception into "failed" with the error's message; hosts
-never attempted after a failed --serial batch are "skipped". deploy, rollback, restart, undeploy and
-build-python all report through this type, so deploy.report renders every task's table the same way.
+never attempted because earlier batches spent the run's failure budget (--serial, --max-fail: deploy.rollout)
+are "skipped", with detail "not started" and the reason as their error. deploy, rollback, restart, undeploy
+and build-python all report through this type, so deploy.report renders every task's table the same way.
 """
 
 from __future__ import annotations
