@@ -276,6 +276,7 @@ class HostFacts:
     current_state: str = "ok"  # ok | missing | dangling (names no complete release) | not-a-link
     manifest_release: str = ""  # the release /etc's services.json was copied from: the last one switched to
     strays: tuple[str, ...] = ()  # temp files of killed deploys: wheelhouse/.upload-*, .stage-*, .current-*
+    addresses: tuple[str, ...] = ()  # the host's IP addresses (`ip addr`); () = unknown
 
     def release(self, rid: str) -> ReleaseFact | None:
         return next((r for r in self.releases if r.id == rid), None)
@@ -300,6 +301,7 @@ def probe_script(settings: DeploySettings) -> str:
 P={q(settings.python)}; B={q(p.base)}; E={q(p.etc)}; R={q(p.run)}
 echo "uid=$(id -u)"
 echo "arch=$(uname -m)"
+echo "addresses=$(ip -o addr show 2>/dev/null | awk '{{sub("/.*", "", $4); printf "%s ", $4}}')"
 echo "osrelease=$(base64 -w0 /etc/os-release 2>/dev/null)"
 [ -d /run/systemd/system ] && echo systemd=1
 id -u {q(settings.user)} >/dev/null 2>&1 && echo user=1
@@ -389,6 +391,7 @@ def parse_facts(text: str) -> HostFacts:
         current_state=state,
         manifest_release=values.get("manifest_release", ""),
         strays=tuple(lists["stray"]),
+        addresses=tuple(values.get("addresses", "").split()),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import outcome
+from deploy import outcome, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import ReleaseError
 from deploy.facts import HostFacts, read_facts
@@ -70,9 +70,12 @@ def status_host(c: Context, host: str, settings: DeploySettings) -> dict[str, An
     result = c.run(hostctl(settings, running, "status"), hide=True, warn=True)
     doc = json_result(result, host=host, what="reading supervisord status")
     note = current_note(facts, running)
+    lock = f"{settings.paths.releases}/{running}/{wheelhouse.LOCK_FILE}"  # none in releases before pinning
+    pins = c.run(f"cat {shlex.quote(lock)}", hide=True, warn=True)
     return {
         "host": host,
         "release": running,
+        "wheels": wheelhouse.parse_lock(pins.stdout if pins.ok else ""),
         "current": facts.current,
         "releases": [r.id for r in facts.releases],
         "supervisord": doc.get("running", False),

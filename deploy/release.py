@@ -18,7 +18,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import converge, outcome, wheelhouse
+from deploy import converge, outcome, validate, wheelhouse
 from deploy.config import DeploySettings
 from deploy.facts import HostFacts, parse_target, read_facts
 from deploy.lock import HostLock
@@ -49,6 +49,7 @@ def deploy_host(
 def _deploy_locked(
     c: Context, host: str, settings: DeploySettings, facts: HostFacts, *, dry_run: bool, say: Say
 ) -> Done[Any]:
+    validate.refuse_foreign_binds(settings.binds(), facts.addresses, host=host)  # before any change
     target = parse_target(host, settings.python, facts.python)
     root = Path(settings.source_root) if settings.source_root else None
     wh = wheelhouse.build(target, cache_dir=settings.cache_dir, source_root=root)

@@ -31,6 +31,7 @@ Say = Callable[[str], None]
 # "after-upload", "before-switch"; "in-release" pauses ON the host, inside the release step's process group.
 PAUSE_ENV = "SOCKOPS_DEPLOY_PAUSE_AT"
 PAUSE_SECONDS = 120
+LOCK = wheelhouse.LOCK_FILE  # the release's pinned versions and hashes (`sockops status --json` shows them)
 HOST_COMPILED = ("services", "monitoring", "supervisor", "psutil", "prometheus_client", "hostctl")
 
 
@@ -156,7 +157,6 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         f"{rdir}/KEY": (desired.key, "0644"),
         f"{rdir}/CODE": (wh.code_hash[:16], "0644"),
     }
-    reqs = " ".join(wheelhouse.install_requirements(wh.target.version))
     # the services run as the service user: an interpreter under e.g. /root (mode 0700) would exit 127
     user_check = (
         f"runuser -u {q(settings.user)} -- {q(settings.python)} -c pass || "
@@ -168,12 +168,11 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         + f"rm -rf {q(rdir)}; mkdir -p {q(rdir)}\n"
         + remote_pause("in-release", say)
         + f"{q(settings.python)} -m venv --without-pip {q(rdir + '/venv')}\n"
-        f'set -- {q(whdir)}/pip-*.whl; [ -f "$1" ] || {{ echo "no pip wheel in {whdir}" >&2; exit 3; }}\n'
-        f'{q(rdir + "/venv/bin/python")} "$1/pip" install --quiet --no-index --disable-pip-version-check '
-        f"--no-cache-dir --no-compile --find-links {q(whdir)} {reqs}\n"
+        # exact versions and hashes recorded at build time: pip --require-hashes refuses an altered wheel
+        + wheelhouse.install_script(wh, venv=f"{rdir}/venv", whdir=whdir, lock=f"{rdir}/{LOCK}")
         # byte-compile only what runs on the host (services run as a user that cannot write __pycache__);
         # compiling all of rich/pygments would double the venv build time
-        f"cd {q(rdir)}/venv/lib/python*/site-packages && "
+        + f"cd {q(rdir)}/venv/lib/python*/site-packages && "
         f"{q(rdir + '/venv/bin/python')} -m compileall -q -j 0 "
         f"{' '.join(HOST_COMPILED)} >/dev/null; cd /\n"
         + write_files_script(files)

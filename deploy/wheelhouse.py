@@ -20,6 +20,8 @@ import fcntl
 import hashlib
 import io
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,21 +39,9 @@ from deploy.errors import DeployError
 REQUIREMENTS = ("psutil", "supervisor", "prometheus-client", "rich")
 # Dependencies behind environment markers (e.g. rich -> typing-extensions; python_version < "3.9"): pip
 # download evaluates markers against the operator's interpreter, not --python-version, so fetch them
-# explicitly; on a target that does not need them they sit unused in the wheelhouse.
+# explicitly; every venv gets them (requirements_lock: --require-hashes needs the closure pinned), and
+# supervisor needs setuptools' pkg_resources on 3.7, where importlib.metadata is missing.
 MARKER_DEPENDENCIES = ("typing-extensions", "importlib-metadata", "zipp", "setuptools")
-
-
-def install_requirements(version: tuple[int, ...]) -> tuple[str, ...]:
-    """What to pip-install into the host venv for this Python.
-
-    supervisor falls back to pkg_resources where importlib.metadata is missing (3.7) without declaring it.
-
-    >>> install_requirements((3, 7, 16))[-1], "setuptools" in install_requirements((3, 11, 2))
-    ('setuptools', False)
-    """
-    extra = ("setuptools",) if tuple(version[:2]) < (3, 8) else ()
-    return (HOST_DIST, *REQUIREMENTS, *extra)
-
 
 HOST_DIST = "sockops_host"
 HOST_VERSION = "0.1.0"
@@ -204,6 +194,81 @@ def host_wheel(root: Path | None = None) -> tuple[str, bytes]:
     return f"{HOST_DIST}-{version}-py3-none-any.whl", buf.getvalue()
 
 
+# The release's record of what its venv was installed from: pip's own requirements file, every line
+# `name==version --hash=sha256:...`, used with --require-hashes (a wheel altered after the build is refused).
+LOCK_FILE = "requirements.lock"
+INSTALLER = "pip"  # runs from its wheel (it cannot check itself): sha256sum checks it first
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One wheel as built: project name (normalised), exact version, sha256 of the file."""
+
+    name: str
+    version: str
+    sha256: str
+    wheel: str  # file name
+
+    @property
+    def line(self) -> str:
+        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+
+
+def pin(wheel: str, data: bytes) -> Pin:
+    """The pin of a wheel file (name and version from its file name, PEP 427).
+
+    >>> p = pin("prometheus_client-0.17.1-py3-none-any.whl", b"x")
+    >>> p.line[:48], p.wheel
+    ('prometheus-client==0.17.1 --hash=sha256:2d711642', 'prometheus_client-0.17.1-py3-none-any.whl')
+    """
+    name, version = wheel.split("-")[:2]
+    return Pin(re.sub(r"[-_.]+", "-", name).lower(), version, hashlib.sha256(data).hexdigest(), wheel)
+
+
+def requirements_lock(pins: tuple[Pin, ...], short: str) -> str:
+    """pip's requirements file for the venv: every wheel but the installer, pinned and hashed.
+
+    Every wheel, not only what the target needs: --require-hashes wants the whole dependency closure
+    pinned, and the marker-only ones (MARKER_DEPENDENCIES) are small and harmless where unneeded.
+    """
+    head = f"# sockops wheelhouse {short}: pip install --require-hashes --no-index -r {LOCK_FILE}\n"
+    return head + "".join(p.line + "\n" for p in sorted(pins, key=lambda p: p.name) if p.name != INSTALLER)
+
+
+def parse_lock(text: str) -> list[dict[str, str]]:
+    """The pins a release recorded ({name, version, sha256}), from its requirements.lock.
+
+    >>> parse_lock("# head\\nrich==13.7.1 --hash=sha256:ab12\\n")
+    [{'name': 'rich', 'version': '13.7.1', 'sha256': 'ab12'}]
+    """
+    found = re.findall(r"^([A-Za-z0-9._-]+)==(\S+) --hash=sha256:([0-9a-f]+)$", text, re.M)
+    return [{"name": n, "version": v, "sha256": h} for n, v, h in found]
+
+
+def install_script(wh: Wheelhouse, *, venv: str, whdir: str, lock: str) -> str:
+    """Shell: write the lock into the release, check the installer wheel, pip install --require-hashes."""
+    q = shlex.quote
+    installer = next((p for p in wh.pins if p.name == INSTALLER), None)
+    if installer is None:
+        raise WheelhouseError(
+            f"no {INSTALLER} wheel in wheelhouse {wh.short}; delete the cache entry and retry"
+        )
+    text = requirements_lock(wh.pins, wh.short)
+    wheel = f"{whdir}/{installer.wheel}"
+    altered = (
+        f"{wheel} was altered after the build (sha256 recorded: {installer.sha256}); remove {whdir} on the "
+        "host and deploy again (it is uploaded afresh)"
+    )
+    pip = f"{q(venv + '/bin/python')} {q(wheel + '/pip')} install --quiet --no-index"
+    return (
+        f"printf %s {base64.b64encode(text.encode()).decode()} | base64 -d > {q(lock)}\n"
+        f"echo {q(installer.sha256 + '  ' + wheel)} | sha256sum -c --status - || "
+        f"{{ echo {q(altered)} >&2; exit 3; }}\n"
+        f"{pip} --disable-pip-version-check --no-cache-dir --no-compile --require-hashes "
+        f"--find-links {q(whdir)} -r {q(lock)}\n"
+    )
+
+
 @dataclass(frozen=True)
 class Wheelhouse:
     """A ready bundle for one target: a tar of every wheel, named by the hash of its contents."""
@@ -213,6 +278,7 @@ class Wheelhouse:
     bundle: Path  # uncompressed tar (wheels are already compressed)
     wheels: tuple[str, ...]
     has_exporter: bool  # monitoring/exporter.py is in the host wheel
+    pins: tuple[Pin, ...] = ()  # every wheel's exact version and sha256, recorded at build time
 
     @property
     def short(self) -> str:
@@ -268,4 +334,5 @@ def _build(target: Target, *, cache_dir: str, source_root: Path | None) -> Wheel
         has_exporter=any(
             (root / "monitoring" / p).is_file() for p in ("exporter.py", "exporter/__main__.py")
         ),
+        pins=tuple(pin(n, d) for n, d in sorted(members)),
     )
