@@ -155,3 +155,25 @@ def test_every_host_task_takes_the_inventory(fleet, work, canary_and_one):
         canary_and_one, "monitor", "--inventory", inv, "--host", "web", ssh_config=fleet.ssh_config
     )
     assert proc.stderr.strip() == "sockops: --host 'web' selects 3 hosts; monitor watches one at a time"
+
+
+def test_restart_walks_the_same_batches_and_budget(fleet, work, canary_and_one):
+    # testhost3 has nothing deployed, so restarting it fails: the third batch spends the budget of 1
+    proc = sockops(
+        canary_and_one, "restart", "--inventory", str(work / "hosts.ini"), "--host", "all",
+        "--serial", "1,1,1", "--program", "sockops-udp-echo", ssh_config=fleet.ssh_config,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    names = [[h] for h in fleet.names]
+    rows = {ln.split()[0]: ln.split()[1] for ln in proc.stdout.splitlines() if ln.split()[:1] in names}
+    assert rows == {
+        "testhost1": "changed",
+        "testhost2": "changed",
+        "testhost3": "failed",
+        "testhost4": "skipped",
+    }
+    assert (
+        "not started, failure budget spent after batch 3 of 4 (1 failed host, budget 1): testhost4"
+        in proc.stdout
+    )
+    assert not deployed(fleet, "testhost4")
