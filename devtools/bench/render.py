@@ -196,12 +196,14 @@ def repair_rows(section: dict[str, Any]) -> list[list[str]]:
 
 
 def _repair_title(section: dict[str, Any]) -> str:
-    base = section["baselines_s"]
-    goals = section["goals"]
+    base, goals = section["baselines_s"], section["goals"]
+    load = section.get("load_average", {})
+    loads = ", ".join(f"{k} {v[0]:.2f}" for k, v in load.items())
     return (
-        f"repair: {section['runs']} run(s) per case, `{section['command']}`, {section['timed']}; goal = "
-        f"{goals['rule']} (unchanged {base['unchanged'] or 0:.2f} s, restart {base['restart'] or 0:.2f} s); "
-        f"ratio = median / goal; all met: {goals['all_met']}, all converged: {goals['all_converged']}"
+        f"repair: {section['runs']} run(s) per case, `{section['command']}`, {section['timed']}, services "
+        f"as {section.get('user', '?')}; goal = {goals['rule']} (unchanged {base['unchanged'] or 0:.2f} s, "
+        f"restart {base['restart'] or 0:.2f} s); ratio = median / goal; all met: {goals['all_met']}, all "
+        f"converged: {goals['all_converged']}; load average (1 min) {loads or 'not recorded'}"
     )
 
 

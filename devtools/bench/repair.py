@@ -39,7 +39,16 @@ VARIANT = "selectors"  # the default variant: the figure is the deploy's, not a 
 COMMAND_TIMEOUT_S = 300.0
 EXIT_CODES = range(-64, 256)  # every exit is judged here (a signal too), not by _run_cli
 TAIL_CHARS = 600
-NARRATIVE_LINES = 40  # of a failed command's output kept in a failed cell
+NARRATIVE_LINES = 40
+# the deploy's lines that say it acted on a fault (the normal path's own words included: a deploy that finds
+# supervisord or `current` gone starts or re-links them as a first deploy would)
+SAID_REPAIRS = (
+    "repaired",
+    "reaped",
+    "restarted",
+    "started supervisord",
+    "current -> ",
+)  # of a failed command's output kept in a failed cell
 HOST = "local"
 
 Progress = Callable[[str], None]
@@ -102,13 +111,15 @@ _RELEASE = re.compile(r"\b\d{8}T\d{6}Z-[0-9a-f]+")
 
 
 def repair_lines(stdout: str, host: str = HOST) -> tuple[str, ...]:
-    """The repairs a deploy said it made, once each, with pids and paths generalised (so runs compare).
+    """What a deploy said it repaired (lines starting with SAID_REPAIRS), once each, with pids, paths and
+    release names generalised so that runs compare.
 
     >>> out = ("[local] observed: x\\n[local] reaped stray service pid 4242: /v/bin/python -m services\\n"
     ...        "[local] repaired: /tmp/x/current -> 20261129T150102Z-0a1b2c3d\\n"
-    ...        "[local] reaped stray service pid 4343: /v/bin/python -m services\\n")
+    ...        "[local] reaped stray service pid 4343: /v/bin/python -m services\\n"
+    ...        "[local] current -> 20261129T150102Z-0a1b2c3d\\n[local] health gate passed: tcp-echo\\n")
     >>> repair_lines(out)
-    ('reaped stray service pid N', 'repaired: PATH -> RELEASE')
+    ('reaped stray service pid N', 'repaired: PATH -> RELEASE', 'current -> RELEASE')
     """
     prefix = f"[{host}] "
     found = []
@@ -116,7 +127,7 @@ def repair_lines(stdout: str, host: str = HOST) -> tuple[str, ...]:
         text = line[len(prefix) :] if line.startswith(prefix) else ""
         if text.startswith("reaped"):
             text = text.split(":")[0]  # the stray's command line follows
-        if text.startswith(("repaired", "reaped")):
+        if text.startswith(SAID_REPAIRS):
             found.append(_RELEASE.sub("RELEASE", _PATH.sub("PATH", _PID.sub("pid N", text))))
     return tuple(dict.fromkeys(found))
 
@@ -263,11 +274,14 @@ def repair_bench(
 
 
 def _sample_text(s: Sample) -> str:
-    """>>> _sample_text(Sample(1.234, 0.9, "changed", ("reaped stray service pid N",), "stray", ""))
-    '1.23s changed [reaped stray service pid N]'
+    """One progress line (no square brackets: the console reads them as markup).
+
+    >>> _sample_text(Sample(1.234, 0.9, "changed", ("reaped stray service pid N",), "stray", ""))
+    '1.23s changed: reaped stray service pid N'
     """
-    said = f" {s.status}" if s.status else ""
-    return f"{s.wall:.2f}s{said} [{'; '.join(s.repairs)}]" + (f" FAILED: {s.failure}" if s.failure else "")
+    said = " ".join(t for t in (f"{s.wall:.2f}s", s.status) if t)
+    repairs = f": {'; '.join(s.repairs)}" if s.repairs else ""
+    return said + repairs + (f" FAILED: {s.failure}" if s.failure else "")
 
 
 def goal_s(case: Case, unchanged_s: float | None, restart_s: float | None) -> float | None:
