@@ -20,7 +20,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import lock, plan, wheelhouse
+from deploy import lock, plan, supervisor, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import DeployError, HealthGateError, ReleaseError
 from deploy.facts import HostFacts, read_facts
@@ -88,16 +88,30 @@ def write_files_script(files: dict[str, tuple[str, str]]) -> str:
 
 
 def step_base(c: Context, settings: DeploySettings, facts: HostFacts, *, host: str) -> None:
-    """System user + directories (idempotent)."""
+    """System users + directories (idempotent).
+
+    The service user, and the exporter's own user when the exporter is on (its group is the one allowed on
+    supervisord's socket: deploy.supervisor's docstring). The run directory 0710 root:that group, the log
+    directory root:adm 0640 files. The transfer root is created 0755 only when missing: after that its mode
+    and owner are the operator's.
+    """
     p, q = settings.paths, shlex.quote
-    user = q(settings.user)
-    script = (
-        f"id -u {user} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent "
-        f"--shell /usr/sbin/nologin {user}\n"
-        f"mkdir -p {q(p.releases)} {q(p.wheelhouses)} {q(p.etc)} {q(p.run)} {q(p.log)} {q(p.files)}\n"
-        f"chmod 0700 {q(p.run)}\nchmod 0755 {q(p.files)}"
+    group = supervisor.socket_group(settings, with_exporter=True)
+    system_user = "useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin"
+    script = f"id -u {q(settings.user)} >/dev/null 2>&1 || {system_user} {q(settings.user)}\n"
+    if group:  # the exporter's user, in a group of its own (an existing group of that name is reused)
+        script += (
+            f"id -u {q(group)} >/dev/null 2>&1 || {system_user} "
+            f"$(getent group {q(group)} >/dev/null && echo -g {q(group)} || echo --user-group) {q(group)}\n"
+        )
+    script += (
+        f"mkdir -p {q(p.releases)} {q(p.wheelhouses)} {q(p.etc)}\n"
+        f"[ -d {q(p.files)} ] || install -d -m 0755 {q(p.files)}\n"
+        + supervisor.run_dir_script(p, group, settings.user)
+        + "\n"
+        + supervisor.log_dir_script(p)
     )
-    root_run(c, settings, script, uid=facts.uid, what="creating the service user and directories", host=host)
+    root_run(c, settings, script, uid=facts.uid, what="creating the service users and directories", host=host)
 
 
 def put(c: Context, local: str, remote: str) -> None:
@@ -248,8 +262,9 @@ def step_supervisord(
     # supervisord daemonizes (setsid + fork) and so outlives this SSH session; we name the release's real path
     # so pruning never deletes the code a running supervisord imports from.
     script = (
-        f"mkdir -p {q(p.run)} {q(p.log)}; chmod 0700 {q(p.run)}\n"
-        f"echo {q(release)} > {q(p.run + '/supervisord.release')}\n"
+        f"umask 027; mkdir -p {q(p.log)}\n"  # files made here: 0640 like supervisord's (deploy.supervisor)
+        + supervisor.run_dir_script(p, supervisor.socket_group(settings, with_exporter=True), settings.user)
+        + f"\necho {q(release)} > {q(p.run + '/supervisord.release')}\n"
         f"{q(py)} -m supervisor.supervisord -c {q(p.conf)} </dev/null >>{q(p.log + '/supervisord.out')} 2>&1 "
         f"|| {{ tail -n 15 {q(p.log + '/supervisord.out')} >&2; exit 1; }}"
     )

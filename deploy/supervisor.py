@@ -4,6 +4,18 @@ Everything here is a pure function of the deploy settings, so it is unit-tested 
 commands run `<base>/current/venv/bin/python`, so a release switch alone does not change a program section;
 the per-program fingerprint (code id + rendered section) is what tells the host which programs must restart.
 Control over XML-RPC happens on the host (hostctl/) through the unix socket.
+
+Who may do what on a host (least privilege):
+- supervisord runs as root: it starts the programs as other users and needs nothing else from root.
+- the services run as `settings.user` (sockops) with no capabilities (CapEff 0).
+- the exporter runs as its own system user EXPORTER_USER with no capabilities. It reaches supervisord's
+  socket through that user's group (`chown=root:sockops-exporter`, `chmod=0770`, in a 0710 run directory).
+  supervisord's XML-RPC has no read-only mode: whoever may open the socket may also stop, start and signal
+  programs. That is why the group is the exporter's own and not the services' user: an exploited service
+  (the internet-facing side) must not be able to stop its neighbours. Without the exporter the socket stays
+  root-only (0700).
+- logs are root:adm 0640 in a 2750 root:adm directory (Debian's convention; root:root where there is no
+  `adm` group): supervisord runs with umask 027 and the directory's setgid bit gives new files its group.
 """
 
 from __future__ import annotations
@@ -17,6 +29,10 @@ from deploy.config import LIMIT_KEYS, DeploySettings, ExporterSpec, Limits, Path
 
 LOG_MAXBYTES = "10MB"
 LOG_BACKUPS = 5
+# The exporter's own user; its group is the one allowed on supervisord's socket (see the module docstring).
+EXPORTER_USER = "sockops-exporter"
+LOG_GROUP = "adm"  # Debian's group for reading logs; root where the host has none
+UMASK = "027"  # supervisord's: its logs 0640, its pid file 0640; the programs inherit it
 # A program must stay up this long to count as started; a service that dies on bind fails fast instead.
 STARTSECS = 1
 STARTRETRIES = 2
@@ -132,8 +148,9 @@ def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[s
         exp = settings.exporter
         options = {
             "command": exporter_command(exp, paths),
-            # root: it reads the 0700 supervisor socket and every service process's fds/connections
-            "user": "root",
+            # its own user: supervisord's socket through its group; /proc/PID/stat, status, limits and the
+            # kernel's socket tables need no privilege (open fds of the services' processes: not readable)
+            "user": EXPORTER_USER,
             "directory": "/",
             "autostart": True,
             "autorestart": True,
@@ -149,13 +166,23 @@ def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[s
     return sections
 
 
-def render_header(paths: Paths) -> str:
-    """The daemon part: unix socket only (mode 0700, no inet_http_server), rotated logs, pidfile."""
+def socket_group(settings: DeploySettings, *, with_exporter: bool) -> str:
+    """The group allowed on supervisord's socket besides root: the exporter's, when it runs ("" = none)."""
+    return EXPORTER_USER if with_exporter and settings.exporter is not None else ""
+
+
+def render_header(paths: Paths, rpc_group: str = "") -> str:
+    """The daemon part: unix socket only (no inet_http_server), rotated logs, pidfile, umask 027.
+
+    The socket is root-only (0700), or 0770 root:`rpc_group` for the exporter. supervisord's RPC cannot be
+    made read-only: members of that group can stop programs too (see the module docstring).
+    """
+    access = f"chown=root:{rpc_group}\nchmod=0770\n" if rpc_group else "chmod=0700\n"
     return (
         "; Managed by sockops deploy; changes here are overwritten on the next deploy.\n"
         "[unix_http_server]\n"
         f"file={paths.socket}\n"
-        "chmod=0700\n"
+        f"{access}"
         "\n"
         "[supervisord]\n"
         f"logfile={paths.log}/supervisord.log\n"
@@ -165,7 +192,8 @@ def render_header(paths: Paths) -> str:
         f"pidfile={paths.pidfile}\n"
         f"childlogdir={paths.log}\n"
         "identifier=sockops\n"
-        "umask=022\n"
+        # applies when supervisord daemonizes (the systemd unit sets UMask= for -n): logs 0640, not 0644
+        f"umask={UMASK}\n"
         "minfds=4096\n"
         "\n"
         "[rpcinterface:supervisor]\n"
@@ -176,10 +204,57 @@ def render_header(paths: Paths) -> str:
     )
 
 
+def stats_dir(paths: Paths) -> str:
+    """Where services keep the counter files the exporter reads (udp-echo's --stats-file)."""
+    return f"{paths.run}-stats"
+
+
+def run_dir_script(paths: Paths, rpc_group: str, service_user: str) -> str:
+    """Shell: the run directory (socket, pid file, deploy lock) 0710 root:`rpc_group`, else 0700 root:root;
+    the stats directory 2750 `service_user`:`rpc_group` (the services write, the exporter's group reads
+    what they write: the setgid bit gives their files that group).
+
+    An existing socket gets the same access, so a supervisord started by an older release (socket 0700)
+    lets the exporter in without a restart.
+
+    >>> print(run_dir_script(Paths(run="/r"), "", "svc"))
+    mkdir -p /r; chgrp root /r; chmod 0700 /r
+    [ ! -S /r/supervisor.sock ] || { chgrp root /r/supervisor.sock; chmod 0700 /r/supervisor.sock; }
+    mkdir -p /r-stats; chown svc:root /r-stats; chmod 2750 /r-stats
+    """
+    q = shlex.quote
+    run, sock, stats = q(paths.run), q(paths.socket), q(stats_dir(paths))
+    group = "root"
+    if rpc_group:  # made by the same deploy's base step; root until then
+        group = f"$(getent group {q(rpc_group)} >/dev/null && echo {q(rpc_group)} || echo root)"
+    dir_mode, sock_mode = ("0710", "0770") if rpc_group else ("0700", "0700")
+    return (
+        f"mkdir -p {run}; chgrp {group} {run}; chmod {dir_mode} {run}\n"
+        f"[ ! -S {sock} ] || {{ chgrp {group} {sock}; chmod {sock_mode} {sock}; }}\n"
+        f"mkdir -p {stats}; chown {q(service_user)}:{group} {stats}; chmod 2750 {stats}"
+    )
+
+
+def log_dir_script(paths: Paths) -> str:
+    """Shell: the log directory 2750 root:adm (root:root without an `adm` group), every file in it 0640.
+
+    The setgid bit hands the group to the files supervisord creates later (with its umask 027: 0640).
+    supervisord.out (the daemon's own stdout, appended by a shell) is created here so it gets the mode too.
+    """
+    q = shlex.quote
+    log = q(paths.log)
+    return (
+        f"G={LOG_GROUP}; getent group {LOG_GROUP} >/dev/null || G=root\n"
+        f"mkdir -p {log}; chown root:$G {log}; chmod 2750 {log}; touch {q(paths.log + '/supervisord.out')}\n"
+        f"find {log} -maxdepth 1 -type f -exec chown root:$G {{}} + -exec chmod 0640 {{}} +"
+    )
+
+
 def render_conf(settings: DeploySettings, *, with_exporter: bool) -> str:
     """The whole /etc/sockops/supervisord.conf."""
     sections = program_sections(settings, with_exporter=with_exporter)
-    return render_header(settings.paths) + "".join("\n" + s for s in sections.values())
+    group = socket_group(settings, with_exporter=with_exporter)
+    return render_header(settings.paths, group) + "".join("\n" + s for s in sections.values())
 
 
 def render_manifest(settings: DeploySettings, *, release: str, with_exporter: bool) -> str:
@@ -228,8 +303,21 @@ def fingerprints(sections: Mapping[str, str], code_id: str) -> dict[str, str]:
     }
 
 
-def render_systemd_unit(paths: Paths, *, stopwaitsecs: int) -> str:
-    """Unit for hosts where systemd is PID 1; supervisord runs in the foreground under it."""
+def render_systemd_unit(
+    paths: Paths, *, stopwaitsecs: int, rpc_group: str = EXPORTER_USER, service_user: str = "sockops"
+) -> str:
+    """Unit for hosts where systemd is PID 1; supervisord runs in the foreground under it, sandboxed.
+
+    What supervisord and its programs need from the system: write the run, stats and log directories
+    (nothing else: the services write only their counter files, the exporter nothing, transfer only
+    reads), setuid/setgid to the program users (NoNewPrivileges does not forbid dropping privileges),
+    sockets (unix, inet, netlink for the exporter's sock_diag) and a readable /proc. So: the whole file
+    system read-only but those directories (ProtectSystem=strict), home directories read-only (an
+    interpreter may live there), a private /tmp, no kernel tunables/modules/logs, no new privileges, umask
+    027 (supervisord -n does not apply its own). The directories are made before the sandbox (the `+`
+    lines run unsandboxed); their group is `rpc_group` when that group exists (the exporter's way in).
+    """
+    run, log, stats = paths.run, paths.log, stats_dir(paths)
     return (
         "# Managed by sockops deploy.\n"
         "[Unit]\n"
@@ -239,13 +327,35 @@ def render_systemd_unit(paths: Paths, *, stopwaitsecs: int) -> str:
         "\n"
         "[Service]\n"
         "Type=simple\n"
-        f"ExecStartPre=/bin/mkdir -p {paths.run}\n"
-        f"ExecStartPre=/bin/sh -c 'readlink {paths.current} > {paths.run}/supervisord.release'\n"
+        f"ExecStartPre=+/bin/mkdir -p {run} {stats}\n"
+        f"ExecStartPre=-+/bin/chgrp {rpc_group} {run} {stats}\n"
+        f"ExecStartPre=-+/bin/chown {service_user} {stats}\n"
+        f"ExecStartPre=+/bin/chmod 0710 {run}\n"
+        f"ExecStartPre=+/bin/chmod 2750 {stats}\n"
+        f"ExecStartPre=/bin/sh -c 'readlink {paths.current} > {run}/supervisord.release'\n"
         f"ExecStart={python_path(paths)} -m supervisor.supervisord -n -c {paths.conf}\n"
         # supervisord stops its programs itself (graceful drain), so only signal the daemon
         "KillMode=process\n"
         f"TimeoutStopSec={stopwaitsecs + 15}\n"
         "Restart=on-failure\n"
+        f"UMask=0{UMASK}\n"
+        "NoNewPrivileges=yes\n"
+        "ProtectSystem=strict\n"
+        f"ReadWritePaths=-{run} -{stats} -{log}\n"
+        "ProtectHome=read-only\n"
+        "PrivateTmp=yes\n"
+        "PrivateDevices=yes\n"
+        "ProtectKernelTunables=yes\n"
+        "ProtectKernelModules=yes\n"
+        "ProtectKernelLogs=yes\n"
+        "ProtectControlGroups=yes\n"
+        "ProtectClock=yes\n"
+        "RestrictSUIDSGID=yes\n"
+        "RestrictNamespaces=yes\n"
+        "RestrictRealtime=yes\n"
+        "LockPersonality=yes\n"
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n"
+        "SystemCallArchitectures=native\n"
         "\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n"

@@ -115,7 +115,7 @@ def test_two_hosts_in_parallel_then_unchanged_with_same_pids(fleet, baseline):
     for h in fleet.hosts:
         answers(h.address)
         assert (
-            fleet.exec(h.name, ["stat", "-c", "%a", "/run/sockops/supervisor.sock"]).stdout.strip() == "700"
+            fleet.exec(h.name, ["stat", "-c", "%a", "/run/sockops/supervisor.sock"]).stdout.strip() == "770"
         )
         manifest = json.loads(host_file(fleet, h.name, "/etc/sockops/services.json"))
         assert manifest["release"] == os.path.basename(
