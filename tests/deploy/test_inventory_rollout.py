@@ -177,3 +177,31 @@ def test_restart_walks_the_same_batches_and_budget(fleet, work, canary_and_one):
         in proc.stdout
     )
     assert not deployed(fleet, "testhost4")
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        ["deploy"],
+        ["rollback"],
+        ["status"],
+        ["restart"],
+        ["logs"],
+        ["health"],
+        ["monitor"],
+        ["undeploy"],
+        ["build-python", "--version", "3.9.2"],
+    ],
+    ids=lambda t: t[0],
+)
+def test_every_task_that_takes_host_reads_it_through_the_inventory(task: list[str], tmp_path: Path):
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(INVENTORY)
+    (tmp_path / "cfg").mkdir()
+    cfg = write_cfg(tmp_path / "cfg" / "sockops.yaml", services=SERVICES)
+    proc = sockops(cfg, *task, "--inventory", str(inv), "--host", "web:&canary")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"sockops: inventory {inv}: pattern 'web:&canary' matches no host; "
+        "use a host or group name, or a pattern like web, web:&eu, web:!db, web[0:3], all"
+    )
