@@ -33,6 +33,7 @@ CONFIG_PREFIXES = ("/etc/invoke", "~/.invoke")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".py")
 MAX_WORKERS = 256
 RISKY_KEY = "allow_risky"
+SHOWN_ADDRESSES = 8  # of a host's addresses in a refused bind's line (a router may have hundreds)
 # The services' hardening flags (deploy.config.Limits): (low, high, integer, what the value means).
 LIMIT_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "max_conns": (1, 1_048_576, True, "connections per process; at the cap the longest-idle one is closed"),
@@ -333,12 +334,16 @@ use one of them or 0.0.0.0"]
     []
     >>> foreign_binds([("tcp-echo", "tcp", "127.0.0.1", 1), ("transfer", "tcp", "::0001", 2)], ["::1"])
     []
+    >>> str(foreign_binds([("exporter", "tcp", "10.9.9.9", 1)], [f"10.0.0.{i}" for i in range(10)])[0])[-58:]
+    '10.0.0.6, 10.0.0.7 and 2 more); use one of them or 0.0.0.0'
     """
     problems = []
+    more = len(local) - SHOWN_ADDRESSES
+    has = ", ".join(local[:SHOWN_ADDRESSES]) + (f" and {more} more" if more > 0 else "")
     for name, _proto, host, _port in binds:
         if local and not _is_local(host, local):
             key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
-            fix = f"not an address of this host (it has {', '.join(local)}); use one of them or 0.0.0.0"
+            fix = f"not an address of this host (it has {has}); use one of them or 0.0.0.0"
             problems.append(Problem(key, host, fix))
     return problems
 
