@@ -30,12 +30,13 @@ def _git(repo: Path, *args: str) -> bytes:
     return proc.stdout
 
 
-def export_services(rev: str, dest: Path, repo: Path) -> str:
-    """Write the services package at `rev` under `dest` (dest/services/...); returns the full commit id."""
+def export_services(rev: str, dest: Path, repo: Path, packages: tuple[str, ...] = ("services",)) -> str:
+    """Write the services package (or `packages`) at `rev` under `dest` (dest/services/...); returns the full
+    commit id."""
     if not rev or rev.startswith("-"):
         raise BenchError(f"--before {rev!r}: give a git revision (a commit, tag or branch, e.g. HEAD~3)")
     commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").decode().strip()
-    archive = _git(repo, "archive", "--format=tar", commit, "services")
+    archive = _git(repo, "archive", "--format=tar", commit, *packages)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         for member in tar.getmembers():  # git archive writes plain relative paths; refuse anything else
             if (

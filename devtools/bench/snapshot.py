@@ -190,10 +190,10 @@ def run(
 MODULE = "devtools.bench.snapshot"
 
 
-def _in_private_netns(argv: list[str]) -> int:
-    """Re-run this module inside `unshare -n` with loopback up (needs root)."""
+def _in_private_netns(argv: list[str], module: str = MODULE) -> int:
+    """Re-run this module (or `module`) inside `unshare -n` with loopback up (needs root)."""
     code = "import subprocess, sys, runpy; subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True); "
-    code += f"sys.argv = [{MODULE!r}, '--here'] + sys.argv[1:]; runpy.run_module({MODULE!r}, "
+    code += f"sys.argv = [{module!r}, '--here'] + sys.argv[1:]; runpy.run_module({module!r}, "
     code += "run_name='__main__')"
     return subprocess.run(["unshare", "-n", sys.executable, "-c", code, *argv], check=False).returncode
 
