@@ -69,10 +69,10 @@ def _deploy_locked(
         f"facts: {facts.os or 'unknown OS'}, {facts.arch}, "
         f"Python {facts.python.split()[0]} at {settings.python}"
     )
-    if pl.create_user or not pl.reuse:
-        step_base(c, settings, facts, host=host)
-        if pl.create_user:
-            say(f"created system user {settings.user}")
+    # every changing deploy: the run/stats/log modes follow the config (the exporter may be switched on/off)
+    step_base(c, settings, facts, host=host)
+    if pl.create_user:
+        say(f"created system user {settings.user}")
     if pl.upload:
         step_upload(c, settings, wh, facts, host=host)
         say(f"uploaded wheelhouse {wh.short} ({len(wh.wheels)} wheels)")

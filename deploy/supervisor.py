@@ -221,6 +221,7 @@ def run_dir_script(paths: Paths, rpc_group: str, service_user: str) -> str:
     mkdir -p /r; chgrp root /r; chmod 0700 /r
     [ ! -S /r/supervisor.sock ] || { chgrp root /r/supervisor.sock; chmod 0700 /r/supervisor.sock; }
     mkdir -p /r-stats; chown svc:root /r-stats; chmod 2750 /r-stats
+    find /r-stats -mindepth 1 -maxdepth 1 -exec chgrp root {} +
     """
     q = shlex.quote
     run, sock, stats = q(paths.run), q(paths.socket), q(stats_dir(paths))
@@ -231,7 +232,9 @@ def run_dir_script(paths: Paths, rpc_group: str, service_user: str) -> str:
     return (
         f"mkdir -p {run}; chgrp {group} {run}; chmod {dir_mode} {run}\n"
         f"[ ! -S {sock} ] || {{ chgrp {group} {sock}; chmod {sock_mode} {sock}; }}\n"
-        f"mkdir -p {stats}; chown {q(service_user)}:{group} {stats}; chmod 2750 {stats}"
+        f"mkdir -p {stats}; chown {q(service_user)}:{group} {stats}; chmod 2750 {stats}\n"
+        # files written while the exporter was off have root's group: hand them over too
+        f"find {stats} -mindepth 1 -maxdepth 1 -exec chgrp {group} {{}} +"
     )
 
 

@@ -178,3 +178,24 @@ def test_a_deploy_keeps_the_transfer_roots_mode_and_owner(fleet, deployed, tmp_p
     assert "created release" in out
     assert stat(fleet, host.name, files) == {files: "750 sockops:sockops"}
     answers(host.address)
+
+
+def test_exporter_off_then_on_gives_the_socket_and_the_stats_back_to_its_group(fleet, deployed, tmp_path):
+    host = fleet.names[0]
+    off = write_cfg(tmp_path / "off.yaml", exporter={"enabled": False})
+    ok(sockops(off, "deploy", "--host", host, ssh_config=fleet.ssh_config))
+    assert stat(fleet, host, "/run/sockops", "/run/sockops/supervisor.sock", "/run/sockops-stats") == {
+        "/run/sockops": "700 root:root",
+        "/run/sockops/supervisor.sock": "700 root:root",
+        "/run/sockops-stats": "2750 sockops:root",
+    }
+    # a counter file a service writes meanwhile gets root's group (the directory's)
+    as_service = ["setpriv", "--reuid=sockops", "--regid=sockops", "--init-groups", "--"]
+    fleet.exec(host, [*as_service, "sh", "-c", "umask 027; echo {} > /run/sockops-stats/probe.json"])
+    ok(sockops(deployed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
+    assert stat(fleet, host, "/run/sockops/supervisor.sock", "/run/sockops-stats/probe.json") == {
+        "/run/sockops/supervisor.sock": "770 root:sockops-exporter",
+        "/run/sockops-stats/probe.json": "640 sockops:sockops-exporter",
+    }
+    metrics = scrape(fleet.hosts[0].address)
+    assert metrics['sockops_collector_up{collector="supervisor"}'] == 1.0
