@@ -27,6 +27,9 @@ def _user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from deploy import privilege
+
+        privilege.use_config(args[0].config)  # invoke's sudo.password serves every host the task reaches
         try:
             return fn(*args, **kwargs)
         except DeployError as exc:
@@ -162,6 +165,8 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "force": "rebuild even if the prefix already holds this exact build",
         "no_compile_on_targets": "targets get only a packed build of their platform from the operator cache "
         "(no compiler, no -dev packages on them); a platform with nothing cached is refused",
+        "build_host": "compile on this host (may be outside --host, e.g. a builder with compilers) for every "
+        "platform group whose fingerprint matches its own; other groups build as usual",
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
         "inventory": _INVENTORY_HELP,
@@ -184,6 +189,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
     accept_new_host_key=False,
     no_compile_on_targets=False,
     inventory="",
+    build_host="",
 ):
     """Build CPython from a verified tarball into a dedicated prefix, atomically (no-op if already built)."""
     from deploy import python_build
@@ -207,6 +213,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
         compile_on_targets=not no_compile_on_targets,
+        build_host=build_host,
     )
 
 

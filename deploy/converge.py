@@ -123,7 +123,7 @@ def repair(
         say(f"repaired: {p.current} -> {release}")
     if live.wants("fix-release"):
         # the code is public; a release the service user cannot read or enter fails at its next start
-        root_run(c, settings, f"chmod -R a+rX {q(p.releases + '/' + release)}", uid=facts.uid,
+        root_run(c, settings, f"chmod -R a+rX {q(p.releases + '/' + release)}",
                  what="making the release readable", host=host)  # fmt: skip
         say(f"repaired: release {release} is readable by {settings.user} again")
     if live.wants("start-supervisord") or live.wants("restart-supervisord"):
@@ -131,7 +131,7 @@ def repair(
             hostctl_json(c, settings, release, facts, "shutdown", what="stopping supervisord", host=host)
         stopped = replace(facts, supervisord_pid=0)
         if facts.systemd:  # the unit owns supervisord there
-            root_run(c, settings, "systemctl restart sockops-supervisord.service", uid=facts.uid,
+            root_run(c, settings, "systemctl restart sockops-supervisord.service",
                      what="restarting supervisord (systemd)", host=host)  # fmt: skip
         else:
             step_supervisord(c, settings, release, stopped, unit="", host=host)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from invoke import Context, Result
 
-from deploy import wheelhouse
+from deploy import privilege, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import PythonMissingError, ReleaseError
 
@@ -417,8 +417,9 @@ def parse_target(host: str, python: str, probe: str) -> wheelhouse.Target:
     )
 
 
-def read_facts(c: Context, settings: DeploySettings) -> HostFacts:
-    out = c.run(probe_script(settings), hide=True, warn=True)
+def read_facts(c: Context, settings: DeploySettings, *, host: str) -> HostFacts:
+    # as root: supervisord's pid file and socket, the lock and the release list are root's to read
+    out = privilege.as_root(c, probe_script(settings), host=host, hide=True, warn=True)
     if out.failed and "uid=" not in out.stdout:
-        raise ReleaseError(f"reading host facts failed: {out.stderr.strip()[-300:]}")
+        raise ReleaseError(f"{host}: reading host facts failed: {out.stderr.strip()[-300:]}")
     return parse_facts(out.stdout)

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from invoke import Context
 
-from deploy import fleet, report
+from deploy import fleet, privilege, report
 from deploy.config import Paths, deploy_settings
 from deploy.errors import ConfigError, DeployError
 from monitoring import render
@@ -105,7 +105,10 @@ def parse_answer(host: str, stdout: str, stderr: str, exited: int) -> Snapshot:
 
 def fetch(c: Context, host: str, paths: Paths, th: Thresholds) -> Snapshot:
     """Run the monitor once on a host (local or SSH) and return its snapshot."""
-    result = c.run(monitor_command(paths, th, "--json"), hide=True, warn=True, in_stream=False)
+    # as root: supervisord's socket and other users' /proc entries are root's to read
+    result = privilege.as_root(
+        c, monitor_command(paths, th, "--json"), host=host, hide=True, warn=True, in_stream=False
+    )
     return parse_answer(host, result.stdout, result.stderr, result.exited)
 
 
@@ -306,8 +309,10 @@ def _watch(
     with live:
         try:
             # pty: Ctrl-C reaches the host-side monitor as SIGINT, so it stops and the command returns
-            result = c.run(
+            result = privilege.as_root(
+                c,
                 monitor_command(paths, th, *extra),
+                host=host,
                 out_stream=_Lines(on_line),
                 err_stream=_Lines(lambda line: None),
                 warn=True,

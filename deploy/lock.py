@@ -29,6 +29,7 @@ from typing import Any
 
 from invoke import Context
 
+from deploy import privilege
 from deploy.errors import DeployError
 
 ACQUIRED = "SOCKOPS-LOCK-ACQUIRED"
@@ -156,8 +157,10 @@ class HostLock:
 
     def _try(self) -> LockInfo:
         out, err = _Watch(), _Watch()
-        self._promise = self.c.run(
+        self._promise = privilege.as_root(
+            self.c,
             lock_command(self.path, self.owner),
+            host=self.host,
             asynchronous=True,
             in_stream=self._gate,
             out_stream=out,

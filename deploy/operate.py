@@ -12,7 +12,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import outcome, wheelhouse
+from deploy import outcome, privilege, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import ReleaseError
 from deploy.facts import HostFacts, read_facts
@@ -30,7 +30,7 @@ def previous_release(facts: HostFacts) -> str:
 def rollback_host(c: Context, host: str, settings: DeploySettings, *, say: Say = print) -> Done[Any]:
     """Return to the previous release, health-gated (on failure: back to where we were)."""
     with HostLock(c, host, settings.paths.lock, command="rollback"):
-        facts = read_facts(c, settings)
+        facts = read_facts(c, settings, host=host)
         if not facts.current:
             raise ReleaseError(f"{host}: nothing is deployed here; run `invoke deploy --host {host}` first")
         target = previous_release(facts)
@@ -65,13 +65,13 @@ def current_note(facts: HostFacts, running: str) -> str:
 
 def status_host(c: Context, host: str, settings: DeploySettings) -> dict[str, Any]:
     """Current release, kept releases, and supervisord's view of every program."""
-    facts = read_facts(c, settings)
+    facts = read_facts(c, settings, host=host)
     running = _require_deployed(facts, host)
-    result = c.run(hostctl(settings, running, "status"), hide=True, warn=True)
+    result = privilege.as_root(c, hostctl(settings, running, "status"), host=host, hide=True, warn=True)
     doc = json_result(result, host=host, what="reading supervisord status")
     note = current_note(facts, running)
     lock = f"{settings.paths.releases}/{running}/{wheelhouse.LOCK_FILE}"  # none in releases before pinning
-    pins = c.run(f"cat {shlex.quote(lock)}", hide=True, warn=True)
+    pins = privilege.as_root(c, f"cat {shlex.quote(lock)}", host=host, hide=True, warn=True)
     return {
         "host": host,
         "release": running,
@@ -90,7 +90,7 @@ def restart_host(
 ) -> Done[Any]:
     """Restart the given programs (all when none is given), under the host lock like a deploy."""
     with HostLock(c, host, settings.paths.lock, command="restart"):
-        facts = read_facts(c, settings)
+        facts = read_facts(c, settings, host=host)
         running = _require_deployed(facts, host)
         args = ("restart", "--conf", settings.paths.conf, *programs)
         doc = hostctl_json(c, settings, running, facts, *args, what="restarting programs", host=host)
@@ -109,7 +109,7 @@ def logs_host(
     names = list(programs) or [s.program for s in settings.services]
     files = [f"{p.log}/{'supervisord' if n == 'supervisord' else n}.log" for n in names]
     cmd = f"tail -n {int(lines)} {'-F ' if follow else ''}" + " ".join(q(f) for f in files)
-    result = c.run(cmd, hide=not follow, warn=True)
+    result = privilege.as_root(c, cmd, host=host, hide=not follow, warn=True)
     if result.failed and not follow:
         raise ReleaseError(f"{host}: reading logs failed: {result.stderr.strip()}")
     return result.stdout
@@ -121,7 +121,7 @@ def undeploy_host(
     """Stop supervisord and its programs, remove releases, config, logs (and with purge: files + user)."""
     p, q = settings.paths, shlex.quote
     with HostLock(c, host, p.lock, command="undeploy"):
-        facts = read_facts(c, settings)
+        facts = read_facts(c, settings, host=host)
         if not facts.current and not facts.supervisord_pid and not facts.releases:
             say("unchanged: nothing deployed")
             return outcome.unchanged()
@@ -131,7 +131,6 @@ def undeploy_host(
                     c,
                     settings,
                     "systemctl disable --now sockops-supervisord.service",
-                    uid=facts.uid,
                     what="stop",
                     host=host,
                     warn=True,
@@ -141,7 +140,6 @@ def undeploy_host(
                 c,
                 settings,
                 hostctl(settings, rel, "shutdown"),
-                uid=facts.uid,
                 what="stopping supervisord",
                 host=host,
                 warn=True,
@@ -160,6 +158,6 @@ def undeploy_host(
             script += (
                 f"\nrmdir {q(p.base)} 2>/dev/null || true\nuserdel {q(settings.user)} 2>/dev/null || true"
             )
-        root_run(c, settings, script, uid=facts.uid, what="removing the deploy", host=host)
+        root_run(c, settings, script, what="removing the deploy", host=host)
         say("removed releases, config and logs" + (", files and user" if purge else ""))
         return outcome.changed(changes=["undeploy"])

@@ -41,9 +41,9 @@ def deploy_host(
 ) -> Done[Any]:
     """The whole deploy on one host; raises DeployError (with host) on failure."""
     if dry_run:
-        return _deploy_locked(c, host, settings, read_facts(c, settings), dry_run=True, say=say)
+        return _deploy_locked(c, host, settings, read_facts(c, settings, host=host), dry_run=True, say=say)
     with HostLock(c, host, settings.paths.lock, command="deploy"):
-        return _deploy_locked(c, host, settings, read_facts(c, settings), dry_run=False, say=say)
+        return _deploy_locked(c, host, settings, read_facts(c, settings, host=host), dry_run=False, say=say)
 
 
 def _deploy_locked(

@@ -20,7 +20,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import lock, plan, supervisor, wheelhouse
+from deploy import lock, plan, privilege, supervisor, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import DeployError, HealthGateError, ReleaseError
 from deploy.facts import HostFacts, read_facts
@@ -54,20 +54,19 @@ def root_run(
     settings: DeploySettings,
     script: str,
     *,
-    uid: int,
     what: str,
     host: str,
     warn: bool = False,
     owned: bool = True,
 ) -> Any:
-    """Run a shell script (set -e) with root rights (sudo when the login user is not root).
+    """Run a shell script (set -e) with root rights (sudo when the login user is not root: deploy.privilege).
 
     The script runs as a step owned by the host lock (deploy.lock.owned): if the deploy dies, the lock's
     holder kills it before the lock is free again. `owned=False` for read-only work outside the lock (a dry
     run's observation), which no holder may reap.
     """
     cmd = lock.owned(settings.paths.lock, script) if owned else f"sh -c {shlex.quote('set -e; ' + script)}"
-    result = c.run(cmd, hide=True, warn=True) if uid == 0 else c.sudo(cmd, hide=True, warn=True)
+    result = privilege.as_root(c, cmd, host=host, hide=True, warn=True)
     if result.failed and not warn:
         detail = (result.stderr.strip() or result.stdout.strip())[-800:]
         raise ReleaseError(f"{host}: {what} failed (exit {result.exited}): {detail}")
@@ -111,7 +110,7 @@ def step_base(c: Context, settings: DeploySettings, facts: HostFacts, *, host: s
         + "\n"
         + supervisor.log_dir_script(p)
     )
-    root_run(c, settings, script, uid=facts.uid, what="creating the service users and directories", host=host)
+    root_run(c, settings, script, what="creating the service users and directories", host=host)
 
 
 def put(c: Context, local: str, remote: str) -> None:
@@ -126,14 +125,26 @@ def step_upload(
     c: Context, settings: DeploySettings, wh: wheelhouse.Wheelhouse, facts: HostFacts, *, host: str
 ) -> None:
     """Ship the wheelhouse tar and unpack it to <base>/wheelhouse/<hash> (staged, then renamed)."""
-    p = settings.paths
-    tar = f"{p.wheelhouses}/.upload-{wh.short}-{os.getpid()}.tar"
+    p, q = settings.paths, shlex.quote
+    inbox = ""
+    if privilege.login(c, host).is_root:
+        tar = f"{p.wheelhouses}/.upload-{wh.short}-{os.getpid()}.tar"
+    else:
+        # a sudo login cannot write the root-owned wheelhouse: upload into a fresh 0700 directory of its own
+        # (never a guessable /tmp name, which another user could swap before root unpacks it)
+        made = c.run("mktemp -d", hide=True, warn=True, in_stream=False)
+        if made.failed:
+            raise ReleaseError(
+                f"{host}: cannot make a private upload directory: {made.stderr.strip()[-300:]}"
+            )
+        inbox = made.stdout.strip()
+        tar = f"{inbox}/wheelhouse.tar"
     put(c, str(wh.bundle), tar)
     final, stage = f"{p.wheelhouses}/{wh.short}", f"{p.wheelhouses}/.stage-{wh.short}"
-    q = shlex.quote
     script = f"rm -rf {q(stage)}; mkdir -p {q(stage)}; tar -xf {q(tar)} -C {q(stage)}; rm -f {q(tar)}; "
     script += f"rm -rf {q(final)}; mv {q(stage)} {q(final)}"
-    root_run(c, settings, script, uid=facts.uid, what="unpacking the wheelhouse", host=host)
+    script += f"; rm -rf {q(inbox)}" if inbox else ""
+    root_run(c, settings, script, what="unpacking the wheelhouse", host=host)
 
 
 def step_release(  # noqa: PLR0917 - one positional per input a release is made of
@@ -193,7 +204,7 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         + "\n"
         + write_files_script({f"{rdir}/release.json": (json.dumps(meta, indent=2) + "\n", "0644")})
     )
-    root_run(c, settings, script, uid=facts.uid, what=f"creating release {release}", host=host)
+    root_run(c, settings, script, what=f"creating release {release}", host=host)
 
 
 def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, host: str) -> None:
@@ -210,7 +221,7 @@ def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostF
     for name, target in (("supervisord.conf", p.conf), ("services.json", p.manifest)):
         tmp = q(target + ".sockops-tmp")
         script += f"cp {q(rdir + '/' + name)} {tmp}; mv -f {tmp} {q(target)}\n"
-    root_run(c, settings, script, uid=facts.uid, what=f"switching to release {release}", host=host)
+    root_run(c, settings, script, what=f"switching to release {release}", host=host)
 
 
 def hostctl(settings: DeploySettings, release: str, *args: str) -> str:
@@ -231,7 +242,7 @@ def hostctl_json(
 ) -> dict[str, Any]:
     """Run a hostctl command as root; its last stdout line is its JSON document, even on exit 1."""
     cmd = hostctl(settings, release, *args)
-    result = root_run(c, settings, cmd, uid=facts.uid, what=what, host=host, warn=True, owned=owned)
+    result = root_run(c, settings, cmd, what=what, host=host, warn=True, owned=owned)
     return json_result(result, host=host, what=what)
 
 
@@ -254,7 +265,7 @@ def step_supervisord(
         script += (
             "\nsystemctl is-active --quiet sockops-supervisord.service || systemctl start sockops-supervisord"
         )
-        root_run(c, settings, script, uid=facts.uid, what="starting supervisord (systemd)", host=host)
+        root_run(c, settings, script, what="starting supervisord (systemd)", host=host)
         return facts.supervisord_pid == 0
     if facts.supervisord_pid:
         return False
@@ -268,7 +279,7 @@ def step_supervisord(
         f"{q(py)} -m supervisor.supervisord -c {q(p.conf)} </dev/null >>{q(p.log + '/supervisord.out')} 2>&1 "
         f"|| {{ tail -n 15 {q(p.log + '/supervisord.out')} >&2; exit 1; }}"
     )
-    root_run(c, settings, script, uid=facts.uid, what="starting supervisord", host=host)
+    root_run(c, settings, script, what="starting supervisord", host=host)
     return True
 
 
@@ -306,14 +317,14 @@ def step_prune(
     p, q = settings.paths, shlex.quote
     paths = [f"{p.releases}/{r}" for r in doomed] + [f"{p.wheelhouses}/{w}" for w in old_wh]
     script = "rm -rf " + " ".join(q(x) for x in [*paths, *facts.strays])
-    root_run(c, settings, script, uid=facts.uid, what="pruning releases", host=host)
+    root_run(c, settings, script, what="pruning releases", host=host)
     return doomed
 
 
 def cleanup(c: Context, settings: DeploySettings, keep: Sequence[str], *, host: str, say: Say) -> list[str]:
     """Prune after a deploy passed its health gate; a failure here is a warning, never a failed deploy."""
     try:
-        after = read_facts(c, settings)
+        after = read_facts(c, settings, host=host)
         pruned = step_prune(c, settings, after, [after.current, after.supervisord_release, *keep], host=host)
     except DeployError as exc:
         warning = "cleanup failed, the deploy itself succeeded: " + str(exc).removeprefix(f"{host}: ")

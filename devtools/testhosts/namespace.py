@@ -107,8 +107,10 @@ mkdir -p /run/testhost-tmp
 mount -t tmpfs -o mode=0755 tmpfs /run/testhost-tmp
 T=/run/testhost-tmp
 mkdir -p $T/up $T/work
+chmod 1777 $T/up  # the overlay's root takes the upper's mode: /tmp must be world-writable + sticky, as on a host
 if ! mount -t overlay overlay -o "lowerdir=/tmp,upperdir=$T/up,workdir=$T/work" /tmp 2>/dev/null; then
   mount --bind /run/testhost/tmp /tmp
+  chmod 1777 /tmp
 fi
 # the fleet's keys (client identity included) are the operator's, not the host's
 for hide in "$4" "$5"; do

@@ -25,6 +25,17 @@ from devtools.testhosts.model import DEFAULT_STATE_DIR, NETNS_RE
 STOP_TIMEOUT = 10.0
 
 
+def _describe(pid: int) -> str:
+    """comm, state and kernel wait channel of a process, for a teardown that hangs (best effort)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "(gone)"
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return f"{comm} state {stat[stat.rindex(')') + 2]} wchan {wchan or '-'}"
+
+
 def kill_netns(netns: str) -> None:
     """SIGKILL every process in `netns` until none is left, then wait until each has fully exited."""
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -48,7 +59,10 @@ def kill_netns(netns: str) -> None:
             ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
             waiting = [fd for fd in waiting if fd not in ready]
         if waiting:
-            raise FleetError(f"processes in {netns} did not exit within {STOP_TIMEOUT:.0f}s of SIGKILL")
+            slow = [f"{pid} {_describe(pid)}" for pid, fd in pidfds.items() if fd in waiting]
+            raise FleetError(
+                f"processes in {netns} did not exit within {STOP_TIMEOUT:.0f}s of SIGKILL: {'; '.join(slow)}"
+            )
     finally:
         for fd in pidfds.values():
             os.close(fd)

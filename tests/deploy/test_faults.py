@@ -79,6 +79,15 @@ def _wait_gone(groups: list[int], alive: Callable[[int], bool]) -> None:
         time.sleep(0.1)
 
 
+def wait_gone_on_host(groups: list[int], on_host: Callable[..., str]) -> None:
+    """_wait_gone for process groups on a test host, read there with ps (zombies count as gone)."""
+
+    def alive(g: int) -> bool:
+        return bool(on_host("sh", "-c", f"ps -eo pgid=,stat= | awk '$1 == {g} && $2 !~ /Z/'").strip())
+
+    _wait_gone(groups, alive)
+
+
 @pytest.mark.parametrize("whole_group", [False, True], ids=["operator", "operator-process-group"])
 def test_kill_9_of_the_operator_takes_its_remote_step_with_it(tmp_path, whole_group):
     with local_host(tmp_path) as (_base, changed, tcp, transfer):
@@ -211,10 +220,7 @@ def test_kill_9_over_ssh_takes_the_remote_step_with_it(testhosts, tmp_path):
     finally:
         first.kill()
         first.wait(timeout=30)
-    _wait_gone(
-        groups,
-        lambda g: bool(on_host("sh", "-c", f"ps -eo pgid=,stat= | awk '$1 == {g} && $2 !~ /Z/'").strip()),
-    )
+    wait_gone_on_host(groups, on_host)
     out = ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
     assert "health gate passed" in out
     answers(fleet.hosts[0].address)
