@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
+import time
 
 import pytest
 
@@ -127,3 +130,52 @@ def test_kill_9_of_the_operator_over_a_sudo_login_takes_the_remote_step_with_it(
     out = ok(sockops(changed, "deploy", "--host", login, ssh_config=fleet.ssh_config, env=env))
     assert "health gate passed" in out
     answers(fleet.hosts[0].address)
+
+
+def test_without_a_configured_password_the_operator_is_asked_once_on_the_terminal(testhosts, tmp_path):
+    """On a terminal, the sudo password is asked for once per login (getpass: not echoed) and works."""
+    fleet = testhosts(1, upper="memory")
+    host, admin = fleet.names[0], fleet.user("password")
+    cfg = write_cfg(tmp_path / "cfg.yaml")
+    argv = [
+        SOCKOPS,
+        "-f",
+        str(cfg),
+        "undeploy",
+        "--host",
+        admin.alias(host),
+        "--ssh-config",
+        str(fleet.ssh_config),
+    ]
+    main, side = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=side, stdout=side, stderr=side, env=_env(), start_new_session=True)
+    os.close(side)
+    seen, answered = b"", False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # EIO: the program closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if not answered and b"sudo password for sudopw" in seen:
+                os.write(main, admin.password.encode() + b"\n")
+                answered = True
+            if proc.poll() is not None and not ready:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(main)
+    text = seen.decode(errors="replace")
+    assert answered, text
+    assert text.count("sudo password for") == 1, text
+    assert admin.password not in text  # getpass turned the terminal's echo off
+    assert proc.returncode == 0, text
+    assert "nothing deployed" in text
