@@ -117,7 +117,8 @@ def _bridge(conf: str, program: str, timeout: float, notes: List[str]) -> Iterat
     if note:
         notes.append(note)
     log_path = opts.get("stdout_logfile", "/dev/null") + ".bridge"
-    with open(log_path, "w") as log:
+    # 0640 like supervisord's logs (its umask 027; deploy.supervisor), whatever the caller's umask
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "w") as log:
         proc = subprocess.Popen(
             shlex.split(command),
             stdin=subprocess.DEVNULL,

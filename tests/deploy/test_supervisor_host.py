@@ -178,6 +178,10 @@ def test_a_deploy_keeps_the_transfer_roots_mode_and_owner(fleet, deployed, tmp_p
     assert "created release" in out
     assert stat(fleet, host.name, files) == {files: "750 sockops:sockops"}
     answers(host.address)
+    # that deploy restarted every program through hostctl's bridge, which writes a log of its own
+    bridges = fleet.exec(host.name, ["sh", "-c", f"ls {LOGS}/*.bridge"]).stdout.split()
+    assert len(bridges) == 3
+    assert set(stat(fleet, host.name, *bridges).values()) == {"640 root:adm"}
 
 
 def test_exporter_off_then_on_gives_the_socket_and_the_stats_back_to_its_group(fleet, deployed, tmp_path):
