@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import ConfigError, DeployError
-from deploy.prometheus import CONFIG_FILE, duration_seconds
+from deploy.prometheus import CONFIG_FILE, duration_seconds, tool_check
 
 ALERTMANAGER_FILE = "alertmanager.yml"
 RECEIVER = "sockops-webhook"
@@ -209,22 +208,10 @@ def amtool_check(text: str, amtool: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="sockops-alertmanager-") as tmp:
         path = Path(tmp) / ALERTMANAGER_FILE
         path.write_text(text)
-        try:
-            proc = subprocess.run(
-                [tool, "check-config", str(path)],
-                capture_output=True,
-                text=True,
-                timeout=_AMTOOL_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise AlertmanagerConfigError(f"running {tool} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise AlertmanagerConfigError(
-            f"amtool rejected the generated {ALERTMANAGER_FILE} (nothing written):\n"
-            f"{(proc.stdout + proc.stderr).strip()}"
-        )
-    return "checked with amtool check-config: SUCCESS"
+        return tool_check(
+            tool, ["check-config", str(path)], rejected=f"amtool rejected the generated {ALERTMANAGER_FILE}",
+            error=AlertmanagerConfigError, timeout=_AMTOOL_TIMEOUT,
+        )  # fmt: skip
 
 
 def with_alerting(

@@ -257,26 +257,28 @@ def _ssh_lookup(ssh_config: str) -> Callable[[str], Mapping[str, Any]]:
     return cfg.lookup
 
 
+def tool_check(
+    tool: str, argv: Sequence[str], *, rejected: str, error: type[DeployError], timeout: float
+) -> str:
+    """Run a config checker (promtool, amtool); raises `error` with its output when it rejects the files."""
+    try:
+        proc = subprocess.run([tool, *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise error(f"running {tool} failed: {exc}") from exc
+    if proc.returncode != 0:
+        raise error(f"{rejected} (nothing written):\n{(proc.stdout + proc.stderr).strip()}")
+    return f"checked with {Path(tool).name} {' '.join(argv[:-1])}: SUCCESS"
+
+
 def promtool_check(config_path: Path, promtool: str | None = None) -> str:
     """`promtool check config` (which checks the rule and file_sd files too); raises on rejection."""
     tool = promtool or shutil.which("promtool")
     if not tool:
         return "not checked: promtool is not installed (Debian/Ubuntu: apt install prometheus)"
-    try:
-        proc = subprocess.run(
-            [tool, "check", "config", str(config_path)],
-            capture_output=True,
-            text=True,
-            timeout=_PROMTOOL_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PrometheusConfigError(f"running {tool} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise PrometheusConfigError(
-            f"promtool rejected the generated files (nothing written):\n{(proc.stdout + proc.stderr).strip()}"
-        )
-    return "checked with promtool check config: SUCCESS"
+    return tool_check(
+        tool, ["check", "config", str(config_path)], rejected="promtool rejected the generated files",
+        error=PrometheusConfigError, timeout=_PROMTOOL_TIMEOUT,
+    )  # fmt: skip
 
 
 def write_files(
