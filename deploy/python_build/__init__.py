@@ -42,6 +42,7 @@ Why this install design (the "honest atomic" part):
   non-atomic moment is the microseconds between two renames (see hostctl/pybuild.py for the journal).
 """
 
+from deploy.python_build.compiling import build_artifact_on, build_on
 from deploy.python_build.options import (
     LTO_CORE_VARS,
     LTO_FLAGS,
@@ -72,7 +73,7 @@ from deploy.python_build.request import (
 from deploy.python_build.requirements import MODULE_REQUIREMENTS, evaluate_check
 from deploy.python_build.run import build_python, render_outcomes, run_task
 from deploy.python_build.source import CACHE_DIR, SourceFetcher, SourcePlan, resolve_source
-from deploy.python_build.steps import BuildDone, Built, build_on, profile_script
+from deploy.python_build.steps import BuildDone, Built, profile_script
 
 __all__ = [
     "CACHE_DIR",
@@ -93,6 +94,7 @@ __all__ = [
     "SourceError",
     "SourceFetcher",
     "SourcePlan",
+    "build_artifact_on",
     "build_on",
     "build_options",
     "build_python",

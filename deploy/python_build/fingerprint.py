@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deploy.facts import parse_os_release
+from deploy.python_build.scripts import sections
 
 # Runtime library packages CPython's modules link against (+ the C library), per distribution family.
 # dpkg-query takes glob patterns (library packages carry their soname: libssl3, libffi8, libreadline8 ...);
@@ -66,16 +67,7 @@ def split_sections(text: str) -> dict[str, str]:
     >>> split_sections("== os\\nID=debian\\n== arch\\nx86_64\\n")
     {'os': 'ID=debian\\n', 'arch': 'x86_64\\n'}
     """
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in text.splitlines():
-        name = line[3:].strip() if line.startswith("== ") else ""
-        if name in _SECTIONS:
-            current = name
-            out[current] = []
-        elif current:
-            out[current].append(line + "\n")
-    return {k: "".join(v) for k, v in out.items()}
+    return sections(text, _SECTIONS)
 
 
 def parse_packages(text: str) -> tuple[tuple[str, str], ...]:
@@ -141,6 +133,38 @@ def fingerprint(probe_output: str, options: Mapping[str, Any]) -> Platform:
         packages=parse_packages(sections.get("libs", "")),
         options=json.dumps(options, sort_keys=True),
     )
+
+
+def differences(platform: Platform, reference: Platform) -> list[str]:
+    """How `platform` differs from `reference`, one item per field or library, as "this vs reference" (pure).
+
+    >>> a = Platform("debian 12", "x86_64", "glibc 2.36", (("libssl3", "3.0.15"), ("zlib1g", "1.2")), "{}")
+    >>> b = Platform("debian 11", "x86_64", "glibc 2.36", (("libssl3", "3.0.16"), ("libffi8", "3.4")), "{}")
+    >>> for line in differences(b, a):
+    ...     print(line)
+    distro debian 11 vs debian 12
+    libffi8 3.4 vs not installed
+    libssl3 3.0.16 vs 3.0.15
+    zlib1g not installed vs 1.2
+    >>> differences(a, a)
+    []
+    """
+    out = [
+        f"{name} {mine} vs {theirs}"
+        for name, mine, theirs in (
+            ("distro", platform.distro, reference.distro),
+            ("arch", platform.arch, reference.arch),
+            ("libc", platform.libc, reference.libc),
+            ("build options", platform.options, reference.options),
+        )
+        if mine != theirs
+    ]
+    mine_pkgs, their_pkgs = dict(platform.packages), dict(reference.packages)
+    for name in sorted(mine_pkgs.keys() | their_pkgs.keys()):
+        mine, theirs = mine_pkgs.get(name, "not installed"), their_pkgs.get(name, "not installed")
+        if mine != theirs:
+            out.append(f"{name} {mine} vs {theirs}")
+    return out
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,17 @@ def build_python(
     cache_dir: Path = CACHE_DIR,
     artifact_dir: Path = ARTIFACT_DIR,
     compile_on_targets: bool = True,
+    build_host: str = "",
 ) -> list[Any]:
     """Build on every host, compiling once per platform; one deploy.outcome.HostOutcome per host
-    (status changed/unchanged/failed, value Built), in order.
+    (status changed/unchanged/failed, value Built), in order, then the build host's when it is not one of
+    them and compiled.
 
     Bad flags raise ConfigError before any host is contacted; per-host failures are in the outcomes.
-    compile_on_targets=False: hosts only get packed builds from the operator's cache (artifact_dir); a host
-    whose platform has none is refused instead of getting a compiler.
+    compile_on_targets=False: hosts only get packed builds from the operator's cache (artifact_dir) or from
+    the build host; a host whose platform has neither is refused instead of getting a compiler.
+    build_host: compiles for every group whose platform is its own (it may be outside `hosts`; its own
+    prefix is only changed when it is one of them).
     """
     validate_request(req)
     plan = resolve_source(req, load_catalog())
@@ -43,7 +47,16 @@ def build_python(
     try:
         runner = _runner(ssh_config, accept_new_host_key)
         cache = ArtifactCache(artifact_dir)
-        run = FleetBuild(req, plan, fetcher, rep, cache, runner, compile_on_targets=compile_on_targets)
+        run = FleetBuild(
+            req,
+            plan,
+            fetcher,
+            rep,
+            cache,
+            runner,
+            compile_on_targets=compile_on_targets,
+            build_host=build_host,
+        )
         return build_by_platform(run, list(hosts))
     finally:
         rep.close()
@@ -74,6 +87,7 @@ def run_task(
     accept_new_host_key: bool = False,
     stream: TextIO | None = None,
     compile_on_targets: bool = True,
+    build_host: str = "",
 ) -> list[Any]:
     """`invoke build-python`: build, print the per-host summary, raise DeployError if any host failed."""
     outcomes = build_python(
@@ -83,6 +97,7 @@ def run_task(
         accept_new_host_key=accept_new_host_key,
         reporter=make_reporter(stream),
         compile_on_targets=compile_on_targets,
+        build_host=build_host,
     )
     report.emit(render_outcomes(outcomes), stream)
     fleet.raise_for_failures(outcomes, what="build-python")

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,24 +207,54 @@ class FleetBuildBench:
     fleet_ratio: float  # fleet_s / one_host_s; issue 16's goal is <= 1.3
     cached_s: float  # onto the same hosts again (prefixes removed), the platform's build cached: goal <= 20 s
     compiles: int  # hosts that reached the compile stage in the fleet run (1 when grouping works)
+    # the cached run per stage: median over the hosts of the seconds from a stage line to the host's next one
+    cached_phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    load_before: str = ""  # /proc/loadavg before the cached run: test hosts share the operator's cores
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
+class _Clocked(pb.LineReporter):
+    """Stage lines, and when each came (seconds since the start), per host."""
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO())
+        self.start = time.monotonic()
+        self.stamps: dict[str, list[tuple[float, str]]] = {}
+
+    def stage(self, host: str, stage: str, detail: str = "") -> None:
+        self.stamps.setdefault(host, []).append((time.monotonic() - self.start, stage))
+        super().stage(host, stage, detail)
+
+
+def stage_medians(stamps: dict[str, list[tuple[float, str]]], end: float) -> dict[str, float]:
+    """Median over hosts of each stage's seconds (to the host's next stage line, or `end`); a stage that
+    comes twice on a host (state, platform) is summed there (pure).
+
+    >>> stage_medians({"a": [(0.0, "x"), (1.0, "y")], "b": [(0.0, "x"), (3.0, "y")]}, 4.0)
+    {'x': 2.0, 'y': 2.0}
+    """
+    per: dict[str, list[float]] = {}
+    for marks in stamps.values():
+        spent: dict[str, float] = {}
+        for (t, stage), (t_next, _) in zip(marks, [*marks[1:], (end, "")]):
+            spent[stage] = spent.get(stage, 0.0) + t_next - t
+        for stage, seconds in spent.items():
+            per.setdefault(stage, []).append(seconds)
+    return {stage: round(statistics.median(v), 2) for stage, v in per.items()}
+
+
 def _fleet_build(
     hosts: list[str], req: pb.BuildRequest, ssh_config: str, artifacts: Path
-) -> tuple[float, str]:
-    lines = io.StringIO()
-    start = time.monotonic()
-    outcomes = pb.build_python(
-        hosts, req, ssh_config=ssh_config, reporter=pb.LineReporter(lines), artifact_dir=artifacts
-    )
-    took = time.monotonic() - start
+) -> tuple[float, str, dict[str, float]]:
+    clock = _Clocked()
+    outcomes = pb.build_python(hosts, req, ssh_config=ssh_config, reporter=clock, artifact_dir=artifacts)
+    took = time.monotonic() - clock.start
     bad = [f"{o.host}: {o.status} {o.error or o.detail}" for o in outcomes if o.status != CHANGED]
     if bad:
         raise RuntimeError("build-python did not build everywhere:\n" + "\n".join(bad))
-    return took, lines.getvalue()
+    return took, clock.stream.getvalue(), stage_medians(clock.stamps, took)
 
 
 def measure_fleet_build(*, version: str = "3.9.2", tarball: Path, hosts: int = 8) -> FleetBuildBench:
@@ -237,17 +268,18 @@ def measure_fleet_build(*, version: str = "3.9.2", tarball: Path, hosts: int = 8
         one, rest = fleet.names[0], fleet.names[1:]
         req = pb.BuildRequest(version, source=str(tarball.expanduser()), profile_d=False)
         cfg = str(fleet.ssh_config)
-        one_s, _ = _fleet_build([one], req, cfg, work / "artifacts-one")
-        fleet_s, progress = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
+        one_s, _, _ = _fleet_build([one], req, cfg, work / "artifacts-one")
+        fleet_s, progress, _ = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
         for host in rest:
             fleet.exec(host, ["rm", "-rf", req.prefix])
-        cached_s, again = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
+        load = Path("/proc/loadavg").read_text().strip()
+        cached_s, again, phases = _fleet_build(rest, req, cfg, work / "artifacts-fleet")
         if "] compile" in again:
             raise RuntimeError("the run with the platform's build cached compiled")
         compiles = len(set(re.findall(r"^\[(\S+)\] compile", progress, re.MULTILINE)))
         return FleetBuildBench(
             version, hosts, round(one_s, 1), round(fleet_s, 1), round(fleet_s / one_s, 3), round(cached_s, 1),
-            compiles,
+            compiles, phases, load,
         )  # fmt: skip
     finally:
         testhosts.down(work / "fleet")

@@ -31,6 +31,16 @@ def _sh(fleet: object, host: str, script: str) -> str:
     return fleet.exec(host, ["sh", "-c", script]).stdout  # type: ignore[attr-defined]
 
 
+def _claim_another_release(fleet: object, host: str) -> None:
+    """The host says it runs release 99 of its distribution: fake the fingerprint, not the build."""
+    _sh(
+        fleet,
+        host,
+        "sed 's/^VERSION_ID=.*/VERSION_ID=\"99\"/' /etc/os-release > /tmp/osr && rm -f /etc/os-release "
+        "&& cp /tmp/osr /etc/os-release",
+    )
+
+
 def _fake_pack(tmp_path: Path, platform_key: str = "k" * 16) -> Artifact:
     """A packed tree that is not a Python (bin/python3 is a text file), with a manifest that matches it."""
     tree = tmp_path / "tree"
@@ -67,13 +77,7 @@ def test_artifact_cache_finds_only_verified_entries(tmp_path: Path) -> None:
 def test_hosts_grouped_by_platform_and_a_cached_platform_builds_nothing(testhosts, tmp_path: Path) -> None:
     fleet = testhosts(3, prefix="pfp")
     h1, h2, h3 = fleet.names
-    # h3 claims another release of the distribution: fake the fingerprint, not the build
-    _sh(
-        fleet,
-        h3,
-        "sed 's/^VERSION_ID=.*/VERSION_ID=\"99\"/' /etc/os-release > /tmp/osr && rm -f /etc/os-release "
-        "&& cp /tmp/osr /etc/os-release",
-    )
+    _claim_another_release(fleet, h3)
     req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pfp/python3", profile_d=False)
     plan = pb.resolve_source(req, load_catalog())
     cache = ArtifactCache(tmp_path / "artifacts")
@@ -141,7 +145,8 @@ def test_tampered_artifact_is_refused_on_upload_and_the_prefix_is_untouched(
                 reporter=pb.LineReporter(lines),
             )  # fmt: skip
         assert genuine.manifest.sha256 in str(exc.value)
-        assert "] install:" not in lines.getvalue()  # refused before the unpack stage
+        # one command on the host checks the SHA-256 first and exits before it makes the stage
+        assert "] install: verify SHA-256, then unpack" in lines.getvalue()
         assert _sh(fleet, host, snapshot) == before
         # the checksum matches but it is not a working Python: unpacked, fails its check, still not installed
         with pytest.raises(pb.BuildError, match="does not run"):
@@ -222,3 +227,56 @@ def test_no_compile_on_targets_refuses_a_platform_nobody_has_packed(testhosts, t
     assert "] compile" not in progress
     assert not (tmp_path / "sources").exists() or list((tmp_path / "sources").iterdir()) == []
     assert _sh(fleet, host, "ls -A /opt 2>/dev/null | grep sockops || true").strip() == ""
+
+
+@pytest.mark.hosts
+def test_build_host_serves_only_its_platform_and_a_refusal_names_the_difference(
+    testhosts, tmp_path: Path
+) -> None:
+    """--build-host with compiling on targets off: the group of the build host's platform is planned onto
+    it; a target whose fingerprint differs (faked: another distribution release) is refused, and the error
+    names its group and how its platform differs from the build host's. Nothing compiles: the matching
+    platform's build is in the cache (a fake one, which fails its check on the target)."""
+    fleet = testhosts(3, prefix="pbh")
+    same, other, builder = fleet.names
+    _claim_another_release(fleet, other)
+    prefix = "/opt/sockops-pbh/python3"
+    req = pb.BuildRequest("3.9.2", prefix=prefix, profile_d=False)
+    plan = pb.resolve_source(req, load_catalog())
+    cache = ArtifactCache(tmp_path / "artifacts")
+    reporter = pb.LineReporter(io.StringIO())
+    runner = run._runner(str(fleet.ssh_config), False)
+    build = groups.FleetBuild(
+        req, plan, pb.SourceFetcher(plan, tmp_path / "sources", reporter), reporter, cache, runner,
+        compile_on_targets=False, build_host=builder,
+    )  # fmt: skip
+    failed, plans = groups.plan_fleet(build, [same, other])
+    assert failed == []
+    assert [(g.hosts, g.builder, g.install_builder) for g in plans] == [
+        ((same,), builder, False),  # the build host only compiles and packs for it
+        ((other,), "", True),
+    ]
+    assert plans[1].refused == (other,)
+    assert "distro debian 99 vs debian 12" in plans[1].mismatch
+
+    # the same through build_python, the matching platform's build cached: nobody compiles
+    fake = _fake_pack(tmp_path, plans[0].platform.key)
+    part = cache.part()
+    part.write_bytes(fake.path.read_bytes())
+    cache.store(part, fake.manifest)
+    out = io.StringIO()
+    outcomes = run.build_python(
+        [same, other], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
+        artifact_dir=cache.root, cache_dir=tmp_path / "sources", compile_on_targets=False, build_host=builder,
+    )  # fmt: skip
+    assert [o.host for o in outcomes] == [same, other]  # the build host did nothing: no row of its own
+    assert "does not run" in outcomes[0].error  # the fake build reached the target and failed its check
+    refusal = outcomes[1].error
+    assert f"differs from the build host {builder}'s" in refusal
+    assert "distro debian 99 vs debian 12" in refusal
+    assert f"group {other}" in refusal
+    assert "compiling on targets is off" in refusal
+    assert "] compile" not in out.getvalue()
+    assert f"[{builder}] state" not in out.getvalue()  # probed only, never changed
+    for host in (same, other, builder):
+        assert _sh(fleet, host, "ls -A /opt/sockops-pbh 2>/dev/null || true").strip() == ""
