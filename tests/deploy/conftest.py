@@ -1,20 +1,23 @@
 """Fixtures for the deploy tests: the CPython 3.9.2 source as Debian ships it, and ONE real build of it.
 
 `built_python` (session scope) builds CPython 3.9.2 into /usr/local/python3 on disposable SSH test hosts,
-through the same code path as `invoke build-python --host bpyhost1,bpyhost2 --ssh-config ...`: the two hosts
-have one platform, so bpyhost1 compiles and bpyhost2 gets its packed build. Every test that needs an
-interpreter on a host shares it (the CI budget is one real build):
+through the same code path as `invoke build-python --host bpyhost1,bpyhost2,bpyhost4 --build-host bpyhost5
+--ssh-config ...`: the five hosts have one platform, so bpyhost5 (not a target) compiles, checks and packs,
+and the three targets get its packed build. Every test that needs an interpreter on a host shares it (the
+CI budget is one real build):
 
     def test_x(built_python):
         built_python.fleet          # devtools.testhosts.Fleet (ssh_config, exec, ...)
-        built_python.host           # "bpyhost1": connect(b.host, ssh_config=b.ssh_config)
+        built_python.host           # "bpyhost1", a target: connect(b.host, ssh_config=b.ssh_config)
+        built_python.builder        # "bpyhost5", --build-host: compiled; its own prefix untouched
+        built_python.targets        # ("bpyhost1", "bpyhost2", "bpyhost4"): installed from its packed build
         built_python.ssh_config     # str path of the fleet's ssh_config
         built_python.prefix         # "/usr/local/python3"
         built_python.python         # "/usr/local/python3/bin/python3"
         built_python.version        # "3.9.2"
         built_python.tarball        # local path of the verified source tarball
-        built_python.outcome        # the first build's deploy.outcome.HostOutcome
-        built_python.shipped_to     # "bpyhost2", installed from bpyhost1's packed build (.shipped: outcome)
+        built_python.outcome        # b.host's deploy.outcome.HostOutcome of the first run (.outcomes: all)
+        built_python.shipped_to     # "bpyhost2", another target (.shipped: its outcome)
         built_python.spare          # "bpyhost3", same platform, untouched by the first run
         built_python.artifact_dir   # the operator's artifact cache of that run
         built_python.progress       # the run's stage lines ("[bpyhost1] compile 40%", ...)
@@ -101,7 +104,7 @@ def cpython_tarball() -> Path:
 @dataclass(frozen=True)
 class BuiltPython:
     fleet: th.Fleet
-    host: str  # compiled CPython
+    host: str  # a target of the first run: installed from the build host's packed build
     prefix: str
     version: str
     tarball: Path
@@ -111,6 +114,9 @@ class BuiltPython:
     spare: str = ""  # same platform, untouched by the first run (for the artifact cache)
     artifact_dir: Path = Path()
     progress: str = ""  # the first run's stage lines, every host's
+    builder: str = ""  # --build-host of the first run: compiled, checked, packed; not a target
+    targets: tuple[str, ...] = ()
+    outcomes: tuple[HostOutcome[pb.Built], ...] = ()  # the first run's: targets, then the build host
 
     @property
     def python(self) -> str:
@@ -140,21 +146,22 @@ def built_python(cpython_tarball: Path, tmp_path_factory: pytest.TempPathFactory
 
     factory = FleetFactory()  # skips loudly (fails with CI=true) without root/netns
     try:
-        fleet = factory(3, prefix="bpyhost")
-        host, shipped_to, spare = fleet.names
+        fleet = factory(5, prefix="bpyhost")
+        host, shipped_to, spare, third, builder = fleet.names
         artifacts = tmp_path_factory.mktemp("artifacts")
         req = pb.BuildRequest(PY_VERSION, prefix=pb.DEFAULT_PREFIX, source=str(cpython_tarball))
         lines = _Tee()
-        first, second = pb.build_python(
-            [host, shipped_to], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(lines),
-            artifact_dir=artifacts,
+        targets = (host, shipped_to, third)
+        outcomes = pb.build_python(
+            targets, req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(lines),
+            artifact_dir=artifacts, build_host=builder,
         )  # fmt: skip
-        for o in (first, second):
+        for o in outcomes:
             if not o.ok:
                 pytest.fail(f"the real CPython build failed on {o.host}:\n{o.error}", pytrace=False)
         yield BuiltPython(
-            fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, first,
-            shipped_to, second, spare, artifacts, lines.getvalue(),
+            fleet, host, pb.DEFAULT_PREFIX, PY_VERSION, cpython_tarball, outcomes[0],
+            shipped_to, outcomes[1], spare, artifacts, lines.getvalue(), builder, targets, tuple(outcomes),
         )  # fmt: skip
     finally:
         factory.close()

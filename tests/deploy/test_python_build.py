@@ -31,6 +31,7 @@ from deploy.errors import ConfigError
 from deploy.outcome import CHANGED, UNCHANGED
 from deploy.python_build import (
     artifact,
+    compiling,
     fingerprint,
     groups,
     options,
@@ -38,6 +39,7 @@ from deploy.python_build import (
     request,
     requirements,
     run,
+    scripts,
     source,
     steps,
 )
@@ -46,8 +48,8 @@ from tests.deploy.conftest import BuiltPython
 REPO = Path(__file__).resolve().parents[2]
 HELPER = REPO / "hostctl" / "pybuild.py"
 PACKAGE_MODULES = (
-    deploy.cpython_catalog, pb, artifact, fingerprint, groups, options, progress, request, requirements, run,
-    source, steps,
+    deploy.cpython_catalog, pb, artifact, compiling, fingerprint, groups, options, progress, request,
+    requirements, run, scripts, source, steps,
 )  # fmt: skip
 SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
 
@@ -651,32 +653,44 @@ def test_tampered_tarball_is_refused_and_prefix_untouched(built_python: BuiltPyt
 @pytest.mark.build
 @pytest.mark.hosts
 @BUILD_TIMEOUT
-def test_one_compile_per_platform_the_other_host_gets_the_packed_build(built_python: BuiltPython) -> None:
+def test_build_host_compiles_once_and_every_target_gets_its_verified_packed_build(
+    built_python: BuiltPython,
+) -> None:
+    """The shared build: 3 targets and --build-host a 4th host of their platform (conftest.py)."""
     b = built_python
-    assert b.shipped is not None
-    assert b.shipped.status == CHANGED
-    assert f"from the build on {b.host}" in b.shipped.detail
-    # exactly one compile: only the build host ever reached the compile stage; it also packed
-    assert set(re.findall(r"^\[(\S+)\] compile", b.progress, re.MULTILINE)) == {b.host}
-    assert f"[{b.host}] pack: " in b.progress
-    assert f"[{b.shipped_to}] configure" not in b.progress
-    code = "import sys, ssl, zlib, sqlite3, ctypes; print(sys.version.split()[0], sys.prefix)"
-    assert _on(b, b.shipped_to, b.python, "-c", code).split() == ["3.9.2", "/usr/local/python3"]
+    assert [o.host for o in b.outcomes] == [*b.targets, b.builder]  # the build host says what it did, last
+    assert all(o.status == CHANGED for o in b.outcomes)
+    assert "build host" in b.outcomes[-1].detail
+    # exactly one compile, on the build host: only it reached the compile stage, and packed
+    assert set(re.findall(r"^\[(\S+)\] compile", b.progress, re.MULTILINE)) == {b.builder}
+    assert f"[{b.builder}] pack: " in b.progress
+    # ... and counted in the hosts' own logs: the build host's has the compiler lines, no target's has one
+    by_host = {o.host: o for o in b.outcomes}
+    logs = {host: o.value.log for host, o in by_host.items()}
+    assert pb.count_compile_lines(_on(b, b.builder, "cat", logs[b.builder])) > 100
+    for host in b.targets:
+        assert pb.count_compile_lines(_on(b, host, "cat", logs[host])) == 0
+        assert f"[{host}] configure" not in b.progress
+    # the build host's own prefix is untouched, and nothing of the build is left there
+    assert (
+        _on(b, b.builder, "sh", "-c", f"test -e {b.prefix} && echo there || echo absent").strip() == "absent"
+    )
+    assert _on(b, b.builder, "sh", "-c", "ls -d /var/tmp/sockops-build.* 2>/dev/null || true").strip() == ""
     [entry] = [p for p in b.artifact_dir.iterdir() if p.suffix == ".json"]
     cached = json.loads(entry.read_text())
-    manifest = json.loads(_on(b, b.shipped_to, "cat", f"{b.prefix}/{pb.MANIFEST_NAME}"))
-    assert (manifest["artifact"], manifest["built_on"], manifest["sha256"]) == (
-        cached["sha256"],
-        b.host,
-        SHA_392,
-    )
-    assert (
-        cached["sha256"]
-        == hashlib.sha256(
-            entry.with_name(entry.name.removesuffix(".json") + ".tar.gz").read_bytes()
-        ).hexdigest()
-    )
-    assert _on(b, b.shipped_to, "sh", "-c", "ls -A /usr/local | grep sockops || true").strip() == ""
+    packs = {ext: entry.with_name(entry.name.removesuffix(".json") + ext) for ext in (".tar.gz", ".tar.zst")}
+    assert cached["sha256"] == hashlib.sha256(packs[".tar.gz"].read_bytes()).hexdigest()
+    if cached["zstd_sha256"]:  # the build host had zstd: the second pack is verified the same way
+        assert cached["zstd_sha256"] == hashlib.sha256(packs[".tar.zst"].read_bytes()).hexdigest()
+    code = "import sys, ssl, zlib, sqlite3, ctypes; print(sys.version.split()[0], sys.prefix)"
+    for host in b.targets:
+        assert f"from the build on {b.builder}" in by_host[host].detail
+        assert _on(b, host, b.python, "-c", code).split() == ["3.9.2", "/usr/local/python3"]
+        manifest = json.loads(_on(b, host, "cat", f"{b.prefix}/{pb.MANIFEST_NAME}"))
+        assert (manifest["artifact"], manifest["built_on"], manifest["sha256"]) == (
+            cached["sha256"], b.builder, SHA_392,
+        )  # fmt: skip
+        assert _on(b, host, "sh", "-c", "ls -A /usr/local | grep sockops || true").strip() == ""
 
 
 @pytest.mark.build
@@ -690,7 +704,7 @@ def test_a_cached_platform_builds_nothing(built_python: BuiltPython) -> None:
         artifact_dir=b.artifact_dir,
     )  # fmt: skip
     assert outcome.status == CHANGED, outcome.error
-    assert f"from the build on {b.host}" in outcome.detail
+    assert f"from the build on {b.builder}" in outcome.detail
     assert "] compile" not in lines.getvalue()
     code = "import ssl, sys; print(sys.version.split()[0])"
     assert _on(b, b.spare, b.python, "-c", code).strip() == "3.9.2"
