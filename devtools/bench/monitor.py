@@ -4,6 +4,11 @@ A thin wrapper over the monitoring package's own benchmark, `python -m devtools.
 TIME_WAIT and ~10k ESTABLISHED sockets on loopback around a 9-process prefork tcp-echo pool, then one full
 snapshot vs `ss -tan state time-wait | wc -l` vs psutil.net_connections(), interleaved. As root it runs in a
 private network namespace (its own loopback: the rest of the machine neither disturbs it nor is disturbed).
+
+That times the look inside one process. The on-host check as Nagios or cron runs it - a whole
+`python -m monitoring --port P --json` process, interpreter start and imports included - is timed against the
+ss pipeline by `python -m devtools.bench.oncheck` (issue 16's goal), with `--before REV` for a same-run
+comparison.
 """
 
 from __future__ import annotations
