@@ -129,6 +129,7 @@ def make_collector(args: argparse.Namespace, th: Thresholds) -> Collector:
             source=args.source,
             probe=probe,
             cpu_window=args.cpu_window,
+            base="",  # strays are looked for only next to supervisord, which a bare --port check never asks
         )
     manifest = read_manifest(args.manifest or DEFAULT_MANIFEST)
     return Collector(

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from monitoring.collect import netlink, processes, procnet, ptree, sockets, supervisor, system
+from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
 from monitoring.collect.overlap import concurrently, each
 from monitoring.collect.sockets import PortTable
 from monitoring.errors import CollectError, MonitoringError, SupervisorDown
@@ -179,6 +179,14 @@ def overdue_reason(seconds: float, progress: _Parts, probing: Mapping[str, bool]
     return f"deadline {seconds:g}s passed: {what}; finished parts: {done}"
 
 
+def _default_base() -> str:
+    from monitoring.collect import (
+        ptree,
+    )  # on first need: a `--port` check passes base="" and never imports it
+
+    return ptree.default_base()
+
+
 def _program_key(program: Optional[ProgramSample]) -> Any:
     return (program.state, program.pid) if program is not None else None
 
@@ -222,7 +230,7 @@ class Collector:
         self.cpu_window = cpu_window
         self.release = release
         self.probe_ttl = probe_ttl
-        self.base = ptree.default_base() if base is None else base
+        self.base = _default_base() if base is None else base
         self.denied_ok = denied_ok
         self.cpu = processes.CpuTracker()
         self.restarts = supervisor.RestartTracker(state_file)
@@ -299,6 +307,8 @@ class Collector:
         if view is not None:
             for table in (view.tcp, view.udp):
                 port_of.update((inode, f"{port}/{table.proto}") for inode, port in table.inodes.items())
+        from monitoring.collect import ptree  # only a look that asked supervisord gets here
+
         return ptree.find_strays(self.base, supervisord_pid, port_of, proc_root=self.proc_root)
 
     def probes(
