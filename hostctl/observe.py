@@ -178,7 +178,10 @@ def assess(obs: Observation) -> Assessment:  # noqa: PLR0912 - one check per fac
     >>> import dataclasses
     >>> stray = Stray(77, 1, "service", "", "python -m services tcp-echo", ("8080/tcp",))
     >>> bad = dataclasses.replace(ok, strays=(stray,), ports=(dataclasses.replace(port, outside=(77,)),))
-    >>> [(r.action, r.program) for r in assess(bad).repairs]
+    >>> [(r.action, r.program) for r in assess(bad).repairs]  # the supervised listener stays: reap only
+    [('reap', '')]
+    >>> alone = dataclasses.replace(bad, ports=(dataclasses.replace(port, supervised=(), outside=(77,)),))
+    >>> [(r.action, r.program) for r in assess(alone).repairs]
     [('reap', ''), ('restart-program', 'sockops-tcp-echo')]
     """
     problems: List[str] = []
@@ -219,7 +222,12 @@ def assess(obs: Observation) -> Assessment:  # noqa: PLR0912 - one check per fac
             need("restart-program", f"nothing listens for {where}", port.program)
         elif port.outside:
             held = ", ".join(map(str, port.outside))
-            need("restart-program", f"{where} is also held outside supervisord (pid {held})", port.program)
+            reaped = {s.pid for s in obs.strays} >= set(port.outside)
+            if port.supervised and reaped:
+                # the supervised listener shares the port (SO_REUSEPORT) and keeps it once the strays are gone
+                problems.append(f"{where} is also held outside supervisord (pid {held}): reaping them")
+            else:
+                need("restart-program", f"{where} is held outside supervisord (pid {held})", port.program)
         elif port.unattributed:
             need(
                 "restart-program",

@@ -107,7 +107,7 @@ mkdir -p /run/testhost-tmp
 mount -t tmpfs -o mode=0755 tmpfs /run/testhost-tmp
 T=/run/testhost-tmp
 mkdir -p $T/up $T/work
-chmod 1777 $T/up  # the overlay's root takes the upper's mode: /tmp must be world-writable + sticky, as on a host
+chmod 1777 $T/up  # the overlay root takes the upper's mode: /tmp is 1777 (sticky, world-writable) on a host
 if ! mount -t overlay overlay -o "lowerdir=/tmp,upperdir=$T/up,workdir=$T/work" /tmp 2>/dev/null; then
   mount --bind /run/testhost/tmp /tmp
   chmod 1777 /tmp

@@ -66,9 +66,17 @@ CASES = {
         {"programs": (TCP, dataclasses.replace(UDP, code_current=False))},
         [("restart-program", "sockops-udp-echo")],
     ),
-    "stray-holds-port": (
+    "stray-shares-port": (  # the supervised listener keeps the port once the stray is reaped
         {"strays": (STRAY,), "ports": _port(0, outside=(77,))},
+        [("reap", "")],
+    ),
+    "stray-holds-port-alone": (
+        {"strays": (STRAY,), "ports": _port(0, outside=(77,), supervised=())},
         [("reap", ""), ("restart-program", "sockops-tcp-echo")],
+    ),
+    "unknown-holder": (  # held outside by a process that is not a sockops stray: not ours to reap
+        {"ports": _port(0, outside=(88,))},
+        [("restart-program", "sockops-tcp-echo")],
     ),
     "nothing-listens": (
         {"ports": _port(1, sockets=0, supervised=())},
