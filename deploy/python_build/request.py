@@ -174,9 +174,11 @@ def foreign_prefix(state: InstalledState) -> bool:
 
 
 def lock_path(prefix: str) -> str:
-    """Per-prefix lock file on the host (/var/tmp: writable without root, and flock locks never go stale).
+    """Per-prefix lock file on the host: flock locks never go stale. The holder runs as root (through sudo for
+    other logins), so the lock lives in a root-owned directory, where no other user can plant a link or a
+    job list for it (not /var/tmp).
 
     >>> lock_path("/usr/local/python3")
-    '/var/tmp/sockops-build-python.usr_local_python3.lock'
+    '/run/sockops-build/usr_local_python3.lock'
     """
-    return f"/var/tmp/sockops-build-python.{prefix.strip('/').replace('/', '_')}.lock"
+    return f"/run/sockops-build/{prefix.strip('/').replace('/', '_')}.lock"

@@ -22,9 +22,11 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import invoke
 import pytest
 
 import deploy.cpython_catalog
+from deploy import privilege
 from deploy import python_build as pb
 from deploy.cpython_catalog import SourceFile, load_catalog, parse_pyenv_definition
 from deploy.errors import ConfigError
@@ -699,18 +701,27 @@ def test_build_host_compiles_once_and_every_target_gets_its_verified_packed_buil
 @pytest.mark.build
 @pytest.mark.hosts
 @BUILD_TIMEOUT
-def test_a_cached_platform_builds_nothing(built_python: BuiltPython) -> None:
+def test_a_cached_platform_installs_through_a_sudo_login(built_python: BuiltPython) -> None:
+    """The spare host is reached as a non-root login whose sudo asks for a password (invoke's sudo.password):
+    the lock, the upload and the install into the root-owned prefix all go through sudo; nothing compiles."""
     b = built_python
+    admin = b.fleet.user("password")
     lines = io.StringIO()
-    [outcome] = pb.build_python(
-        [b.spare], b.request(), ssh_config=b.ssh_config, reporter=pb.LineReporter(lines),
-        artifact_dir=b.artifact_dir,
-    )  # fmt: skip
+    privilege.use_config(invoke.Config(overrides={"sudo": {"password": admin.password}}))
+    try:
+        [outcome] = pb.build_python(
+            [admin.alias(b.spare)], b.request(), ssh_config=b.ssh_config, reporter=pb.LineReporter(lines),
+            artifact_dir=b.artifact_dir,
+        )  # fmt: skip
+    finally:
+        privilege.use_config(None)
     assert outcome.status == CHANGED, outcome.error
     assert f"from the build on {b.builder}" in outcome.detail
     assert "] compile" not in lines.getvalue()
+    assert admin.password not in lines.getvalue() + outcome.detail
     code = "import ssl, sys; print(sys.version.split()[0])"
     assert _on(b, b.spare, b.python, "-c", code).strip() == "3.9.2"
+    assert _on(b, b.spare, "stat", "-c", "%U", b.python).strip() == "root"
 
 
 class _KillDuringCompile:
