@@ -149,7 +149,7 @@ def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[s
         options = {
             "command": exporter_command(exp, paths),
             # its own user: supervisord's socket through its group; /proc/PID/stat, status, limits and the
-            # kernel's socket tables need no privilege (open fds of the services' processes: not readable)
+            # kernel's socket tables need no privilege (fd counts: stat of /proc/PID/fd, Linux 6.2+)
             "user": EXPORTER_USER,
             "directory": "/",
             "autostart": True,

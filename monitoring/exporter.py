@@ -23,12 +23,15 @@ Privileges. The deploy runs the exporter as its own system user, `sockops-export
   and udp{,6}), which any user may read; nothing here is counted per process;
 - per-process CPU, RSS, threads, fd limit, workers: /proc/PID/stat, statm, status, limits and
   task/*/children, readable for processes of another user;
-- NOT readable: /proc/PID/fd of the services' processes (another uid: the kernel's ptrace access rules).
-  So `sockops_program_open_fds` and `sockops_program_fd_usage_ratio` are left out, never exported as zero,
-  and `sockops_exporter_unreadable_figure{figure="fds"} 1` says so (`sockops health` over SSH, as root,
-  still reports fd usage). Running the exporter as the services' own user would read them, but would give
-  that user the socket (above); CAP_SYS_PTRACE would read them, but lets the exporter take over any
-  process. Neither is worth an fd count.
+- open fds per process: /proc/PID/fd of another uid may not be listed (the kernel's ptrace rules), but on
+  Linux 6.2+ anyone may stat() it and its size is the number of open fds: `sockops_program_open_fds` and
+  `sockops_program_fd_usage_ratio` keep their values. Which of those fds are sockets is not readable, so
+  the per-process connection attribution (not exported; connection counts come from the socket tables)
+  is gone: `sockops_exporter_unreadable_figure{figure="connections"} 1` says so. Before Linux 6.2 the fd
+  figures are left out too (never exported as zero) and the same metric says `figure="fds"` (`sockops
+  health` over SSH, as root, still reports fd usage).
+Running the exporter as the services' own user would read everything, but would give that user the socket
+(above); CAP_SYS_PTRACE would read everything, but lets the exporter take over any process.
 """
 
 from __future__ import annotations
@@ -196,7 +199,8 @@ def unreadable_families(snap: Snapshot) -> List[metrics.MetricFamily]:
     samples = tuple(((("figure", name),), 1.0) for name in unreadable(snap))
     help_text = (
         "1 for a per-process figure the exporter's user may not read; the metrics made from it are left "
-        "out, not zero (fds: sockops_program_open_fds, sockops_program_fd_usage_ratio)."
+        "out, not zero (fds: sockops_program_open_fds, sockops_program_fd_usage_ratio; connections: the "
+        "per-process connection attribution, which is not exported)."
     )
     return [metrics.MetricFamily("sockops_exporter_unreadable_figure", "gauge", help_text, samples)]
 

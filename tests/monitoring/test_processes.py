@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,8 @@ from monitoring import probes
 from monitoring.collect import Collector, processes, supervisor
 from monitoring.model import Snapshot
 from monitoring.targets import read_manifest
-from tests.monitoring.conftest import Supervised
+from tests.monitoring.conftest import REPO, Supervised
+from tests.monitoring.hostprocs import fds_counted_by_stat
 
 
 def _children(pid: int) -> list[int]:
@@ -175,3 +177,55 @@ def test_fd_table_equals_a_directory_listing(layout: str) -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=10)
+
+
+OTHER_UID_COUNT = """
+import json, sys
+from monitoring.collect import processes
+pid = int(sys.argv[1])
+try:
+    processes.fd_table(pid)
+    listed = "listed"
+except PermissionError:
+    listed = "denied"
+print(json.dumps([listed, processes.open_fd_count(pid)]))
+"""
+
+
+@pytest.mark.root
+def test_another_users_open_fds_are_counted_without_listing_them() -> None:
+    """What the unprivileged exporter sees of a service's fds: no listing, but the count (Linux 6.2+)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, time; k = [os.open('/dev/null', 0) for _ in range(37)]; "
+         "print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        expected = len(os.listdir(f"/proc/{holder.pid}/fd"))  # as root: the listing itself
+        nobody = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "env",
+            f"PYTHONPATH={REPO}",
+        ]
+        out = subprocess.run(
+            [*nobody, "/usr/bin/python3", "-c", OTHER_UID_COUNT, str(holder.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        listed, count = json.loads(out.stdout)
+        assert listed == "denied"
+        if fds_counted_by_stat():
+            assert count == expected >= 37
+        else:
+            assert count is None  # st_size 0 before 6.2: unknown, never 0
+    finally:
+        os.kill(holder.pid, signal.SIGTERM)
+        holder.wait(10)
