@@ -42,7 +42,11 @@ def desired_state(
     manifest = supervisor.render_manifest(settings, release="", with_exporter=with_exporter)
     key = hashlib.sha256(f"{code_id}\n{conf}\n{manifest}".encode()).hexdigest()[:16]
     unit = (
-        supervisor.render_systemd_unit(settings.paths, stopwaitsecs=settings.stopwaitsecs) if systemd else ""
+        supervisor.render_systemd_unit(
+            settings.paths, stopwaitsecs=settings.stopwaitsecs, service_user=settings.user
+        )
+        if systemd
+        else ""
     )
     return Desired(
         key=key,

@@ -385,3 +385,10 @@ def test_host_code_installs_and_runs_on_python_37(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(3, 7)"
+
+
+def test_systemd_unit_hands_the_stats_dir_to_the_configured_service_user():
+    s, wh = settings(user="web"), _wh()
+    unit = planning.desired_state(s, wh, python_probe="3.11.2 x", systemd=True).unit
+    assert "ExecStartPre=-+/bin/chown web /run/sockops-stats\n" in unit
+    assert planning.desired_state(s, wh, python_probe="3.11.2 x", systemd=False).unit == ""
