@@ -224,15 +224,23 @@ def _swap(
     env = f"env LD_LIBRARY_PATH={shlex.quote(staged + '/lib')} PYTHONHOME={shlex.quote(staged)}"
     helper = shlex.quote(f"{h.build_dir}/pybuild.py")
     args = " ".join(shlex.quote(a) for a in (prefix, staged, old, mode))
-    out = h.priv(f"{env} {shlex.quote(staged + '/bin/python3')} {helper} swap {args}", warn=True)
-    if not out.ok:
+    swap = f"{env} {shlex.quote(staged + '/bin/python3')} {helper} swap {args}"
+    # The real thing: the final path, no environment, RUNPATH only, as the login (and profile.d read along).
+    smoke_cmd = facts_version_cmd(f"{prefix}/bin/python3", "import ssl, zlib; ")
+    smoke = f"echo '== smoke'; {smoke_cmd}; echo '== profile'; cat {PROFILE_PATH} 2>/dev/null"
+    if h.root:  # the login is root: the smoke test runs as the same user either way, so in the same command
+        out = h.priv(f"{swap} && {{ echo '== swapped'; {smoke}; }}", warn=True)
+        swapped = "\n== swapped\n" in "\n" + out.stdout
+    else:
+        out = h.priv(swap, warn=True)
+        swapped = out.ok
+    if not swapped:
         raise BuildError(
             f"{h.host}: moving the new build into {prefix} failed and was rolled back: "
             f"{(out.stdout + out.stderr).strip()[-500:]}. The previous install is in place."
         )
-    # The real thing: the final path, no environment, RUNPATH only (and, in the same command, profile.d).
-    smoke_cmd = facts_version_cmd(f"{prefix}/bin/python3", "import ssl, zlib; ")
-    out = h.run(f"echo '== smoke'; {smoke_cmd}; echo '== profile'; cat {PROFILE_PATH} 2>/dev/null", warn=True)
+    if not h.root:
+        out = h.run(smoke, warn=True)
     seen = scripts.sections(out.stdout, ["smoke", "profile"])
     if facts.parse_python_version(seen.get("smoke", "")) != version_key(version):
         penv = f"env LD_LIBRARY_PATH={shlex.quote(prefix + '/lib')} PYTHONHOME={shlex.quote(prefix)}"
