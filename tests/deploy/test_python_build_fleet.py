@@ -280,3 +280,23 @@ def test_build_host_serves_only_its_platform_and_a_refusal_names_the_difference(
     assert f"[{builder}] state" not in out.getvalue()  # probed only, never changed
     for host in (same, other, builder):
         assert _sh(fleet, host, "ls -A /opt/sockops-pbh 2>/dev/null || true").strip() == ""
+
+
+@pytest.mark.hosts
+def test_an_unreachable_build_host_stops_the_run_before_anything_is_built(testhosts, tmp_path: Path) -> None:
+    """Nothing is compiled elsewhere instead of a build host the operator named but that cannot be read."""
+    fleet = testhosts(1, prefix="pub")
+    [host] = fleet.names
+    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pub/python3", profile_d=False)
+    out = io.StringIO()
+    with pytest.raises(
+        pb.BuildError, match=r"--build-host sockops-no-such-host\.invalid: its platform could not"
+    ):
+        run.build_python(
+            [host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
+            artifact_dir=tmp_path / "artifacts", cache_dir=tmp_path / "sources",
+            build_host="sockops-no-such-host.invalid",
+        )  # fmt: skip
+    assert f"[{host}] state" not in out.getvalue()  # probed, never touched
+    assert _sh(fleet, host, "ls -A /opt 2>/dev/null | grep sockops || true").strip() == ""
+    assert not (tmp_path / "sources").exists() or list((tmp_path / "sources").iterdir()) == []
