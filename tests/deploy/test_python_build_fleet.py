@@ -41,6 +41,15 @@ def _claim_another_release(fleet: object, host: str) -> None:
     )
 
 
+def _build_one(fleet: object, prefix: str, tmp_path: Path, out: io.StringIO, **kw: object) -> list[object]:
+    """run.build_python of 3.9.2 onto the fleet's only host, with private artifact and source caches."""
+    return run.build_python(
+        fleet.names, pb.BuildRequest("3.9.2", prefix=prefix, profile_d=False),  # type: ignore[attr-defined]
+        ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),  # type: ignore[attr-defined]
+        artifact_dir=tmp_path / "artifacts", cache_dir=tmp_path / "sources", **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
 def _fake_pack(tmp_path: Path, platform_key: str = "k" * 16) -> Artifact:
     """A packed tree that is not a Python (bin/python3 is a text file), with a manifest that matches it."""
     tree = tmp_path / "tree"
@@ -213,12 +222,8 @@ def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_
 def test_no_compile_on_targets_refuses_a_platform_nobody_has_packed(testhosts, tmp_path: Path) -> None:
     fleet = testhosts(1, prefix="pnc")
     [host] = fleet.names
-    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pnc/python3", profile_d=False)
     out = io.StringIO()
-    [outcome] = run.build_python(
-        [host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
-        artifact_dir=tmp_path / "artifacts", cache_dir=tmp_path / "sources", compile_on_targets=False,
-    )  # fmt: skip
+    [outcome] = _build_one(fleet, "/opt/sockops-pnc/python3", tmp_path, out, compile_on_targets=False)
     assert outcome.status == "failed"
     assert "no packed build of its platform" in outcome.error
     assert "compiling on targets is off" in outcome.error
@@ -287,16 +292,13 @@ def test_an_unreachable_build_host_stops_the_run_before_anything_is_built(testho
     """Nothing is compiled elsewhere instead of a build host the operator named but that cannot be read."""
     fleet = testhosts(1, prefix="pub")
     [host] = fleet.names
-    req = pb.BuildRequest("3.9.2", prefix="/opt/sockops-pub/python3", profile_d=False)
     out = io.StringIO()
     with pytest.raises(
         pb.BuildError, match=r"--build-host sockops-no-such-host\.invalid: its platform could not"
     ):
-        run.build_python(
-            [host], req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
-            artifact_dir=tmp_path / "artifacts", cache_dir=tmp_path / "sources",
-            build_host="sockops-no-such-host.invalid",
-        )  # fmt: skip
+        _build_one(
+            fleet, "/opt/sockops-pub/python3", tmp_path, out, build_host="sockops-no-such-host.invalid"
+        )
     assert f"[{host}] state" not in out.getvalue()  # probed, never touched
     assert _sh(fleet, host, "ls -A /opt 2>/dev/null | grep sockops || true").strip() == ""
     assert not (tmp_path / "sources").exists() or list((tmp_path / "sources").iterdir()) == []
