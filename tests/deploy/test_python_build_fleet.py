@@ -7,6 +7,7 @@ conftest.py builds on two hosts: one compiles, one installs the packed build) in
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
@@ -182,9 +183,12 @@ def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_
     testhosts, tmp_path: Path
 ) -> None:
     """Through run_task (fleet runner, report table): a cached packed build of the hosts' platform is
-    installed on both hosts without compiling; it is not a working Python, so both fail their check, the
-    table says so per host, the full error follows, and the prefixes are untouched."""
+    installed on both hosts without compiling: the .tar.zst where zstd runs, the .tar.gz on the host without
+    it; it is not a working Python, so both fail their check, the table says so per host, the full error
+    follows, and the prefixes are untouched."""
     fleet = testhosts(2, prefix="pfl")
+    with_zstd, without_zstd = fleet.names
+    _sh(fleet, without_zstd, "rm -f $(command -v zstd)")  # the host's own /usr: an overlay
     prefix = "/opt/sockops-pfl/python3"
     req = pb.BuildRequest("3.9.2", prefix=prefix, profile_d=False)
     c = connect(fleet.names[0], ssh_config=fleet.ssh_config)
@@ -195,9 +199,11 @@ def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_
     platform = fp.fingerprint(probe, pb.build_options(req))
     cache = ArtifactCache(tmp_path / "artifacts")
     fake = _fake_pack(tmp_path, platform.key)
-    part = cache.part()
+    part, zst = cache.part(), cache.part(".tar.zst")
     part.write_bytes(fake.path.read_bytes())
-    cache.store(part, fake.manifest)
+    subprocess.run(["sh", "-c", f"gzip -dc {fake.path} | zstd -q -o {zst}"], check=True, timeout=60)
+    both = dataclasses.replace(fake.manifest, zstd_sha256=sha256_file(zst), zstd_size=zst.stat().st_size)
+    cache.store(part, both, zst)
     out = io.StringIO()
     outcomes = run.build_python(
         fleet.names, req, ssh_config=str(fleet.ssh_config), reporter=pb.LineReporter(out),
@@ -210,7 +216,8 @@ def test_build_python_on_a_fleet_uses_the_cached_platform_build_and_reports_per_
     assert "] compile" not in progress  # nobody compiled: the platform's build was in the cache
     for host in fleet.names:
         assert f"[{host}] upload: {fake.path.name}" not in progress  # the cache entry's own name is used
-        assert re.search(rf"^\[{host}\] upload: Python-3\.9\.2-\w+-{platform.key}\.tar\.gz", progress, re.M)
+        ext = r"\.tar\.zst" if host == with_zstd else r"\.tar\.gz"
+        assert re.search(rf"^\[{host}\] upload: Python-3\.9\.2-\w+-{platform.key}{ext} ", progress, re.M)
         assert re.search(rf"^{host}\s+failed\s", report_text, re.M)
         assert f"--- {host} failed ---" in report_text
         assert "does not run" in report_text
