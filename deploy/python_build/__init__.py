@@ -9,10 +9,11 @@ Flow (data flows one way: request -> source plan -> platform groups -> per-host 
     options.py       ./configure arguments, the --optimize make command, compile progress (pure)
     requirements.py  -dev packages per distribution, modules the new interpreter must import (pure)
     fingerprint.py   a host's platform (distro, arch, libc, runtime library versions, options); groups
-    groups.py        probe every host, plan one compile per platform group, build phase, install phase
-    steps.py         build_on(c, host, ...): per host, through an invoke Context (local or fabric.Connection):
+    groups.py        probe every host (and the --build-host), plan one compile per platform group (on the
+                     build host when its platform is the group's), build phase, install phase
+    compiling.py     build_on(c, host, ...): per host, through an invoke Context (local or fabric.Connection):
         state    manifest + interpreter in the prefix -> identical request = no-op, said so
-        facts    distribution, cpus, free disk, uid
+        facts    log, work dir, distribution, cpus, free disk, uid, zstd: one command (scripts.py)
         deps     only the missing -dev packages (dpkg-query / rpm -q), or a warning with --no-install-deps
         upload   tarball + host helper into a temp build dir on the host, checksum re-verified there
         configure / compile / install      full output appended to one log file kept on the host
@@ -20,8 +21,14 @@ Flow (data flows one way: request -> source plan -> platform groups -> per-host 
         (pack)   when other hosts of the platform need it: the checked stage, packed and cached (artifact.py)
         swap     staged tree into the prefix (journaled renames), post-swap smoke test, old tree removed
         profile  /etc/profile.d/python3.sh puts <prefix>/bin on PATH
-    artifact.py      the packed build: cache on the operator, install_on(c, host, ...) = upload, SHA-256
-                     verified on the host, unpack into a stage, then the same check / swap / profile
+                     build_artifact_on(c, host, ...): the same up to (pack) on a --build-host outside the
+                     targets; its own prefix is never touched
+    steps.py         the frame every change to a prefix runs in (state, lock, work dir, cleanup), the check,
+                     the swap and profile.d
+    scripts.py       several of those steps as one shell command each, and parsers of their output (pure)
+    artifact.py      the packed build (.tar.gz, and .tar.zst when the build host has zstd): cache on the
+                     operator, install_on(c, host, ...) = upload, SHA-256 verified on the host, unpack into a
+                     stage, then the same check / swap / profile
     progress.py      stage lines / live rows per host
     run.py           build_python(hosts, ...) through deploy.fleet (one deploy.outcome per host); run_task:
                      `invoke build-python` (deploy.report table, failures in full, exit status)
