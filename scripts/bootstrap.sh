@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for sockops: system packages, then .venv with sockops installed.
 #   scripts/bootstrap.sh          what `sockops deploy --host local` needs
-#   scripts/bootstrap.sh --test   also what the test suite needs (sshd, sudo, netns tools, CPython build deps,
+#   scripts/bootstrap.sh --test   also what the test suite needs (sshd, sudo, systemd-analyze, netns tools, CPython build deps,
 #                                 prometheus)
 set -euo pipefail
 
@@ -10,7 +10,7 @@ mode="${1:-run}"
 
 run_pkgs=(python3 python3-venv python3-dev gcc iproute2)
 test_pkgs=(
-    openssh-server openssh-client sudo dpkg-dev xz-utils curl ca-certificates prometheus prometheus-alertmanager
+    openssh-server openssh-client sudo systemd dpkg-dev xz-utils curl ca-certificates prometheus prometheus-alertmanager
     build-essential pkg-config libssl-dev zlib1g-dev libffi-dev libsqlite3-dev libbz2-dev liblzma-dev
     libreadline-dev libncurses-dev uuid-dev libgdbm-dev tk-dev
 )
