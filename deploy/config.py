@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from deploy import validate
+from deploy import exporter_web, validate
 from deploy.errors import ConfigError
 from services import addr
 from services.addr import SERVICES, VARIANTS
@@ -78,7 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "cache_dir": "",
         # Tree the host wheel is built from (services/, monitoring/, hostctl/); "" = this install.
         "source_root": "",
-        "exporter": {"enabled": True, "bind": "0.0.0.0:9480"},
+        # web_config: a web-config YAML on this machine (TLS, basic auth: README "Prometheus"); "" = HTTP
+        "exporter": {"enabled": True, "bind": "0.0.0.0:9480", "web_config": ""},
         # `invoke health` / `monitor` thresholds (monitoring.verdict.Thresholds; any subset overrides).
         "health": {
             "time_wait_warning": 0.5,  # TIME_WAIT as a share of net.ipv4.tcp_max_tw_buckets
@@ -105,6 +106,11 @@ DEFAULTS: dict[str, Any] = {
             "for_fds": "5m",
             "for_collector": "5m",
             "window": "10m",
+            # an exporter with sockops.exporter.web_config: the CA Prometheus trusts for its certificate,
+            # and its basic auth user and a file holding the password (the password itself is never written)
+            "exporter_ca_file": "",
+            "exporter_basic_auth_user": "",
+            "exporter_basic_auth_password_file": "",
         },
         # `invoke prometheus-config`'s alertmanager.yml: where Prometheus sends alerts, the webhook for them.
         "alertmanager": {
@@ -259,6 +265,7 @@ class ExporterSpec:
     host: str
     port: int
     program: str = "sockops-exporter"
+    web: exporter_web.ShippedWebConfig | None = None  # TLS / basic auth files to ship (None: plain HTTP)
 
 
 @dataclass(frozen=True)
@@ -305,7 +312,9 @@ def deploy_settings(cfg: Mapping[str, Any], *, python: str = "", variant: str = 
     exporter = None
     if exp.get("enabled", True):
         host, port = parse_bind(str(exp.get("bind") or "0.0.0.0:9480"), what="sockops.exporter.bind")
-        exporter = ExporterSpec(host=host, port=port)
+        web = str(exp.get("web_config") or "")
+        etc = _absolute(str(raw_paths["etc"]), what="sockops.paths.etc")
+        exporter = ExporterSpec(host=host, port=port, web=exporter_web.load(web, etc) if web else None)
     return DeploySettings(
         python=_absolute(str(python or data.get("python") or DEFAULTS["sockops"]["python"]), what="--python"),
         paths=Paths(**{k: _absolute(str(v), what=f"sockops.paths.{k}") for k, v in raw_paths.items()}),

@@ -28,6 +28,7 @@ from typing import Any
 
 from deploy.config import parse_bind
 from deploy.errors import ConfigError, DeployError
+from monitoring import webconfig
 from monitoring.errors import MonitoringError
 from monitoring.verdict import Thresholds
 
@@ -60,9 +61,27 @@ class PrometheusSettings:
     for_fds: str = "5m"
     for_collector: str = "5m"
     window: str = "10m"  # range for increase() / deriv()
+    # exporters with sockops.exporter.web_config: what Prometheus trusts and sends (paths, never a password)
+    exporter_ca_file: str = ""
+    exporter_basic_auth_user: str = ""
+    exporter_basic_auth_password_file: str = ""
 
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PrometheusSettings)}
+NOT_DURATIONS = ("job", "exporter_ca_file", "exporter_basic_auth_user", "exporter_basic_auth_password_file")
+
+
+@dataclass(frozen=True)
+class ScrapeAuth:
+    """How Prometheus reaches exporters deployed with a web config: https with a CA, basic auth by file."""
+
+    ca_file: str = ""  # "" = plain http
+    user: str = ""  # "" = no basic auth
+    password_file: str = ""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ca_file else "http"
 
 
 @dataclass(frozen=True)
@@ -113,7 +132,7 @@ def prometheus_settings(cfg: Mapping[str, Any]) -> PrometheusSettings:
         )
     settings = PrometheusSettings(**{k: str(v) for k, v in values.items()})
     for f in fields(settings):
-        if f.name != "job":
+        if f.name not in NOT_DURATIONS:
             duration_seconds(getattr(settings, f.name), what=f"sockops.prometheus.{f.name}")
     if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_-]*$", settings.job):
         raise ConfigError(f"sockops.prometheus.job: {settings.job!r} is not a plain job name (e.g. sockops)")
@@ -169,20 +188,49 @@ def scrape_timeout(ps: PrometheusSettings) -> str:
     return ps.scrape_interval if duration_seconds(ps.scrape_interval, what="") < 10 else "10s"
 
 
-def scrape_job_text(ps: PrometheusSettings, targets_path: str, indent: str = "  ") -> str:
+def auth_text(auth: ScrapeAuth, indent: str) -> str:
+    """The scrape job's scheme, tls_config and basic_auth lines ("" for plain http): the CA is always checked
+    (insecure_skip_verify is never written) and the password stays in its file.
+
+    >>> print(auth_text(ScrapeAuth("/p/ca.crt", "prom", "/p/pw"), ""), end="")
+    scheme: https
+    tls_config:
+      ca_file: "/p/ca.crt"
+    basic_auth:
+      username: "prom"
+      password_file: "/p/pw"
+    """
+    if not auth.ca_file:
+        return ""
+    text = f"{indent}scheme: https\n{indent}tls_config:\n{indent}  ca_file: {json.dumps(auth.ca_file)}\n"
+    if auth.user:
+        text += (
+            f"{indent}basic_auth:\n{indent}  username: {json.dumps(auth.user)}\n"
+            f"{indent}  password_file: {json.dumps(auth.password_file)}\n"
+        )
+    return text
+
+
+def scrape_job_text(
+    ps: PrometheusSettings, targets_path: str, indent: str = "  ", auth: ScrapeAuth = ScrapeAuth()
+) -> str:
     """The scrape job, as an entry of `scrape_configs:`."""
     return (
         f"{indent}- job_name: {ps.job}\n"
         f"{indent}  scrape_interval: {ps.scrape_interval}\n"
         f"{indent}  scrape_timeout: {scrape_timeout(ps)}\n"
-        f"{indent}  file_sd_configs:\n"
+        + auth_text(auth, indent + "  ")
+        + f"{indent}  file_sd_configs:\n"
         f"{indent}    - files:\n"
         f"{indent}        - {json.dumps(targets_path)}\n"
     )
 
 
 def config_text(
-    ps: PrometheusSettings, targets_path: str = TARGETS_FILE, rules_path: str = RULES_FILE
+    ps: PrometheusSettings,
+    targets_path: str = TARGETS_FILE,
+    rules_path: str = RULES_FILE,
+    auth: ScrapeAuth = ScrapeAuth(),
 ) -> str:
     """A complete prometheus.yml (relative paths resolve against the config file's directory)."""
     return (
@@ -193,7 +241,7 @@ def config_text(
         f"  evaluation_interval: {ps.evaluation_interval}\n"
         "rule_files:\n"
         f"  - {json.dumps(rules_path)}\n"
-        "scrape_configs:\n" + scrape_job_text(ps, targets_path)
+        "scrape_configs:\n" + scrape_job_text(ps, targets_path, auth=auth)
     )
 
 
@@ -248,6 +296,57 @@ def exporter_port(cfg: Mapping[str, Any], port: int) -> tuple[int, str]:
             "(bind 0.0.0.0:PORT and redeploy to scrape from elsewhere)"
         )
     return bound, warning
+
+
+def _operator_file(value: str, key: str) -> str:
+    """An existing file on this machine, as an absolute path (Prometheus resolves relative ones against its
+    config file, which lives elsewhere)."""
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isfile(path):
+        raise ConfigError(f"sockops.prometheus.{key}: {value!r}: no such file")
+    return path
+
+
+def scrape_auth(cfg: Mapping[str, Any], ps: PrometheusSettings) -> ScrapeAuth:
+    """What the scrape job needs for exporters deployed with sockops.exporter.web_config (read here with the
+    exporter's own loader); ConfigError when a setting it needs is missing."""
+    web = str(dict(cfg.get("exporter") or {}).get("web_config") or "")
+    if not web:
+        return ScrapeAuth()
+    try:
+        config = webconfig.read(web)
+    except MonitoringError as exc:
+        raise ConfigError(f"sockops.exporter.web_config: {exc}") from exc
+    if not config.tls and config.users:
+        # basic auth over plain http would send the password in clear on every scrape
+        raise ConfigError(
+            f"sockops.exporter.web_config {web}: basic_auth_users without tls_server_config: "
+            "prometheus-config writes basic auth only over https"
+        )
+    if not config.tls:
+        return ScrapeAuth()
+    if not ps.exporter_ca_file:
+        raise ConfigError(
+            f"sockops.exporter.web_config {web} serves https: set sockops.prometheus.exporter_ca_file to the "
+            "CA that signed the exporters' certificate (a self-signed one: the certificate itself)"
+        )
+    ca = _operator_file(ps.exporter_ca_file, "exporter_ca_file")
+    if not config.users:
+        return ScrapeAuth(ca_file=ca)
+    user = ps.exporter_basic_auth_user
+    if user not in config.users:
+        known = ", ".join(sorted(config.users))
+        raise ConfigError(
+            f"sockops.prometheus.exporter_basic_auth_user: {user!r} is not one of {web}'s basic_auth_users "
+            f"({known})"
+        )
+    if not ps.exporter_basic_auth_password_file:
+        raise ConfigError(
+            "sockops.prometheus.exporter_basic_auth_password_file: needed for basic auth (a file holding "
+            f"{user}'s password; the password itself is never written into Prometheus' config)"
+        )
+    pw = _operator_file(ps.exporter_basic_auth_password_file, "exporter_basic_auth_password_file")
+    return ScrapeAuth(ca_file=ca, user=user, password_file=pw)
 
 
 def _ssh_lookup(ssh_config: str) -> Callable[[str], Mapping[str, Any]]:
@@ -305,11 +404,14 @@ def write_files(
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def existing_prometheus_snippet(ps: PrometheusSettings, written: Written) -> str:
+def existing_prometheus_snippet(
+    ps: PrometheusSettings, written: Written, auth: ScrapeAuth = ScrapeAuth()
+) -> str:
     """What to add to an existing prometheus.yml (absolute paths)."""
     targets = str((written.out_dir / TARGETS_FILE).resolve())
     rules = str((written.out_dir / RULES_FILE).resolve())
-    return f"rule_files:\n  - {json.dumps(rules)}\nscrape_configs:\n" + scrape_job_text(ps, targets)
+    job = scrape_job_text(ps, targets, auth=auth)
+    return f"rule_files:\n  - {json.dumps(rules)}\nscrape_configs:\n" + job
 
 
 def prometheus_config(
@@ -326,6 +428,7 @@ def prometheus_config(
     ps = prometheus_settings(cfg)
     th = thresholds(cfg)
     scrape_port, warning = exporter_port(cfg, port)
+    auth = scrape_auth(cfg, ps)
     lookup = _ssh_lookup(ssh_config or str(cfg.get("ssh_config") or ""))
     targets = tuple(
         ScrapeTarget(split_host(h) if h != "local" else h, resolve_address(h, lookup), scrape_port)
@@ -339,7 +442,7 @@ def prometheus_config(
     files = {
         TARGETS_FILE: json.dumps(targets_document(targets), indent=2) + "\n",
         RULES_FILE: render_rules(th, ps),
-        CONFIG_FILE: config_text(ps),
+        CONFIG_FILE: config_text(ps, auth=auth),
     }
     from deploy import alertmanager  # it builds on this module: imported here, not at the top
 
@@ -348,10 +451,10 @@ def prometheus_config(
     paths, checked = write_files(out_dir, files, check=check)
     written = Written(out_dir, paths, targets, checked)
     for t in targets:
-        say(f"{t.host}: scrape http://{t.endpoint}/metrics")
+        say(f"{t.host}: scrape {auth.scheme}://{t.endpoint}/metrics")
     if warning:
         say(f"warning: {warning}")
     say("wrote " + ", ".join(str(p) for p in paths) + f" ({checked})")
     say(f"run a dedicated Prometheus: prometheus --config.file={out_dir / CONFIG_FILE}")
-    say("or add to an existing prometheus.yml:\n" + existing_prometheus_snippet(ps, written).rstrip())
+    say("or add to an existing prometheus.yml:\n" + existing_prometheus_snippet(ps, written, auth).rstrip())
     return written

@@ -20,7 +20,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import lock, plan, privilege, supervisor, wheelhouse
+from deploy import exporter_web, lock, plan, privilege, supervisor, wheelhouse
 from deploy.config import DeploySettings
 from deploy.errors import DeployError, HealthGateError, ReleaseError
 from deploy.facts import HostFacts, read_facts
@@ -182,6 +182,9 @@ def step_release(  # noqa: PLR0917 - one positional per input a release is made 
         f"{rdir}/KEY": (desired.key, "0644"),
         f"{rdir}/CODE": (wh.code_hash[:16], "0644"),
     }
+    exp = settings.exporter
+    if desired.with_exporter and exp is not None and exp.web is not None:
+        files.update(exporter_web.release_files(exp.web, rdir))
     # the services run as the service user: an interpreter under e.g. /root (mode 0700) would exit 127
     user_check = (
         f"runuser -u {q(settings.user)} -- {q(settings.python)} -c pass || "
@@ -221,6 +224,11 @@ def step_switch(c: Context, settings: DeploySettings, release: str, facts: HostF
     for name, target in (("supervisord.conf", p.conf), ("services.json", p.manifest)):
         tmp = q(target + ".sockops-tmp")
         script += f"cp {q(rdir + '/' + name)} {tmp}; mv -f {tmp} {q(target)}\n"
+    # The exporter's TLS files belong to the release and are installed here, like supervisord.conf: a rollback
+    # switches back to the previous release's certificate and users together with the exporter command that
+    # names them (and whose fingerprint then restarts the exporter); written in the deploy's switch instead,
+    # a rollback would leave the new files under the old exporter.
+    script += exporter_web.install_script(rdir, p.etc, supervisor.EXPORTER_USER)
     root_run(c, settings, script, what=f"switching to release {release}", host=host)
 
 

@@ -25,6 +25,7 @@ import json
 import shlex
 from collections.abc import Mapping
 
+from deploy import exporter_web
 from deploy.config import LIMIT_KEYS, DeploySettings, ExporterSpec, Limits, Paths, ServiceSpec
 
 LOG_MAXBYTES = "10MB"
@@ -104,7 +105,17 @@ def limit_flags(spec: ServiceSpec) -> list[str]:
 def exporter_command(exporter: ExporterSpec, paths: Paths) -> str:
     argv = [python_path(paths), "-m", "monitoring.exporter", "--bind", _bind(exporter.host, exporter.port)]
     argv += ["--manifest", paths.manifest]
+    if exporter.web is not None:  # shipped by the switch step (deploy.exporter_web)
+        argv += ["--web.config.file", exporter_web.host_config(paths.etc)]
     return " ".join(shlex.quote(a) for a in argv)
+
+
+def exporter_environment(exporter: ExporterSpec) -> str:
+    """The exporter's environment; with a web config, its content hash too: the shipped files keep their
+    names, so this is what changes the exporter's fingerprint (and restarts only it) when a certificate,
+    key or user changes. It also shows in /proc/PID/environ which web config the running exporter loaded."""
+    env = 'PYTHONUNBUFFERED="1"'
+    return env + (f',SOCKOPS_WEB_CONFIG_SHA256="{exporter.web.digest}"' if exporter.web is not None else "")
 
 
 def _section(name: str, options: Mapping[str, object]) -> str:
@@ -159,7 +170,7 @@ def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[s
             "stopwaitsecs": 5,
             "stopasgroup": True,
             "killasgroup": True,
-            "environment": 'PYTHONUNBUFFERED="1"',
+            "environment": exporter_environment(exp),
         }
         options.update(_log_options(paths, exp.program))
         sections[exp.program] = _section(exp.program, options)

@@ -387,6 +387,24 @@ def _program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple
     return problems, binds
 
 
+def web_config_problems(cfg: Mapping[str, Any]) -> list[Problem]:
+    """sockops.exporter.web_config checked as the exporter will read it (deploy.exporter_web), one line."""
+    from deploy import exporter_web  # it imports monitoring's loader: only configs that set one pay for it
+
+    exporter = cfg.get("exporter") or {}
+    path = exporter.get("web_config") if isinstance(exporter, Mapping) else None
+    if not path or not exporter.get("enabled", True):
+        return []
+    if not isinstance(path, str):
+        return [Problem("sockops.exporter.web_config", path, "must be a path to a web-config YAML file")]
+    etc = str((cfg.get("paths") or {}).get("etc") or "/etc/sockops")
+    try:
+        exporter_web.load(path, etc)
+    except ConfigError as exc:
+        return [Problem("sockops.exporter.web_config", path, str(exc).removeprefix(exporter_web.where(path)))]
+    return []
+
+
 def program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[tuple[str, str, str, int]]:
     """(program, proto, host, port) of every enabled program whose bind parses (for the facts check)."""
     return _program_binds(cfg, defaults)[1]
@@ -417,6 +435,7 @@ def config_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list
         )
     bind_problems, binds = _program_binds(cfg, defaults)
     problems += bind_problems + port_collisions(binds)
+    problems += web_config_problems(cfg)
     problems += _range("sockops.keep_releases", cfg.get("keep_releases", 5), 2, 100, integer=True,
                        what="the current release and at least one to roll back to")  # fmt: skip
     problems += _range("sockops.health_timeout", cfg.get("health_timeout", 20), 1, 600, integer=False,

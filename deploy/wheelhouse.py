@@ -42,6 +42,15 @@ REQUIREMENTS = ("psutil", "supervisor", "prometheus-client", "rich")
 # explicitly; every venv gets them (requirements_lock: --require-hashes needs the closure pinned), and
 # supervisor needs setuptools' pkg_resources on 3.7, where importlib.metadata is missing.
 MARKER_DEPENDENCIES = ("typing-extensions", "importlib-metadata", "zipp", "setuptools")
+# The exporter's basic auth checks bcrypt hashes (monitoring.webconfig). bcrypt has no wheel for 3.7 any more
+# (5.x needs 3.8+): a 3.7 host's exporter refuses basic_auth_users with a clear message, TLS alone works.
+BCRYPT_FROM = (3, 8)
+
+
+def requirements(target: Target) -> tuple[str, ...]:
+    """What pip fetches for `target`: REQUIREMENTS, bcrypt where it has wheels, the marker dependencies."""
+    bcrypt = ("bcrypt",) if target.version[:2] >= BCRYPT_FROM else ()
+    return REQUIREMENTS + bcrypt + MARKER_DEPENDENCIES
 
 HOST_DIST = "sockops_host"
 HOST_VERSION = "0.1.0"
@@ -128,7 +137,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def fetch_dependencies(target: Target, cache: Path) -> Path:
     """Directory of third-party wheels for `target`; runs pip only when the cache has none yet."""
-    req_hash = hashlib.sha256("\n".join(REQUIREMENTS + MARKER_DEPENDENCIES).encode()).hexdigest()[:8]
+    req_hash = hashlib.sha256("\n".join(requirements(target)).encode()).hexdigest()[:8]
     final = cache / "deps" / f"{target.key}-{req_hash}"
     if final.is_dir():
         return final
@@ -141,7 +150,7 @@ def fetch_dependencies(target: Target, cache: Path) -> Path:
         cmd += ["--only-binary", ":all:", "--python-version", version, "--implementation", "cp"]
         cmd += [arg for abi in (target.abi, "abi3", "none") for arg in ("--abi", abi)]
         cmd += [arg for tag in platform_tags(target.machine, target.glibc) for arg in ("--platform", tag)]
-        cmd += ["--platform", "any", "--dest", str(staging), "pip", *REQUIREMENTS, *MARKER_DEPENDENCIES]
+        cmd += ["--platform", "any", "--dest", str(staging), "pip", *requirements(target)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import http.client
-import ipaddress
 import json
 import os
 import shutil
@@ -21,65 +19,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-import bcrypt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from monitoring import webconfig
 from tests.deploy.test_prometheus import stop_server  # the same SIGTERM-then-KILL by pid
 from tests.monitoring.conftest import REPO, free_port
 from tests.monitoring.test_exporter import exporter
-
-PASSWORD = "correct horse"
-
-
-def self_signed(d: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (IP SAN) and its key, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sockops-exporter test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = d / "exporter.crt", d / "exporter.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
+from tests.tlsfiles import PASSWORD, web_config_file
 
 
 @pytest.fixture
 def web_config(tmp_path: Path) -> Path:
-    self_signed(tmp_path)
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
-    path = tmp_path / "web.yml"
-    # relative cert paths: exporter-toolkit resolves them against the config file's directory
-    path.write_text(
-        "# as node_exporter reads it\n"
-        "tls_server_config:\n"
-        "  cert_file: exporter.crt\n"
-        "  key_file: exporter.key\n"
-        "basic_auth_users:\n"
-        f"  prometheus: '{hashed}'\n"
-    )
-    return path
+    return web_config_file(tmp_path)
 
 
 def _get(port: int, cafile: Path | None, auth: str | None) -> tuple[int, str, str]:
