@@ -18,6 +18,7 @@ from typing import Any
 
 from invoke import Context
 
+from deploy import exporter_web
 from deploy.config import DeploySettings
 from deploy.errors import HealthGateError, ReleaseError
 from deploy.facts import HostFacts
@@ -123,7 +124,8 @@ def repair(
         say(f"repaired: {p.current} -> {release}")
     if live.wants("fix-release"):
         # the code is public; a release the service user cannot read or enter fails at its next start
-        root_run(c, settings, f"chmod -R a+rX {q(p.releases + '/' + release)}",
+        rdir = f"{p.releases}/{release}"  # the code is public, the exporter's TLS key is not
+        root_run(c, settings, f"chmod -R a+rX {q(rdir)}; {exporter_web.keep_private_script(rdir)}",
                  what="making the release readable", host=host)  # fmt: skip
         say(f"repaired: release {release} is readable by {settings.user} again")
     if live.wants("start-supervisord") or live.wants("restart-supervisord"):

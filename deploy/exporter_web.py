@@ -134,6 +134,12 @@ def release_files(shipped: ShippedWebConfig, rdir: str) -> dict[str, tuple[str, 
     return {f"{rdir}/{RELEASE_DIR}/{name}": (content, "0600") for name, content in shipped.files}
 
 
+def keep_private_script(rdir: str) -> str:
+    """Shell that makes the release's copies root-only again (after a repair's `chmod -R a+rX` of it)."""
+    src = shlex.quote(f"{rdir}/{RELEASE_DIR}")
+    return f"[ ! -d {src} ] || chmod -R go= {src}"
+
+
 def install_script(rdir: str, etc: str, group: str) -> str:
     """Shell for the switch: the release's copies into <etc>/exporter, 0640 root:`group`, each file atomically
     (tmp + rename); a release without them leaves no stale TLS files behind."""

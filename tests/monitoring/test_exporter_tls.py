@@ -33,10 +33,10 @@ def web_config(tmp_path: Path) -> Path:
     return web_config_file(tmp_path)
 
 
-def _get(port: int, cafile: Path | None, auth: str | None) -> tuple[int, str, str]:
+def _get(port: int, cafile: Path | None, auth: str | None, host: str = "127.0.0.1") -> tuple[int, str, str]:
     """GET /metrics over TLS, trusting `cafile` (None: only the system's CAs)."""
     ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=ctx)
+    conn = http.client.HTTPSConnection(host, port, timeout=20, context=ctx)
     try:
         headers = {"Authorization": auth} if auth else {}
         conn.request("GET", "/metrics", headers=headers)
@@ -46,8 +46,8 @@ def _get(port: int, cafile: Path | None, auth: str | None) -> tuple[int, str, st
         conn.close()
 
 
-def _plain_get(port: int) -> bytes:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+def _plain_get(port: int, host: str = "127.0.0.1") -> bytes:
+    conn = http.client.HTTPConnection(host, port, timeout=20)
     try:
         conn.request("GET", "/metrics")
         return conn.getresponse().read()
