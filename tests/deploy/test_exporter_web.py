@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,19 @@ def test_basic_auth_over_plain_http_is_not_written(tmp_path: Path) -> None:
     web.write_text(f"basic_auth_users:\n  prometheus: '{bcrypt_hash()}'\n")
     with pytest.raises(ConfigError, match="basic_auth_users without tls_server_config"):
         prom.scrape_auth(sockops_cfg(web), prom.prometheus_settings(sockops_cfg(web)))
+
+
+def test_a_repair_that_opens_the_release_keeps_its_tls_key_private(tmp_path: Path) -> None:
+    rdir = tmp_path / "release"
+    for path, (content, mode) in exporter_web.release_files(
+        deploy_settings(sockops_cfg(web_config_file(tmp_path))).exporter.web, str(rdir)
+    ).items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(content)
+        Path(path).chmod(int(mode, 8))
+    # what deploy.converge runs for a release the service user cannot read
+    script = f"chmod -R a+rX {rdir}; {exporter_web.keep_private_script(str(rdir))}"
+    subprocess.run(["sh", "-ec", script], check=True, timeout=30)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (rdir / "exporter").iterdir()}
+    assert modes == dict.fromkeys(["web.yml", "tls.crt", "tls.key"], "0o600")
+    assert oct((rdir / "exporter").stat().st_mode & 0o777) == "0o700"
