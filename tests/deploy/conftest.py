@@ -25,6 +25,7 @@ CI budget is one real build):
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import shutil
@@ -94,6 +95,16 @@ def fetch_debian_orig(dest_dir: Path = TARBALL_CACHE) -> Path:
         shutil.copyfile(got, partial)
         partial.replace(target)
     return target
+
+
+# build-python's work dirs on a host (a shell command, and the ones in its output that are the host's own)
+WORK_DIRS = "ls -d /var/tmp/sockops-build.* 2>/dev/null || true"
+
+
+def work_dirs_of(listing: str) -> set[str]:
+    """The work dirs a test host's listing shows that this machine does not have itself: a test host's /var
+    is an overlay on this machine's, so a build running here at the same time (a benchmark) shows through."""
+    return set(listing.split()) - set(glob.glob("/var/tmp/sockops-build.*"))
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ from deploy.python_build import (
     source,
     steps,
 )
-from tests.deploy.conftest import BuiltPython
+from tests.deploy.conftest import WORK_DIRS, BuiltPython, work_dirs_of
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = REPO / "hostctl" / "pybuild.py"
@@ -680,7 +680,7 @@ def test_build_host_compiles_once_and_every_target_gets_its_verified_packed_buil
     assert (
         _on(b, b.builder, "sh", "-c", f"test -e {b.prefix} && echo there || echo absent").strip() == "absent"
     )
-    assert _on(b, b.builder, "sh", "-c", "ls -d /var/tmp/sockops-build.* 2>/dev/null || true").strip() == ""
+    assert not work_dirs_of(_on(b, b.builder, "sh", "-c", WORK_DIRS))
     [entry] = [p for p in b.artifact_dir.iterdir() if p.suffix == ".json"]
     cached = json.loads(entry.read_text())
     packs = {ext: entry.with_name(entry.name.removesuffix(".json") + ext) for ext in (".tar.gz", ".tar.zst")}

@@ -24,6 +24,7 @@ from deploy.python_build import fingerprint as fp
 from deploy.python_build import groups, run
 from deploy.python_build.artifact import Artifact, ArtifactCache, ArtifactError, ArtifactManifest, install_on
 from deploy.python_build.source import sha256_file
+from tests.deploy.conftest import WORK_DIRS, work_dirs_of
 
 SHA_392 = "3c2034c54f811448f516668dce09d24008a0716c3a794dd8639b5388cbde247d"
 
@@ -165,7 +166,7 @@ def test_tampered_artifact_is_refused_on_upload_and_the_prefix_is_untouched(
     finally:
         c.close()
     # nothing of either attempt is left on the host
-    assert _sh(fleet, host, "ls -d /var/tmp/sockops-build.* 2>/dev/null || true").strip() == ""
+    assert not work_dirs_of(_sh(fleet, host, WORK_DIRS))
 
 
 def test_probe_command_runs_here() -> None:
