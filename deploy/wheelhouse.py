@@ -52,6 +52,7 @@ def requirements(target: Target) -> tuple[str, ...]:
     bcrypt = ("bcrypt",) if target.version[:2] >= BCRYPT_FROM else ()
     return REQUIREMENTS + bcrypt + MARKER_DEPENDENCIES
 
+
 HOST_DIST = "sockops_host"
 HOST_VERSION = "0.1.0"
 # Everything that runs on a host, shipped as it is in the tree (Python 3.7+, stdlib + the requirements above).
