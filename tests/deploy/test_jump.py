@@ -8,6 +8,7 @@ behind a jump host is. `loop` goes bastion -> inner -> the bastion's own sshd at
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -236,3 +237,32 @@ def test_deploy_health_status_undeploy_through_the_bastion(lab, config_with, tmp
         assert doc["release"] == os.path.basename(current)  # the host behind the bastion is the one deployed
     finally:
         ok(sockops(cfg, "undeploy", "--host", "inner", ssh_config=ssh))
+
+
+@pytest.mark.build
+@pytest.mark.hosts
+@pytest.mark.timeout(2400)
+def test_build_python_through_the_bastion(lab, config_with, built_python):
+    """build-python to a host reachable only through ProxyJump: the session's real build (the cached artifact
+    of this platform, compiling on targets off) is probed, uploaded, verified and installed over the jump."""
+    from deploy import python_build as pb
+    from deploy.outcome import CHANGED, FAILED
+
+    ssh = config_with(bastion=lab.bastion_public)
+    b = built_python
+    [outcome] = pb.build_python(
+        ["inner"], b.request(), ssh_config=str(ssh), artifact_dir=b.artifact_dir, compile_on_targets=False,
+        reporter=pb.LineReporter(io.StringIO()),
+    )  # fmt: skip
+    assert outcome.status == CHANGED, outcome.error
+    code = "import ssl, sys; print(sys.version.split()[0])"
+    out = lab.fleet.exec(lab.bastion.name, [b.python, "-c", code]).stdout.strip()
+    assert out == b.version  # installed on the host behind the bastion (the inner sshd runs inside it)
+    # a wrong bastion key stops build-python too, before anything reaches the host
+    wrong = config_with(bastion=keypair()[1])
+    [refused] = pb.build_python(
+        ["inner"], b.request(force=False), ssh_config=str(wrong), artifact_dir=b.artifact_dir,
+        compile_on_targets=False, reporter=pb.LineReporter(io.StringIO()),
+    )  # fmt: skip
+    assert refused.status == FAILED
+    assert lab.bastion.name in refused.error
