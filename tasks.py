@@ -167,6 +167,8 @@ ns.add_collection(Collection("testhosts", up=fleet_up, down=fleet_down, list=fle
         "(no compiler, no -dev packages on them); a platform with nothing cached is refused",
         "build_host": "compile on this host (may be outside --host, e.g. a builder with compilers) for every "
         "platform group whose fingerprint matches its own; other groups build as usual",
+        "serial": _SERIAL_HELP + " (the installs; each platform's one compile comes first)",
+        "max_fail": _MAX_FAIL_HELP,
         "ssh_config": _SSH_HELP,
         "accept_new_host_key": _KEY_HELP,
         "inventory": _INVENTORY_HELP,
@@ -190,6 +192,8 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
     no_compile_on_targets=False,
     inventory="",
     build_host="",
+    serial="",
+    max_fail="",
 ):
     """Build CPython from a verified tarball into a dedicated prefix, atomically (no-op if already built)."""
     from deploy import python_build
@@ -214,6 +218,7 @@ def build_python(  # noqa: PLR0917 - invoke passes every flag as a keyword; the 
         accept_new_host_key=accept_new_host_key,
         compile_on_targets=not no_compile_on_targets,
         build_host=build_host,
+        serial=_rollout(serial, max_fail),
     )
 
 

@@ -45,8 +45,9 @@ from deploy.python_build.request import (
 )
 from deploy.python_build.source import SourceFetcher, SourcePlan
 from deploy.python_build.steps import BuildDone
+from deploy.rollout import Rollout
 
-RunOn = Callable[[Sequence[str], Callable[[Context, str], Any]], list[Any]]
+RunOn = Callable[..., list[Any]]  # fleet.run(hosts, step, serial=...) with the run's SSH settings bound
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class FleetBuild:
     run_on: RunOn
     compile_on_targets: bool = True  # False: targets only get packed builds (no compiler, no -dev packages)
     build_host: str = ""  # --build-host: compiles for the groups of its platform (may be outside the targets)
+    serial: int | Rollout = 0  # --serial/--max-fail: batches and failure budget of the install phase
 
 
 def plan_fleet(run: FleetBuild, hosts: Sequence[str]) -> tuple[list[Any], list[GroupPlan]]:
@@ -242,7 +244,7 @@ def _install_phase(
             raise BuildError(_refusal(run, g, host))
         return build_on(c, host, run.req, plan=run.plan, fetcher=run.fetcher, reporter=run.reporter)
 
-    return run.run_on(list(hosts), install)
+    return run.run_on(list(hosts), install, serial=run.serial)
 
 
 def _refusal(run: FleetBuild, g: GroupPlan, host: str) -> str:

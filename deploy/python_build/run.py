@@ -16,6 +16,7 @@ from deploy.python_build.groups import FleetBuild, RunOn, build_by_platform
 from deploy.python_build.progress import Reporter, make_reporter
 from deploy.python_build.request import BuildRequest, validate_request
 from deploy.python_build.source import CACHE_DIR, SourceFetcher, resolve_source
+from deploy.rollout import Rollout
 
 
 def build_python(
@@ -29,6 +30,7 @@ def build_python(
     artifact_dir: Path = ARTIFACT_DIR,
     compile_on_targets: bool = True,
     build_host: str = "",
+    serial: int | Rollout = 0,
 ) -> list[Any]:
     """Build on every host, compiling once per platform; one deploy.outcome.HostOutcome per host
     (status changed/unchanged/failed, value Built), in order, then the build host's when it is not one of
@@ -39,6 +41,8 @@ def build_python(
     the build host; a host whose platform has neither is refused instead of getting a compiler.
     build_host: compiles for every group whose platform is its own (it may be outside `hosts`; its own
     prefix is only changed when it is one of them).
+    serial: the installs go in these batches under the run's failure budget (deploy.rollout, as for deploy);
+    the one compile per platform comes first, on its own.
     """
     validate_request(req)
     plan = resolve_source(req, load_catalog())
@@ -56,6 +60,7 @@ def build_python(
             runner,
             compile_on_targets=compile_on_targets,
             build_host=build_host,
+            serial=serial,
         )
         return build_by_platform(run, list(hosts))
     finally:
@@ -88,6 +93,7 @@ def run_task(
     stream: TextIO | None = None,
     compile_on_targets: bool = True,
     build_host: str = "",
+    serial: int | Rollout = 0,
 ) -> list[Any]:
     """`invoke build-python`: build, print the per-host summary, raise DeployError if any host failed."""
     outcomes = build_python(
@@ -98,6 +104,7 @@ def run_task(
         reporter=make_reporter(stream),
         compile_on_targets=compile_on_targets,
         build_host=build_host,
+        serial=serial,
     )
     report.emit(render_outcomes(outcomes), stream)
     fleet.raise_for_failures(outcomes, what="build-python")

@@ -30,7 +30,7 @@ from deploy import privilege
 from deploy import python_build as pb
 from deploy.cpython_catalog import SourceFile, load_catalog, parse_pyenv_definition
 from deploy.errors import ConfigError
-from deploy.outcome import CHANGED, UNCHANGED
+from deploy.outcome import CHANGED, FAILED, SKIPPED, UNCHANGED
 from deploy.python_build import (
     artifact,
     compiling,
@@ -696,6 +696,29 @@ def test_build_host_compiles_once_and_every_target_gets_its_verified_packed_buil
             cached["sha256"], b.builder, SHA_392,
         )  # fmt: skip
         assert _on(b, host, "sh", "-c", "ls -A /usr/local | grep sockops || true").strip() == ""
+
+
+@pytest.mark.build
+@pytest.mark.hosts
+@BUILD_TIMEOUT
+def test_installs_go_in_batches_and_a_spent_failure_budget_starts_no_more(built_python, testhosts) -> None:
+    """--serial 1 --max-fail 1 over 3 hosts of the built platform (installs from the cache, no compile): the
+    second host's prefix holds something that is not a Python, so it fails; the third is never started."""
+    from deploy import rollout
+
+    b = built_python
+    fleet = testhosts(3, prefix="pybatch", upper="memory")
+    first, bad, third = fleet.names
+    fleet.exec(bad, ["sh", "-c", f"mkdir -p {b.prefix} && echo data > {b.prefix}/precious.txt"])
+    outcomes = pb.build_python(
+        fleet.names, b.request(), ssh_config=str(fleet.ssh_config), artifact_dir=b.artifact_dir,
+        compile_on_targets=False, reporter=pb.LineReporter(io.StringIO()), serial=rollout.parse("1", "1"),
+    )  # fmt: skip
+    status = {o.host: o.status for o in outcomes}
+    assert status == {first: CHANGED, bad: FAILED, third: SKIPPED}, outcomes
+    assert "failure budget spent after batch 2" in next(o for o in outcomes if o.host == third).error
+    assert fleet.exec(third, ["test", "-e", b.python], check=False).returncode != 0  # never touched
+    assert fleet.exec(bad, ["cat", f"{b.prefix}/precious.txt"]).stdout == "data\n"
 
 
 @pytest.mark.build
