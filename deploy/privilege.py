@@ -3,7 +3,8 @@
 Most fleets refuse root over SSH and give an admin login sudo rights. Every command sockops runs with root
 rights goes through `as_root`, which asks the host once per connection who we are (`login`): root, a login
 with passwordless sudo (`sudo -n`, never prompts), a login whose sudo wants a password, or a login that
-cannot escalate at all (one clear error, before anything is changed).
+cannot escalate at all (one clear error, before anything is changed). A root login is known from its login
+name alone (fabric's resolved user, or this process for `local`) and costs no round trip.
 
 The password comes from invoke's own `sudo.password` config (invoke.yaml, `INVOKE_SUDO_PASSWORD`), like
 Fabric's `Connection.sudo`; without one, the operator is asked once per login name on the terminal (never
@@ -14,6 +15,7 @@ echoed; Ansible's --ask-become-pass asks once per run the same way). It reaches 
 from __future__ import annotations
 
 import getpass
+import os
 import shlex
 import sys
 import threading
@@ -75,6 +77,10 @@ def login(c: Context, host: str) -> Login:
     known = vars(c).get(_ATTR)
     if known is not None:
         return known
+    if _logs_in_as_root(c):  # no round trip: most fleets' and this machine's own root logins pay nothing
+        found = Login(host, "root", 0, ROOT)
+        object.__setattr__(c, _ATTR, found)
+        return found
     result = c.run(PROBE, hide=True, warn=True, in_stream=False)
     found = parse_login(host, result.stdout)
     if found.sudo == PASSWORD:
@@ -82,6 +88,13 @@ def login(c: Context, host: str) -> Login:
     # a plain attribute: setattr on a Context would land in its invoke config (DataProxy)
     object.__setattr__(c, _ATTR, found)
     return found
+
+
+def _logs_in_as_root(c: Context) -> bool:
+    """Known without asking the host: an SSH connection's login name (fabric resolved it from user@host or
+    ssh_config) is root, or `local` runs as root here."""
+    user = vars(c).get("user")  # fabric.Connection sets it; invoke.Context (this machine) has none
+    return user == "root" if user is not None else os.geteuid() == 0
 
 
 def as_root(c: Context, command: str, *, host: str, **kwargs: Any) -> Any:

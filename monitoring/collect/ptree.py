@@ -109,11 +109,30 @@ def venv_release(argv0: str, base: str, resolved: str = "") -> Optional[str]:
     return None
 
 
-def sockops_processes(table: Mapping[int, Proc], base: str) -> Dict[int, str]:
-    """pid -> release (see venv_release) of every process started from a sockops venv under `base`."""
+def mount_namespace(pid: object, proc_root: str = "/proc") -> str:
+    """'mnt:[4026531841]' of a process ('self' = us); '' when it cannot be read (another user's process, for
+    an unprivileged reader: the kernel checks ptrace rights on ns links)."""
+    try:
+        return os.readlink(os.path.join(proc_root, str(pid), "ns", "mnt"))
+    except OSError:
+        return ""
+
+
+def sockops_processes(table: Mapping[int, Proc], base: str, proc_root: str = "/proc") -> Dict[int, str]:
+    """pid -> release (see venv_release) of every process started from a sockops venv under `base`.
+
+    Only processes that see our filesystem: one in another mount namespace (a container, a test host) runs
+    from *its* `<base>`, another machine's deploy, and is never ours to judge or reap. A namespace we may not
+    read (an unprivileged exporter looking at another user's process) counts as ours: root, which reaps,
+    can always read it.
+    """
+    own = mount_namespace("self", proc_root)
     out = {}
     for pid, proc in table.items():
         if not proc.argv or not proc.argv[0].startswith(base.rstrip("/") + "/"):
+            continue
+        theirs = mount_namespace(pid, proc_root)
+        if own and theirs and theirs != own:
             continue
         try:
             resolved = os.path.realpath(os.path.dirname(proc.argv[0]))
@@ -238,7 +257,7 @@ def find_strays(
     """The strays on this host right now, each with the watched ports it holds (`port_of`: socket inode ->
     "8080/tcp", from the socket tables)."""
     table = read_table(proc_root)
-    found = strays(table, sockops_processes(table, base), supervisord_pid, os.getpid(), scope)
+    found = strays(table, sockops_processes(table, base, proc_root), supervisord_pid, os.getpid(), scope)
     held = socket_holders([s.pid for s in found], port_of, proc_root)
     ports_of: Dict[int, Set[str]] = {}
     for inode, pids in held.items():

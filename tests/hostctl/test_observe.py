@@ -156,3 +156,40 @@ def test_dead_supervisord_is_critical_its_orphans_are_strays_and_reaped() -> Non
                 break
             assert time.monotonic() < deadline, "tcp-echo still answers after reap"
             time.sleep(0.1)
+
+
+def test_a_copy_in_another_mount_namespace_is_not_ours_to_judge_or_reap(host: Host) -> None:
+    """A container or a test host on the same machine runs its own deploy from the same paths: /proc shows its
+    processes to us, but they see another filesystem. They are never strays here, never reaped; a copy in our
+    own namespace is (found when the machine's own deploy reaped a test host's supervisord)."""
+    argv0 = str(host.base / "current" / "venv" / "bin" / "python")
+    script = f"exec -a {argv0} sleep 60"  # a process whose argv[0] says it runs from our release venv
+    theirs = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script])
+    ours = subprocess.Popen(["bash", "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while not all(_argv0(p.pid) == argv0 for p in (theirs, ours)):
+            assert time.monotonic() < deadline, "the copies never exec'd"
+            time.sleep(0.05)
+        code, doc = host.observe()
+        assert code == 0
+        stray_pids = {s["pid"] for s in doc["strays"]}
+        assert ours.pid in stray_pids
+        assert theirs.pid not in stray_pids
+        code, reaped = host.reap(drain=1.0)
+        assert code == 0, reaped
+        assert ours.wait(timeout=10) != 0  # reaped (TERM)
+        assert theirs.poll() is None  # untouched
+    finally:
+        for p in (theirs, ours):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+def _argv0(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode()
+    except OSError:
+        return ""
