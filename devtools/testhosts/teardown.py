@@ -138,9 +138,11 @@ def down(state_dir: Path | str = DEFAULT_STATE_DIR) -> list[str]:
             for done, error in pool.map(lambda e: _remove_host(e, existing), entries):
                 removed += done
                 errors += [error] if error else []
-        registry.release_slot(int(record["slot"]), state)
     if errors:
+        # the slot stays claimed: its namespaces still exist, and prune() finds the fleet again by its claim
         raise FleetError("test host teardown incomplete: " + "; ".join(errors))
+    if record is not None:
+        registry.release_slot(int(record["slot"]), state)
     if state.exists():
         shutil.rmtree(state)
         removed.append(f"dir {state}")
