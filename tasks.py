@@ -43,11 +43,6 @@ def _count(value: Any, flag: str, low: int = 0, high: int = 10_000) -> int:
     return validate.parse_count(value or 0, flag=flag, low=low, high=high)
 
 
-def _split(flags: list[str] | None) -> list[str]:
-    """`--host a,b --host c` arrives as ['a,b', 'c']; no flag = this machine, an empty host is an error."""
-    return host_list(flags)
-
-
 def _targets(flags: list[str] | None, inventory: str) -> Targets:
     """The one way every task reads --host: host strings, or with --inventory FILE that inventory's hosts,
     groups and patterns, each with its `sockops_*` vars (deploy.hostvars)."""
@@ -68,14 +63,6 @@ def _rollout(serial: Any, max_fail: Any) -> Any:
     from deploy import rollout
 
     return rollout.parse(serial or "", max_fail or "")
-
-
-def _one_host(flag: str, inventory: str) -> str:
-    """monitor's single --host: with --inventory, a pattern that must select exactly one host."""
-    hosts = _hosts([flag] if flag else None, inventory)
-    if len(hosts) != 1:
-        raise DeployError(f"--host {flag!r} selects {len(hosts)} hosts; monitor watches one at a time")
-    return hosts[0]
 
 
 def _ssh_config(c: Any, flag: str) -> str:
@@ -420,7 +407,7 @@ def health(c, host, json=False, ssh_config="", accept_new_host_key=False, invent
 
     code = health_mod.health(
         c.config.sockops,
-        _hosts(host, inventory),
+        _targets(host, inventory),
         as_json=json,
         ssh_config=_ssh_config(c, ssh_config),
         accept_new_host_key=accept_new_host_key,
@@ -456,7 +443,7 @@ def monitor(  # noqa: PLR0917 - invoke passes every flag as a keyword; the signa
 
     code = health_mod.monitor(
         c.config.sockops,
-        _one_host(host, inventory),
+        _targets([host] if host else None, inventory),
         watch=watch,
         interval=validate.parse_seconds(interval, flag="--interval", low=0.1, high=3600),
         count=_count(count, "--count"),
@@ -482,16 +469,21 @@ ns.add_task(monitor)
         "(default ./prometheus)",
         "port": "the exporters' port (default: the port of sockops.exporter.bind, 9480)",
         "ssh_config": "extra ssh_config file to resolve aliases (besides ~/.ssh/config)",
+        "inventory": _INVENTORY_HELP,
     },
 )
 @_user_errors
-def prometheus_config(c, host, out="prometheus", port="", ssh_config=""):
-    """Write Prometheus targets, alert rules (sockops.health thresholds), scrape config, alertmanager.yml."""
+def prometheus_config(c, host, out="prometheus", port="", ssh_config="", inventory=""):  # noqa: PLR0917
+    """Write Prometheus targets, alert rules (sockops.health thresholds), scrape config, alertmanager.yml.
+
+    With --inventory, each target is labelled with its inventory name and scraped at its own exporter bind
+    (a host's `sockops_exporter_bind`); a host with `sockops_exporter_enabled=false` is left out, said so.
+    """
     from deploy import prometheus
 
     prometheus.prometheus_config(
         c.config.sockops,
-        _split(host),
+        _targets(host, inventory),
         out=out,
         port=_count(port, "--port", 0, 65535),
         ssh_config=_ssh_config(c, ssh_config),

@@ -17,9 +17,10 @@ from typing import Any, TextIO
 
 from invoke import Context
 
-from deploy import fleet, privilege, report
-from deploy.config import Paths, deploy_settings
+from deploy import fleet, hostvars, privilege, report
+from deploy.config import Paths
 from deploy.errors import ConfigError, DeployError
+from deploy.hostspec import Targets
 from monitoring import render
 from monitoring.errors import MonitoringError
 from monitoring.model import Snapshot, from_dict, to_dict
@@ -63,8 +64,14 @@ def thresholds(cfg: Mapping[str, Any]) -> Thresholds:
         raise ConfigError(str(exc)) from None
 
 
-def host_paths(cfg: Mapping[str, Any]) -> Paths:
-    return deploy_settings(cfg).paths
+def host_paths(cfg: Mapping[str, Any], targets: Targets) -> dict[str, Paths]:
+    """Where each host's deploy lives: the config, with that host's `sockops_paths*` inventory vars applied
+    (the same per-host settings deploy used there), every host's settings checked before any is contacted."""
+    return {host: s.paths for host, s in hostvars.settings_by_host(cfg, targets).items()}
+
+
+def _targets(hosts: Sequence[str] | Targets) -> Targets:
+    return hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
 
 
 def monitor_command(paths: Paths, th: Thresholds, *extra: str) -> str:
@@ -190,7 +197,7 @@ def render_json(results: Sequence[HostHealth]) -> str:
 
 def check_hosts(
     cfg: Mapping[str, Any],
-    hosts: Sequence[str],
+    hosts: Sequence[str] | Targets,
     *,
     ssh_config: str = "",
     accept_new_host_key: bool = False,
@@ -198,10 +205,11 @@ def check_hosts(
 ) -> list[HostHealth]:
     """Snapshot every host in parallel (deploy.fleet) and judge each; a host that cannot answer is UNKNOWN."""
     th = thresholds(cfg)
-    paths = host_paths(cfg)
+    targets = _targets(hosts)
+    paths = host_paths(cfg, targets)
     outcomes = fleet.run(
-        list(hosts),
-        lambda c, host: fetch(c, host, paths, th),
+        list(targets.hosts),
+        lambda c, host: fetch(c, host, paths[host], th),
         ssh_config=ssh_config,
         accept_new_host_key=accept_new_host_key,
         connect=connect,
@@ -217,7 +225,7 @@ def check_hosts(
 
 def health(
     cfg: Mapping[str, Any],
-    hosts: Sequence[str],
+    hosts: Sequence[str] | Targets,
     *,
     as_json: bool = False,
     ssh_config: str = "",
@@ -254,7 +262,7 @@ class _Lines:
 
 def monitor(
     cfg: Mapping[str, Any],
-    host: str,
+    host: str | Targets,
     *,
     watch: bool = False,
     interval: float = 2.0,
@@ -273,7 +281,14 @@ def monitor(
     if interval <= 0:
         raise ConfigError("--interval must be > 0 seconds")
     th = thresholds(cfg)
-    paths = host_paths(cfg)
+    targets = _targets([host] if isinstance(host, str) else host)
+    if len(targets.hosts) != 1:
+        chosen = ", ".join(targets.names.get(h, h) for h in targets.hosts) or "none"
+        raise ConfigError(
+            f"--host selects {len(targets.hosts)} hosts ({chosen}); monitor watches one at a time"
+        )
+    (host,) = targets.hosts
+    paths = host_paths(cfg, targets)[host]
     console = Console(file=out)
     if not console.is_terminal:  # piped or captured: don't squeeze the tables into 80 columns
         console = Console(file=out, width=200)

@@ -8,6 +8,8 @@ host, over invoke's config and under command-line flags (as Ansible's extra vars
     sockops_tcp_echo_bind=0.0.0.0:9000   sockops.services.tcp-echo.bind (a service's `-` is `_` in a var)
     sockops_transfer_enabled=false       sockops.services.transfer.enabled
     sockops_exporter_bind=0.0.0.0:9481   sockops.exporter.bind
+    sockops_udp_echo_udp_rate_exempt=10.0.0.0/8,::1/128   a list: `a,b`, `['a', 'b']` or `none` (an INI
+                                         `[group:vars]` value is always a string, so lists are parsed here)
     sockops_services={...}, sockops_paths={...}, sockops_exporter={...}   whole sections, merged key by key
 
 The names are derived from config.DEFAULTS, so a service setting added there is a host var at once. The
@@ -19,6 +21,7 @@ touched, with the host named; an unknown `sockops_` var is refused with the clos
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 from collections.abc import Mapping
@@ -74,6 +77,47 @@ def _boolean(value: Any, var: str, host: str) -> Any:
     raise ConfigError(f"host {host}: inventory var {PREFIX}{var} = {value!r}: must be true or false")
 
 
+def _listed(value: Any, var: str, host: str) -> Any:
+    """A list setting from an INI `[group:vars]` line arrives as a string: `a,b` or a literal `['a', 'b']`
+    (what Ansible would print); `none` or empty is the empty list. YAML inventories give lists as they are.
+
+    >>> _listed("10.0.0.0/8, ::1/128", "v", "h"), _listed("['10.0.0.0/8']", "v", "h")
+    (['10.0.0.0/8', '::1/128'], ['10.0.0.0/8'])
+    >>> _listed("none", "v", "h"), _listed(["a"], "v", "h")
+    ([], ['a'])
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("", "none", "[]"):
+        return []
+    if not text.startswith(("[", "(")):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        parsed = ast.literal_eval(text)  # literals only: never code
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"host {host}: inventory var {PREFIX}{var} = {value!r}: not a list; write a,b or ['a', 'b']"
+        ) from None
+    return list(parsed) if isinstance(parsed, (list, tuple)) else parsed
+
+
+def _list_settings(defaults: Mapping[str, Any] = DEFAULTS["sockops"]) -> frozenset[tuple[str, ...]]:
+    """The key paths whose default is a list (pure), e.g. ('services', 'udp-echo', 'udp_rate_exempt')."""
+    return frozenset(
+        path for path in var_paths(defaults).values() if isinstance(_default(defaults, path), list)
+    )
+
+
+def _default(defaults: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = defaults
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     """Put value at path; a mapping merges into the mapping already there (sockops_services={...})."""
     *parents, last = path
@@ -102,14 +146,18 @@ def host_config(cfg: Mapping[str, Any], host_vars: Mapping[str, Any], host: str)
     deploy.errors.ConfigError: host web1: inventory var sockops_varient is not a sockops setting; did you \
 mean sockops_variant?
     """
-    paths = var_paths()
+    paths, lists = var_paths(), _list_settings()
     data = copy.deepcopy(validate.plain(cfg))
     for var, value in host_vars.items():
         path = paths.get(var)
         if path is None:
             hint = _hint(var)
             raise ConfigError(f"host {host}: inventory var {PREFIX}{var} is not a sockops setting; {hint}")
-        given = _boolean(value, var, host) if path[-1] == "enabled" else value
+        given = value
+        if path[-1] == "enabled":
+            given = _boolean(value, var, host)
+        elif path in lists:
+            given = _listed(value, var, host)
         if path[1:2] == (EVERY_SERVICE,):
             for name in data.get("services") or DEFAULTS["sockops"]["services"]:
                 _set(data, ("services", name, *path[2:]), given)

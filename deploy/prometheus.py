@@ -26,8 +26,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from deploy import hostvars
 from deploy.config import parse_bind
 from deploy.errors import ConfigError, DeployError
+from deploy.hostspec import Targets
 from monitoring import webconfig
 from monitoring.errors import MonitoringError
 from monitoring.verdict import Thresholds
@@ -414,9 +416,41 @@ def existing_prometheus_snippet(
     return f"rule_files:\n  - {json.dumps(rules)}\nscrape_configs:\n" + job
 
 
+def scrape_targets(
+    cfg: Mapping[str, Any], hosts: Targets, port: int, lookup: Callable[[str], Mapping[str, Any]]
+) -> tuple[list[ScrapeTarget], list[str]]:
+    """Each host's exporter endpoint (its inventory name as the `host` label, its own `sockops_exporter_*`
+    vars over the config) and the notes to print: binds only the host itself can scrape, hosts that run no
+    exporter (left out). ConfigError if no host is left or two hosts are one endpoint."""
+    found: list[ScrapeTarget] = []
+    notes: list[str] = []
+    for h in hosts.hosts:
+        own = hosts.vars.get(h)
+        host_cfg = hostvars.host_config(cfg, own, hosts.label(h)) if own else cfg
+        name = hosts.names.get(h) or (split_host(h) if h != "local" else h)
+        try:
+            bound, warning = exporter_port(host_cfg, port)
+        except ConfigError as exc:
+            if not own:  # the config's own setting: every host is alike, so it is the whole answer
+                raise
+            notes.append(f"{name}: left out: {exc}")
+            continue
+        if warning:  # the config's own warning once (deduplicated below), a host's own with its name
+            notes.append(f"{name}: {warning}" if own else warning)
+        found.append(ScrapeTarget(name, resolve_address(h, lookup), bound))
+    if not found:
+        raise ConfigError("no host to scrape: " + "; ".join(notes))
+    seen: dict[str, str] = {}
+    for t in found:
+        if t.endpoint in seen:
+            raise ConfigError(f"--host {t.host} and {seen[t.endpoint]} are the same exporter ({t.endpoint})")
+        seen[t.endpoint] = t.host
+    return found, list(dict.fromkeys(notes))
+
+
 def prometheus_config(
     cfg: Mapping[str, Any],
-    hosts: Sequence[str],
+    hosts: Sequence[str] | Targets,
     *,
     out: str = "prometheus",
     port: int = 0,
@@ -427,18 +461,11 @@ def prometheus_config(
     """Resolve the hosts, render targets + rules + prometheus.yml, check and write them."""
     ps = prometheus_settings(cfg)
     th = thresholds(cfg)
-    scrape_port, warning = exporter_port(cfg, port)
     auth = scrape_auth(cfg, ps)
     lookup = _ssh_lookup(ssh_config or str(cfg.get("ssh_config") or ""))
-    targets = tuple(
-        ScrapeTarget(split_host(h) if h != "local" else h, resolve_address(h, lookup), scrape_port)
-        for h in hosts
-    )
-    seen: dict[str, str] = {}
-    for t in targets:
-        if t.endpoint in seen:
-            raise ConfigError(f"--host {t.host} and {seen[t.endpoint]} are the same exporter ({t.endpoint})")
-        seen[t.endpoint] = t.host
+    chosen = hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
+    found, notes = scrape_targets(cfg, chosen, port, lookup)
+    targets = tuple(found)
     files = {
         TARGETS_FILE: json.dumps(targets_document(targets), indent=2) + "\n",
         RULES_FILE: render_rules(th, ps),
@@ -452,8 +479,8 @@ def prometheus_config(
     written = Written(out_dir, paths, targets, checked)
     for t in targets:
         say(f"{t.host}: scrape {auth.scheme}://{t.endpoint}/metrics")
-    if warning:
-        say(f"warning: {warning}")
+    for note in notes:
+        say(f"warning: {note}")
     say("wrote " + ", ".join(str(p) for p in paths) + f" ({checked})")
     say(f"run a dedicated Prometheus: prometheus --config.file={out_dir / CONFIG_FILE}")
     say("or add to an existing prometheus.yml:\n" + existing_prometheus_snippet(ps, written, auth).rstrip())

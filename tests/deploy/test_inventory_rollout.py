@@ -154,7 +154,9 @@ def test_every_host_task_takes_the_inventory(fleet, work, canary_and_one):
     proc = sockops(
         canary_and_one, "monitor", "--inventory", inv, "--host", "web", ssh_config=fleet.ssh_config
     )
-    assert proc.stderr.strip() == "sockops: --host 'web' selects 3 hosts; monitor watches one at a time"
+    assert proc.stderr.strip() == (
+        "sockops: --host selects 3 hosts (testhost2, testhost3, testhost4); monitor watches one at a time"
+    )
 
 
 def test_restart_walks_the_same_batches_and_budget(fleet, work, canary_and_one):
@@ -205,3 +207,50 @@ def test_every_task_that_takes_host_reads_it_through_the_inventory(task: list[st
         f"sockops: inventory {inv}: pattern 'web:&canary' matches no host; "
         "use a host or group name, or a pattern like web, web:&eu, web:!db, web[0:3], all"
     )
+
+
+ALT = "/opt/sockops-alt"
+ALT_VARS = (
+    f"sockops_paths_base={ALT}/srv sockops_paths_etc={ALT}/etc sockops_paths_run={ALT}/run "
+    f"sockops_paths_log={ALT}/log"
+)
+
+
+def test_per_host_paths_and_list_vars_reach_deploy_health_and_monitor(fleet, work, canary_and_one):
+    """testhost3's own paths and a list var from a `[group:vars]` string: deploy, health and monitor all
+    look where that host's deploy lives (health used to look in the config's /srv/sockops: UNKNOWN)."""
+    inv = work / "alt.ini"
+    inv.write_text(
+        INVENTORY.replace("testhost3\n", f"testhost3 {ALT_VARS}\n", 1)
+        + "sockops_udp_echo_udp_rate_exempt=10.0.0.0/8, ::1/128\n"  # appended to [web:vars]
+    )
+    cfg = canary_and_one
+    out = ok(
+        sockops(cfg, "deploy", "--inventory", str(inv), "--host", "testhost3", ssh_config=fleet.ssh_config)
+    )
+    assert [ln.split()[:2] for ln in out.splitlines() if ln.startswith("testhost")] == [
+        ["testhost3", "changed"]
+    ]
+    assert not deployed(fleet, "testhost3")  # nothing in the config's /srv/sockops
+    assert fleet.exec("testhost3", ["test", "-L", f"{ALT}/srv/current"], check=False).returncode == 0
+    args = fleet.exec("testhost3", ["ps", "-ww", "-eo", "args="]).stdout.splitlines()
+    (udp,) = [ln for ln in args if " -m services " in ln and "udp-echo" in ln]
+    assert ALT in udp
+    assert "--udp-rate-exempt 10.0.0.0/8,::1/128" in udp
+    out = ok(
+        sockops(cfg, "health", "--inventory", str(inv), "--host", "testhost3", ssh_config=fleet.ssh_config)
+    )
+    assert out.splitlines()[-1].startswith("testhost3  => OK"), out
+    out = ok(
+        sockops(cfg, "monitor", "--inventory", str(inv), "--host", "testhost3", ssh_config=fleet.ssh_config)
+    )
+    assert "udp-echo" in out
+    assert "tcp-echo" in out
+    # a list var that is not one: one line naming the host and the var, nothing touched
+    bad = work / "badlist.ini"
+    bad.write_text(INVENTORY + "sockops_udp_echo_udp_rate_exempt=['10.0.0.0/8'\n")
+    proc = sockops(cfg, "health", "--inventory", str(bad), "--host", "testhost4", ssh_config=fleet.ssh_config)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("sockops: host testhost4")
+    assert "sockops_udp_echo_udp_rate_exempt" in proc.stderr
+    assert "Traceback" not in proc.stderr

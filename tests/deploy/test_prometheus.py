@@ -243,6 +243,37 @@ def test_task_writes_targets_rules_and_config(tmp_path: Path, ssh_config: Path) 
     assert "sockops_program_fd_usage_ratio > 0.7\n" in (out / prom.RULES_FILE).read_text()
 
 
+def test_task_takes_an_inventory_with_per_host_exporter_vars(tmp_path: Path) -> None:
+    """Real ansible-core reads the inventory: targets carry inventory names and each host's own exporter
+    bind; a host whose exporter is off is left out, and said so."""
+    cfg = copy.deepcopy(DEFAULTS["sockops"])
+    cfg["exporter"] = {"enabled": True, "bind": "0.0.0.0:9999"}
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(
+        "[web]\nweb1 ansible_host=10.9.8.7\nweb2 ansible_host=fd00::7 sockops_exporter_bind=0.0.0.0:9555\n"
+        "[db]\ndb1 ansible_host=10.9.8.9 sockops_exporter_enabled=false\n"
+    )
+    out = tmp_path / "prom"
+    proc = _sockops(
+        _write_cfg(tmp_path / "invoke.json", cfg), "prometheus-config", "--inventory", str(inv),
+        "--host", "all", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / prom.TARGETS_FILE).read_text()) == [
+        {"targets": ["10.9.8.7:9999"], "labels": {"host": "web1"}},
+        {"targets": ["[fd00::7]:9555"], "labels": {"host": "web2"}},
+    ]
+    assert "warning: db1: left out: sockops.exporter.enabled is false" in proc.stdout
+    # every host off: an error, nothing written
+    proc = _sockops(
+        _write_cfg(tmp_path / "invoke.json", cfg), "prometheus-config", "--inventory", str(inv),
+        "--host", "db", "--out", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("sockops: no host to scrape: db1: left out: sockops.exporter.enabled")
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
