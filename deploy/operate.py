@@ -22,25 +22,37 @@ from deploy.steps import Say, activate, health_gate, hostctl, hostctl_json, json
 
 
 def previous_release(facts: HostFacts) -> str:
-    """The newest complete release older than current ("" if none)."""
-    older = [r.id for r in facts.releases if r.id < facts.current]
+    """The newest complete release older than the running one ("" if none).
+
+    >>> from deploy.facts import parse_facts
+    >>> previous_release(parse_facts("current=r2\\nrelease=r1 k c\\nrelease=r2 k c\\nrelease=r3 k c\\n"))
+    'r1'
+    >>> broken = "current=\\nmanifest_release=r2\\nrelease=r1 k c\\nrelease=r2 k c\\nsupervisord=9 r2\\n"
+    >>> previous_release(parse_facts(broken))  # `current` deleted: supervisord still runs r2
+    'r1'
+    """
+    running = facts.running()
+    older = [r.id for r in facts.releases if r.id < running]
     return older[-1] if older else ""
 
 
 def rollback_host(c: Context, host: str, settings: DeploySettings, *, say: Say = print) -> Done[Any]:
-    """Return to the previous release, health-gated (on failure: back to where we were)."""
+    """Return to the previous release, health-gated (on failure: back to where we were).
+
+    "Where we were" is the release supervisord runs, so a host whose `current` link was deleted or broken
+    still rolls back (and gets its link again) rather than being told nothing is deployed there.
+    """
     with HostLock(c, host, settings.paths.lock, command="rollback"):
         facts = read_facts(c, settings, host=host)
-        if not facts.current:
-            raise ReleaseError(f"{host}: nothing is deployed here; run `invoke deploy --host {host}` first")
+        running = _require_deployed(facts, host)
         target = previous_release(facts)
         if not target:
             raise ReleaseError(
-                f"{host}: release {facts.current} is the oldest one kept; there is nothing to roll back to"
+                f"{host}: release {running} is the oldest one kept; there is nothing to roll back to"
             )
         activate(c, settings, target, facts, None, host=host, say=say)
-        health_gate(c, settings, facts, target, facts.current, None, host=host, say=say)
-        return outcome.changed(target, changes=[f"rollback {facts.current} -> {target}"])
+        health_gate(c, settings, facts, target, running, None, host=host, say=say)
+        return outcome.changed(target, changes=[f"rollback {running} -> {target}"])
 
 
 def _require_deployed(facts: HostFacts, host: str) -> str:

@@ -167,6 +167,27 @@ def test_variant_change_restarts_only_that_program_and_rollback_restores_it(flee
     assert {s["name"]: s["variant"] for s in manifest["services"]}["tcp-echo"] == "selectors"
 
 
+def test_rollback_with_current_deleted_goes_back_from_the_running_release(fleet, baseline, tmp_path):
+    """`current` deleted by hand while supervisord runs a release: rollback must not say "nothing is
+    deployed here"; it goes back from the release that runs and puts the link back."""
+    host, address = fleet.names[0], fleet.hosts[0].address
+    old_release = status(baseline, host, fleet.ssh_config)["@release"]
+    services = json.loads(baseline.read_text())["sockops"]["services"]
+    services["tcp-echo"]["variant"] = "asyncio"
+    changed = write_cfg(tmp_path / "asyncio.yaml", services=services)
+    ok(sockops(changed, "deploy", "--host", host, ssh_config=fleet.ssh_config))
+    newer = status(changed, host, fleet.ssh_config)["@release"]
+    assert newer != old_release
+    fleet.exec(host, ["rm", "/srv/sockops/current"])
+    out = ok(sockops(changed, "rollback", "--host", host, ssh_config=fleet.ssh_config))
+    assert [ln.split()[:3] for ln in out.splitlines() if ln.startswith(f"{host} ")] == [
+        [host, "changed", old_release]
+    ]
+    assert host_file(fleet, host, "/srv/sockops/current/release.json")  # the link is back
+    assert status(changed, host, fleet.ssh_config)["@release"] == old_release
+    answers(address)
+
+
 def test_release_that_cannot_start_is_rolled_back_with_log_tail(fleet, baseline, tmp_path):
     host, address = fleet.names[1], fleet.hosts[1].address
     other = fleet.names[0]
