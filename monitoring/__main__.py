@@ -16,98 +16,35 @@ Run on every host by Nagios, cron or Consul, so it imports only what the asked-f
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 from monitoring import probes, render
+from monitoring.argv import fast_args
 from monitoring.collect import Collector
 from monitoring.collect.snapshot import counted
 from monitoring.errors import MonitoringError, UsageError
 from monitoring.targets import DEFAULT_MANIFEST, port_targets, read_manifest
 from monitoring.verdict import EXIT_CODES, UNKNOWN, Thresholds, evaluate, overdue
 
-# Nagios' own plugin timeout is 10 s; probes time out after 2 s and the first CPU window is 0.5 s.
-DEFAULT_DEADLINE = 5.0
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see monitoring.values)
+if TYPE_CHECKING:
+    from types import SimpleNamespace
+    from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
+
+    Args = SimpleNamespace  # what monitoring.argv.fast_args and argparse's parse_args both return
 
 
-def _columns() -> int:
-    """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, then stdout's terminal, else
-    80), without importing shutil: its imports (bz2, lzma, fnmatch) cost the check ~3 ms on every run, for
-    help text it almost never prints."""
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
-    except (AttributeError, ValueError, OSError):
-        return 80
+def parse_args(argv: Optional[Sequence[str]]) -> Args:
+    """The options: read directly when spelled as usual; by argparse for help, errors (exit 3), the rest."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    fast = fast_args(args)
+    if fast is not None:
+        return fast
+    from monitoring.usage import build_parser  # argparse only when needed (it costs the check ~4 ms)
 
-
-class _Formatter(argparse.HelpFormatter):
-    # argparse builds a formatter for every add_argument() (to check metavars): the default one asks shutil
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
-        super().__init__(prog, indent_increment, max_help_position, width=_columns() - 2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # Nagios: usage problems are UNKNOWN (3), not CRITICAL (2)
-        self.print_usage(sys.stderr)
-        self.exit(3, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m monitoring", description=__doc__.split("\n")[0], formatter_class=_Formatter)
-    p.add_argument(
-        "--manifest", help=f"services manifest (default {DEFAULT_MANIFEST}, unless --port is given)"
-    )
-    p.add_argument(
-        "--port", action="append", default=[], metavar="N[/udp]", help="watch this port (repeatable)"
-    )
-    p.add_argument(
-        "--probe-host", default="127.0.0.1", help="where --port probes connect (default 127.0.0.1)"
-    )
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_const", dest="format", const="json", help="JSON snapshot")
-    out.add_argument("--nagios", action="store_const", dest="format", const="nagios", help="Nagios line")
-    out.add_argument(
-        "--prometheus", action="store_const", dest="format", const="prometheus", help="Prometheus text"
-    )
-    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
-    p.add_argument(
-        "--count", type=int, default=0, help="with --watch: stop after N refreshes (0 = until Ctrl-C)"
-    )
-    p.add_argument(
-        "--deadline",
-        type=float,
-        default=DEFAULT_DEADLINE,
-        metavar="S",
-        help=f"the whole look (probes, supervisord, processes) within S seconds, else UNKNOWN saying which "
-        f"part did not finish (default {DEFAULT_DEADLINE:g}; 0: none)",
-    )
-    p.add_argument("--no-probes", action="store_true", help="don't send probe requests")
-    p.add_argument(
-        "--timeout", type=float, default=None, help="probe timeout in seconds (default: threshold's 2)"
-    )
-    p.add_argument(
-        "--source", choices=("auto", "netlink", "proc"), default="auto", help="socket table source"
-    )
-    p.add_argument("--cpu-window", type=float, default=0.5, help="first CPU%% sampling window in seconds")
-    p.add_argument("--state-file", default="", help="keep restart counts here between runs")
-    p.add_argument(
-        "--base",
-        default=None,
-        help="sockops base dir, to find strays (default: the one this interpreter's release venv is in)",
-    )
-    p.add_argument(
-        "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override a verdict threshold"
-    )
-    p.set_defaults(format="table")
-    return p
+    return build_parser(__doc__.split("\n")[0]).parse_args(args)
 
 
 def parse_thresholds(values: Sequence[str]) -> Thresholds:
@@ -120,7 +57,7 @@ def parse_thresholds(values: Sequence[str]) -> Thresholds:
     return Thresholds.from_mapping(pairs, where="--threshold")
 
 
-def make_collector(args: argparse.Namespace, th: Thresholds) -> Collector:
+def make_collector(args: Args, th: Thresholds) -> Collector:
     timeout = args.timeout if args.timeout is not None else th.probe_timeout
     probe = None if args.no_probes else (lambda t: probes.probe(t, timeout))
     if args.port and not args.manifest:
@@ -166,7 +103,7 @@ def render_once(
     return text, verdict.exit_code
 
 
-def watch(args: argparse.Namespace, collector: Collector, th: Thresholds, out: TextIO) -> int:
+def watch(args: Args, collector: Collector, th: Thresholds, out: TextIO) -> int:
     """Refresh every --interval seconds: rich Live in place on a terminal, frame after frame otherwise."""
     live_ok = args.format == "table" and out.isatty()
     n = 0
@@ -200,7 +137,7 @@ def watch(args: argparse.Namespace, collector: Collector, th: Thresholds, out: T
 
 
 def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         th = parse_thresholds(args.threshold)
         if args.interval <= 0:

@@ -1,16 +1,24 @@
 """Frozen samples: what the collectors produce and the renderers, verdicts and exporter consume.
 
+Declared as frozen dataclasses and made by monitoring.values.frozen, which keeps them dataclasses for every
+caller (dataclasses.fields/replace/asdict) without importing `dataclasses` on the on-host check's path.
+
 Plain values only (ints, strings, tuples, read-only mappings), so a sample can be rendered, compared in tests,
 turned into JSON on a host and rebuilt from that JSON on the operator's machine (`to_dict` / `from_dict`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import types
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+
+from monitoring.values import field_names, frozen, is_value
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar
+
+    T = TypeVar("T")
 
 # Kernel TCP states (include/net/tcp_states.h), named as `ss` names them in its state filter.
 TCP_STATE_NAMES = {
@@ -61,7 +69,7 @@ def frozen_map(values: Mapping[str, Any]) -> Mapping[str, Any]:
     return types.MappingProxyType(dict(values))
 
 
-@dataclass(frozen=True)
+@frozen
 class SocketInfo:
     """One socket as the kernel reports it (netlink inet_diag_msg or a /proc/net line)."""
 
@@ -79,7 +87,7 @@ class SocketInfo:
     inode: int  # 0 for TIME_WAIT and SYN_RECV: those belong to no process
 
 
-@dataclass(frozen=True)
+@frozen
 class Listener:
     """A listening TCP socket: accept queue now vs the backlog it was created with."""
 
@@ -91,7 +99,7 @@ class Listener:
     inode: int
 
 
-@dataclass(frozen=True)
+@frozen
 class PortSample:
     """Everything on one local port for one protocol: counts by state, listeners, UDP queue."""
 
@@ -106,7 +114,7 @@ class PortSample:
         return int(self.states.get(state, 0))
 
 
-@dataclass(frozen=True)
+@frozen
 class SystemSample:
     """Machine-wide socket figures."""
 
@@ -130,7 +138,7 @@ class SystemSample:
         return self.time_wait / self.tw_buckets_max
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessSample:
     """One OS process: a supervisord program's main process or one prefork worker."""
 
@@ -149,7 +157,7 @@ class ProcessSample:
     denied: Tuple[str, ...] = ()  # figures we could not read (AccessDenied as a non-root user)
 
 
-@dataclass(frozen=True)
+@frozen
 class PoolTotals:
     """Sum over a program's processes (main + workers)."""
 
@@ -163,7 +171,7 @@ class PoolTotals:
     connections: Optional[int]
 
 
-@dataclass(frozen=True)
+@frozen
 class ProgramSample:
     """A supervisord program as supervisor.getAllProcessInfo() reports it."""
 
@@ -179,7 +187,7 @@ class ProgramSample:
     description: str
 
 
-@dataclass(frozen=True)
+@frozen
 class ProbeResult:
     """One real request to a service."""
 
@@ -191,7 +199,7 @@ class ProbeResult:
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@frozen
 class Target:
     """What to watch: a service from the deploy's manifest, or a bare `--port` given on the command line."""
 
@@ -205,7 +213,7 @@ class Target:
     workers: int = 0
 
 
-@dataclass(frozen=True)
+@frozen
 class ServiceSample:
     target: Target
     port: PortSample
@@ -215,7 +223,7 @@ class ServiceSample:
     probe: Optional[ProbeResult] = None
 
 
-@dataclass(frozen=True)
+@frozen
 class Stray:
     """A process started from a sockops release venv that supervisord does not supervise."""
 
@@ -227,7 +235,7 @@ class Stray:
     ports: Tuple[str, ...] = ()  # watched ports it holds sockets on, as "8080/tcp"
 
 
-@dataclass(frozen=True)
+@frozen
 class Snapshot:
     """One look at a host."""
 
@@ -251,14 +259,12 @@ class Snapshot:
 
 # --- plain-data codec: dataclass <-> JSON-ready dict ----------------------------------------------------
 
-T = TypeVar("T")
-
 
 def to_dict(value: Any) -> Any:
     """Dataclasses, tuples and mappings -> dicts and lists (JSON-ready)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
+    if is_value(value):
+        return {name: to_dict(getattr(value, name)) for name in field_names(value)}
+    if isinstance(value, (dict, types.MappingProxyType)):
         return {str(k): to_dict(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [to_dict(v) for v in value]
@@ -271,24 +277,29 @@ def from_dict(cls: Type[T], data: Any) -> T:
 
 
 def _hints(cls: type) -> Dict[str, Any]:
+    """The field types; the module imports typing's names only for type checkers, so they are added here."""
     import typing
 
-    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    names = dict(vars(typing))
+    names.update(vars(sys.modules[cls.__module__]))
+    return typing.get_type_hints(cls, names)
 
 
 def _decode(tp: Any, data: Any, where: str) -> Any:  # noqa: PLR0911 - one return per type shape
+    from typing import Any, Dict, Mapping, Tuple, Union  # the operator's side only: not the check's path
+
     origin = getattr(tp, "__origin__", None)
     args = getattr(tp, "__args__", ()) or ()
     if data is None:
         return None
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and hasattr(tp, "__value_fields__"):
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected an object, got {data!r}")
         hints = _hints(tp)
         kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in data:
-                kwargs[f.name] = _decode(hints[f.name], data[f.name], f"{where}.{f.name}")
+        for name in field_names(tp):
+            if name in data:
+                kwargs[name] = _decode(hints[name], data[name], f"{where}.{name}")
         return tp(**kwargs)
     if origin is Union:  # Optional[X]
         inner = [a for a in args if a is not type(None)]

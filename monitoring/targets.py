@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, List, Mapping, Sequence, Tuple
 
 from monitoring.errors import ManifestError, UsageError
 from monitoring.model import Target
+from monitoring.values import frozen
 
 DEFAULT_MANIFEST = "/etc/sockops/services.json"
 DEFAULT_SUPERVISOR_SOCKET = "/run/sockops/supervisor.sock"
 KINDS = {"tcp-echo": "tcp", "udp-echo": "udp", "transfer": "tcp"}
 
 
-@dataclass(frozen=True)
+@frozen
 class Manifest:
     release: str
     supervisor_socket: str

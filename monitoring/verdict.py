@@ -6,12 +6,11 @@ Nagios can use `invoke health` / `python -m monitoring --nagios` directly.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from monitoring.errors import UsageError
 from monitoring.model import ServiceSample, Snapshot
+from monitoring.values import defaults, frozen
 
 OK, WARNING, CRITICAL, UNKNOWN = "OK", "WARNING", "CRITICAL", "UNKNOWN"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}
@@ -28,7 +27,7 @@ def worst(statuses: Any) -> str:
     return max(statuses, key=_RANK.__getitem__, default=OK)
 
 
-@dataclass(frozen=True)
+@frozen
 class Thresholds:
     """Warning/critical levels; override any of them under `sockops.health` in invoke's config."""
 
@@ -56,7 +55,7 @@ class Thresholds:
         >>> Thresholds.from_mapping({"close_wait_warning": 5}).close_wait_warning
         5
         """
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = defaults(cls)  # every threshold has a default: its type says float or int
         kwargs: Dict[str, Any] = {}
         for key, value in dict(values or {}).items():
             if key not in known:
@@ -64,20 +63,20 @@ class Thresholds:
                     "{}.{}: unknown threshold; known: {}".format(where, key, ", ".join(sorted(known)))
                 )
             try:
-                kwargs[key] = float(value) if known[key].type in ("float", float) else int(value)
+                kwargs[key] = float(value) if isinstance(known[key], float) else int(value)
             except (TypeError, ValueError):
                 raise UsageError(f"{where}.{key}: {value!r} is not a number") from None
         return cls(**kwargs)
 
 
-@dataclass(frozen=True)
+@frozen
 class Finding:
     status: str
     subject: str  # a service name, or "system"
     message: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Verdict:
     status: str
     findings: Tuple[Finding, ...]

@@ -7,14 +7,13 @@ Anything a non-root user may not read is reported in `denied`, never raised.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.model import PoolTotals, ProcessSample
+from monitoring.values import frozen, replace
 
 # psutil ships in the release venv; a bare interpreter still gets socket counts and probes. It is imported on
 # first need (_psutil()), because a `--port` check never looks at processes and the import is ~10 ms of it.
@@ -220,7 +219,7 @@ def sample_process(
     return attribute(scanned, inodes) if scanned is not None else None
 
 
-@dataclass(frozen=True)
+@frozen
 class Scanned:
     """A process's figures before its sockets are matched to a port table (`attribute` does that).
 
@@ -307,7 +306,7 @@ def attribute(scanned: Scanned, inodes: Mapping[int, int]) -> ProcessSample:
         return scanned.sample
     # map() keeps the per-socket test in C; a socket dup'ed into two fds counts twice, as before
     held = sum(map(inodes.__contains__, scanned.sockets))
-    return dataclasses.replace(scanned.sample, connections=held)
+    return replace(scanned.sample, connections=held)
 
 
 def children(pid: int, proc_root: str = "/proc") -> List[int]:

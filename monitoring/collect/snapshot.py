@@ -16,7 +16,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
@@ -35,6 +34,7 @@ from monitoring.model import (
     Target,
     frozen_map,
 )
+from monitoring.values import frozen
 
 ProbeFn = Callable[[Target], Optional[ProbeResult]]
 Groups = Dict[int, Tuple[processes.Scanned, ...]]
@@ -43,7 +43,7 @@ NO_SYSTEM = SystemSample(None, None, None, None, None, None, None, None, None, N
 PROBE_THREADS = 8
 
 
-@dataclass(frozen=True)
+@frozen
 class SocketView:
     """One look at the kernel's socket tables for the watched ports."""
 
@@ -56,7 +56,7 @@ class SocketView:
         return self.tcp if proto == "tcp" else self.udp
 
 
-@dataclass(frozen=True)
+@frozen
 class PartResult:
     """How one part of a look fared."""
 
@@ -66,7 +66,7 @@ class PartResult:
     error: str = ""
 
 
-@dataclass(frozen=True)
+@frozen
 class Look:
     """A snapshot and how each of its parts fared (the exporter exports both)."""
 

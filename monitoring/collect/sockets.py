@@ -6,10 +6,8 @@ tuples because at 40k sockets building an object per socket costs more than the 
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 from collections import Counter
-from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from monitoring.collect import netlink, procnet
@@ -25,12 +23,13 @@ from monitoring.model import (
     SocketInfo,
     frozen_map,
 )
+from monitoring.values import frozen, replace
 
 # port, state name, rqueue, wqueue, inode, family (4/6), local address (text, or raw bytes from netlink)
 Row = Tuple[int, str, int, Optional[int], int, int, Union[str, bytes]]
 
 
-@dataclass(frozen=True)
+@frozen
 class PortTable:
     """Per-port samples for one protocol, and each socket inode's port (to attribute to processes)."""
 
@@ -135,7 +134,7 @@ def count_columns(ports: Sequence[int], cols: netlink.Columns) -> PortTable:
             if p == port and st != 10:
                 name = names.get(st) or f"UNKNOWN_{st}"
                 full[name] = full.get(name, 0) + n
-        samples[port] = dataclasses.replace(
+        samples[port] = replace(
             sample,
             states=frozen_map(full),
             sockets=sum(n for (p, _st), n in by_number.items() if p == port),
@@ -193,7 +192,7 @@ def tcp_table_and_time_wait(ports: Sequence[int]) -> Tuple[PortTable, int]:
     for port, sample in table.ports.items():
         states = dict(sample.states)
         states["TIME_WAIT"] = tw_ports.get(port, 0)
-        samples[port] = dataclasses.replace(
+        samples[port] = replace(
             sample, states=frozen_map(states), sockets=sample.sockets + states["TIME_WAIT"]
         )
     return PortTable("tcp", frozen_map(samples), table.inodes), total

@@ -32,6 +32,8 @@ MODULES = [
     "monitoring.collect.snapshot",
     "monitoring.verdict",
     "monitoring.webconfig",
+    "monitoring.argv",
+    "monitoring.values",
 ]
 
 
