@@ -259,6 +259,11 @@ class Paths:
     def lock(self) -> str:
         return f"{self.run}/deploy.lock"
 
+    @property
+    def unit(self) -> str:
+        """The systemd unit's name: its file's, so deploys with their own paths never share one."""
+        return self.systemd_unit.rsplit("/", 1)[-1]
+
 
 @dataclass(frozen=True)
 class ExporterSpec:

@@ -133,7 +133,7 @@ def repair(
             hostctl_json(c, settings, release, facts, "shutdown", what="stopping supervisord", host=host)
         stopped = replace(facts, supervisord_pid=0)
         if facts.systemd:  # the unit owns supervisord there
-            root_run(c, settings, "systemctl restart sockops-supervisord.service",
+            root_run(c, settings, f"systemctl restart {q(settings.paths.unit)}",
                      what="restarting supervisord (systemd)", host=host)  # fmt: skip
         else:
             step_supervisord(c, settings, release, stopped, unit="", host=host)

@@ -277,6 +277,7 @@ class HostFacts:
     manifest_release: str = ""  # the release /etc's services.json was copied from: the last one switched to
     strays: tuple[str, ...] = ()  # temp files of killed deploys: wheelhouse/.upload-*, .stage-*, .current-*
     addresses: tuple[str, ...] = ()  # the host's IP addresses (`ip addr`); () = unknown
+    unit_conf: str = ""  # the supervisord.conf our systemd unit file's ExecStart names ("" = no such file)
 
     def release(self, rid: str) -> ReleaseFact | None:
         return next((r for r in self.releases if r.id == rid), None)
@@ -328,6 +329,7 @@ for f in "$E/supervisord.conf" "$E/services.json" {q(p.systemd_unit)}; do
   echo "sha=$f $(sha256sum "$f" 2>/dev/null | cut -c1-64)"
 done
 echo "applied=$(base64 -w0 "$E/applied.json" 2>/dev/null)"
+echo "unit_conf=$(sed -n 's/^ExecStart=.* -c //p' {q(p.systemd_unit)} 2>/dev/null | head -n1)"
 rel=$(sed -n 's/.*"release": *"\\([^"]*\\)".*/\\1/p' "$E/services.json" 2>/dev/null | head -n1)
 echo "manifest_release=$rel"
 """
@@ -392,6 +394,7 @@ def parse_facts(text: str) -> HostFacts:
         manifest_release=values.get("manifest_release", ""),
         strays=tuple(lists["stray"]),
         addresses=tuple(values.get("addresses", "").split()),
+        unit_conf=values.get("unit_conf", ""),
     )
 
 

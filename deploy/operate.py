@@ -142,7 +142,7 @@ def undeploy_host(
                 root_run(
                     c,
                     settings,
-                    "systemctl disable --now sockops-supervisord.service",
+                    f"systemctl disable --now {q(p.unit)}",
                     what="stop",
                     host=host,
                     warn=True,
@@ -166,6 +166,8 @@ def undeploy_host(
             f"\nfind {q(p.run)} -mindepth 1 ! -name 'deploy.lock*' -exec rm -rf {{}} + 2>/dev/null || true"
         )
         script += f"\nrmdir {q(p.etc)} 2>/dev/null || true"
+        if facts.systemd:  # forget the removed unit now, not at the next reload
+            script += "\nsystemctl daemon-reload"
         if purge:
             script += (
                 f"\nrmdir {q(p.base)} 2>/dev/null || true\nuserdel {q(settings.user)} 2>/dev/null || true"

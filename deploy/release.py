@@ -50,6 +50,10 @@ def _deploy_locked(
     c: Context, host: str, settings: DeploySettings, facts: HostFacts, *, dry_run: bool, say: Say
 ) -> Done[Any]:
     validate.refuse_foreign_binds(settings.binds(), facts.addresses, host=host)  # before any change
+    if facts.systemd:  # without systemd as PID 1 no unit is written or started
+        validate.refuse_foreign_unit(
+            settings.paths.systemd_unit, facts.unit_conf, settings.paths.conf, host=host
+        )
     target = parse_target(host, settings.python, facts.python)
     root = Path(settings.source_root) if settings.source_root else None
     wh = wheelhouse.build(target, cache_dir=settings.cache_dir, source_root=root)

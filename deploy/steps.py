@@ -21,7 +21,7 @@ from typing import Any
 from invoke import Context
 
 from deploy import exporter_web, lock, plan, privilege, supervisor, wheelhouse
-from deploy.config import DeploySettings
+from deploy.config import DeploySettings, Paths
 from deploy.errors import DeployError, HealthGateError, ReleaseError
 from deploy.facts import HostFacts, read_facts
 from deploy.plan import Desired, sha
@@ -262,18 +262,29 @@ def json_result(result: Any, *, host: str, what: str) -> dict[str, Any]:
         raise ReleaseError(f"{host}: {what}: unexpected output (exit {result.exited}): {detail}") from exc
 
 
+def systemd_start_script(paths: Paths, unit: str) -> str:
+    """Write the unit file, then enable and start the unit that file names (pure).
+
+    >>> script = systemd_start_script(Paths(systemd_unit="/etc/systemd/system/alt-sockops.service"), "[Unit]")
+    >>> script.splitlines()[-2:]
+    ['systemctl daemon-reload && systemctl enable alt-sockops.service', \
+'systemctl is-active --quiet alt-sockops.service || systemctl start alt-sockops.service']
+    """
+    name = shlex.quote(paths.unit)
+    return (
+        write_files_script({paths.systemd_unit: (unit, "0644")})
+        + f"\nsystemctl daemon-reload && systemctl enable {name}"
+        + f"\nsystemctl is-active --quiet {name} || systemctl start {name}"
+    )
+
+
 def step_supervisord(
     c: Context, settings: DeploySettings, release: str, facts: HostFacts, *, unit: str, host: str
 ) -> bool:
     """Start sockops' supervisord if it is not running; returns True when it was started now."""
     p, q = settings.paths, shlex.quote
     if unit and (facts.supervisord_pid == 0 or facts.sha.get(p.systemd_unit) != sha(unit)):
-        script = write_files_script({p.systemd_unit: (unit, "0644")})
-        script += "\nsystemctl daemon-reload\nsystemctl enable sockops-supervisord.service"
-        script += (
-            "\nsystemctl is-active --quiet sockops-supervisord.service || systemctl start sockops-supervisord"
-        )
-        root_run(c, settings, script, what="starting supervisord (systemd)", host=host)
+        root_run(c, settings, systemd_start_script(p, unit), what="starting supervisord (systemd)", host=host)
         return facts.supervisord_pid == 0
     if facts.supervisord_pid:
         return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +365,26 @@ host (it has 10.0.0.1); use one of them or 0.0.0.0
         raise ConfigError(f"{host}: " + "; ".join(map(str, problems)))
 
 
+def refuse_foreign_unit(unit_file: str, unit_conf: str, conf: str, *, host: str) -> None:
+    """A systemd unit file at our path that runs another deploy (its own supervisord.conf) is that
+    deploy's: writing ours over it would hand its supervisord our config at the next restart.
+
+    >>> refuse_foreign_unit("/u/s.service", "/etc/a/supervisord.conf", "/etc/a/supervisord.conf", host="h")
+    >>> refuse_foreign_unit("/u/s.service", "/etc/a/supervisord.conf", "/etc/b/supervisord.conf", host="h")
+    Traceback (most recent call last):
+    ...
+    deploy.errors.ConfigError: h: sockops.paths.systemd_unit = '/u/s.service': that unit runs the deploy \
+configured in /etc/a/supervisord.conf; give this deploy its own unit file (e.g. /u/s-b.service)
+    """
+    if unit_conf and unit_conf != conf:
+        stem, own = unit_file.rsplit(".service", 1)[0], conf.rstrip("/").split("/")[-2]
+        fix = (
+            f"that unit runs the deploy configured in {unit_conf}; give this deploy its own unit file "
+            f"(e.g. {stem}-{own}.service)"
+        )
+        raise ConfigError(f"{host}: {Problem('sockops.paths.systemd_unit', unit_file, fix)}")
+
+
 def risks(cfg: Mapping[str, Any]) -> list[Problem]:
     """Choices that work but expose the host: they need `sockops.allow_risky: true`."""
     found = []
@@ -410,6 +431,9 @@ def program_binds(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[t
     return _program_binds(cfg, defaults)[1]
 
 
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@-]+\.service$")  # systemd.unit(5)'s characters, a service unit
+
+
 def _identity_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[Problem]:
     """Paths and the interpreter must be absolute; the service user a plain user name."""
     problems = []
@@ -417,6 +441,9 @@ def _identity_problems(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> l
     for key, value in [*((f"paths.{k}", v) for k, v in paths.items()), ("python", cfg.get("python", "/"))]:
         if not isinstance(value, str) or not value.startswith("/") or "\n" in value:
             problems.append(Problem(f"sockops.{key}", value, "must be an absolute path"))
+        elif key == "paths.systemd_unit" and not _UNIT_NAME.match(value.rsplit("/", 1)[-1]):
+            fix = "must name a .service file, e.g. /etc/systemd/system/sockops-supervisord.service"
+            problems.append(Problem(f"sockops.{key}", value, fix))
     user = cfg.get("user", "sockops")
     if not isinstance(user, str) or not user.replace("-", "").replace("_", "").isalnum():
         problems.append(Problem("sockops.user", user, "must be a user name (letters, digits, - and _)"))

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from invoke import Context
+from invoke import Config, Context
 
-from deploy import facts
+from deploy import facts, supervisor, validate
+from deploy.config import DEFAULTS, DeploySettings, deploy_settings
+from deploy.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -102,3 +104,29 @@ def test_missing_packages_on_this_machine() -> None:
     assert facts.missing_packages(Context(), "debian", []) == ()
     with pytest.raises(ValueError, match="no package manager"):
         facts.missing_packages(Context(), "unknown", ["x"])
+
+
+def _private_settings(root: Path, name: str) -> DeploySettings:
+    paths = {k: str(root / name / k) for k in ("base", "etc", "run", "log")}
+    unit = str(root / "sockops-supervisord.service")
+    return deploy_settings({**DEFAULTS["sockops"], "paths": {**paths, "systemd_unit": unit}})
+
+
+def test_facts_name_the_deploy_our_unit_file_runs(tmp_path: Path) -> None:
+    """Two deploys on one host with their own paths but one unit file: the second is refused before it
+    writes its unit over the first's (whose supervisord would start with the second's config)."""
+    first, second = _private_settings(tmp_path, "a"), _private_settings(tmp_path, "b")
+    unit = supervisor.render_systemd_unit(first.paths, stopwaitsecs=10)
+    Path(first.paths.systemd_unit).write_text(unit)
+    c = Context(Config(overrides={"run": {"in_stream": False}}))  # pytest's stdin cannot be read
+    seen = facts.read_facts(c, second, host="local")
+    assert seen.unit_conf == first.paths.conf
+    validate.refuse_foreign_unit(first.paths.systemd_unit, seen.unit_conf, first.paths.conf, host="local")
+    with pytest.raises(
+        ConfigError, match=r"that unit runs the deploy configured in .*/a/etc/supervisord.conf"
+    ):
+        validate.refuse_foreign_unit(
+            second.paths.systemd_unit, seen.unit_conf, second.paths.conf, host="local"
+        )
+    Path(first.paths.systemd_unit).unlink()
+    assert facts.read_facts(c, second, host="local").unit_conf == ""

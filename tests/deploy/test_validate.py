@@ -126,6 +126,10 @@ MISTAKES = {
         {"user": "root"},
         "sockops.user = 'root': runs every service as root; set sockops.allow_risky",
     ),
+    "unit-not-a-service": (
+        {"paths": {"systemd_unit": "/etc/systemd/system/sockops"}},
+        "sockops.paths.systemd_unit = '/etc/systemd/system/sockops': must name a .service file",
+    ),
 }
 
 
