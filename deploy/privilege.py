@@ -79,12 +79,10 @@ def login(c: Context, host: str) -> Login:
         return known
     if _logs_in_as_root(c):  # no round trip: most fleets' and this machine's own root logins pay nothing
         found = Login(host, "root", 0, ROOT)
-        object.__setattr__(c, _ATTR, found)
-        return found
-    result = c.run(PROBE, hide=True, warn=True, in_stream=False)
-    found = parse_login(host, result.stdout)
-    if found.sudo == PASSWORD:
-        _check_password(c, found)
+    else:
+        found = parse_login(host, c.run(PROBE, hide=True, warn=True, in_stream=False).stdout)
+        if found.sudo == PASSWORD:
+            _check_password(c, found)
     # a plain attribute: setattr on a Context would land in its invoke config (DataProxy)
     object.__setattr__(c, _ATTR, found)
     return found
