@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from monitoring.model import ProbeResult, Target
 
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
 if TYPE_CHECKING:
     import random
+    from typing import Any, Callable, Optional
 
 try:  # shipped together in the release; the import guard keeps `--port` monitoring usable without services
     from services.errors import ServiceError

@@ -5,12 +5,15 @@ Nothing here reads the system. Prometheus metrics (names, text format) live in m
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, List, Optional, Tuple
 
+from monitoring import jsonout
 from monitoring.model import Snapshot, to_dict
 from monitoring.verdict import OK, Thresholds, Verdict
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, List, Optional, Tuple
 
 # Columns of the services table: (heading, TCP state counted).
 STATE_COLUMNS = (
@@ -265,7 +268,7 @@ def json_text(snap: Snapshot, verdict: Optional[Verdict] = None, indent: Optiona
     if verdict is not None:
         data["verdict"] = to_dict(verdict)
         data["verdict"]["exit_code"] = verdict.exit_code
-    return json.dumps(data, indent=indent, sort_keys=False)
+    return jsonout.dumps(data, indent=indent)
 
 
 # --- Nagios ----------------------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any, List, Mapping, Sequence, Tuple
+import collections.abc
 
 from monitoring.errors import ManifestError, UsageError
 from monitoring.model import Target
 from monitoring.values import frozen
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, List, Mapping, Sequence, Tuple
 
 DEFAULT_MANIFEST = "/etc/sockops/services.json"
 DEFAULT_SUPERVISOR_SOCKET = "/run/sockops/supervisor.sock"
@@ -45,7 +48,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = DEFAULT_MANIFEST) -> Ma
     >>> [(t.name, t.port, t.host, t.kind) for t in m.targets]
     [('tcp-echo', 8080, '127.0.0.1', 'tcp-echo'), ('exporter', 9480, '127.0.0.1', '')]
     """
-    if not isinstance(data, Mapping) or data.get("version") != 1:
+    if not isinstance(data, collections.abc.Mapping) or data.get("version") != 1:
         raise ManifestError(f"{where}: not a sockops manifest version 1; redeploy with `invoke deploy`")
     targets: List[Target] = []
     try:
@@ -85,6 +88,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = DEFAULT_MANIFEST) -> Ma
 
 
 def read_manifest(path: str = DEFAULT_MANIFEST) -> Manifest:
+    import json  # only a manifest needs a JSON reader (json imports re: a bare --port check skips both)
+
     try:
         with open(path) as f:
             data = json.load(f)

@@ -6,11 +6,13 @@ Nagios can use `invoke health` / `python -m monitoring --nagios` directly.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
-
 from monitoring.errors import UsageError
 from monitoring.model import ServiceSample, Snapshot
 from monitoring.values import defaults, frozen
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 OK, WARNING, CRITICAL, UNKNOWN = "OK", "WARNING", "CRITICAL", "UNKNOWN"
 EXIT_CODES = {OK: 0, WARNING: 1, CRITICAL: 2, UNKNOWN: 3}

@@ -13,7 +13,11 @@ The pieces are public so other consumers (the Prometheus exporter) reuse them in
     kernel's socket walks; processes.attribute_group(scanned, inodes) then counts each process's connections
 """
 
-from typing import Any
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Collector", "Look", "PartResult", "SocketView"]
 

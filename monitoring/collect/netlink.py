@@ -11,10 +11,16 @@ import os
 import socket
 import struct
 from collections import Counter
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from monitoring.errors import CollectError
 from monitoring.model import SocketInfo, state_name
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+    # family, state, sport, dport, src, dst, rqueue, wqueue, uid, inode — ports already in host order
+    RawDiag = Tuple[int, int, int, int, bytes, bytes, int, int, int, int]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -107,10 +113,6 @@ def build_request(
         bc = port_filter(sorted(set(ports)))
         body += _RTATTR.pack(_RTATTR.size + len(bc), INET_DIAG_REQ_BYTECODE) + bc
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-
-
-RawDiag = Tuple[int, int, int, int, bytes, bytes, int, int, int, int]
-"""family, state, sport, dport, src, dst, rqueue, wqueue, uid, inode — ports already in host order."""
 
 
 def uniform_prefix(chunk: bytes) -> Tuple[int, int]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, List, Optional
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, Callable, List, Optional
 
 
 def concurrently(*fns: Callable[[], Any]) -> List[Any]:

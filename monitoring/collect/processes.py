@@ -7,22 +7,32 @@ Anything a non-root user may not read is reported in `denied`, never raised.
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.model import PoolTotals, ProcessSample
 from monitoring.values import frozen, replace
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+    Key = Tuple[int, float]  # (pid, create_time): pids get reused
 
 # psutil ships in the release venv; a bare interpreter still gets socket counts and probes. It is imported on
 # first need (_psutil()), because a `--port` check never looks at processes and the import is ~10 ms of it.
 psutil: Any = None
 _psutil_tried = False
 
-Key = Tuple[int, float]  # (pid, create_time): pids get reused
+
 # a whole link target socket:[INODE] between NULs (the one byte no path can hold) or the ends of the text
-_SOCKET_LINK = re.compile(r"(?<![^\0])socket:\[(\d+)\](?![^\0])")
+@functools.cache
+def _socket_link() -> Any:
+    """Compiled on the first fd scan: `re` costs a bare --port check (no processes) ~2 ms for nothing."""
+    import re
+
+    return re.compile(r"(?<![^\0])socket:\[(\d+)\](?![^\0])")
 
 
 class CpuTracker:
@@ -99,7 +109,7 @@ def fd_table(pid: int, proc_root: str = "/proc") -> Tuple[int, List[int]]:
     finally:
         os.close(dir_fd)
     # one regex pass over all link targets and int() by map: no Python step per fd
-    return len(targets), list(map(int, _SOCKET_LINK.findall("\0".join(targets))))
+    return len(targets), list(map(int, _socket_link().findall("\0".join(targets))))
 
 
 def _dense_targets(dir_fd: int, count: int) -> Optional[List[str]]:

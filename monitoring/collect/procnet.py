@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 from monitoring.errors import CollectError
 from monitoring.model import SocketInfo, state_name
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Iterable, List, Optional, Sequence, Tuple
 
 FILES = {("tcp", 4): "tcp", ("tcp", 6): "tcp6", ("udp", 4): "udp", ("udp", 6): "udp6"}
 

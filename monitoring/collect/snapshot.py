@@ -16,7 +16,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.collect import netlink, processes, procnet, sockets, supervisor, system
 from monitoring.collect.overlap import concurrently, each
@@ -36,8 +35,13 @@ from monitoring.model import (
 )
 from monitoring.values import frozen
 
-ProbeFn = Callable[[Target], Optional[ProbeResult]]
-Groups = Dict[int, Tuple[processes.Scanned, ...]]
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+    ProbeFn = Callable[[Target], Optional[ProbeResult]]
+    Groups = Dict[int, Tuple[processes.Scanned, ...]]
+
 NO_SYSTEM = SystemSample(None, None, None, None, None, None, None, None, None, None, None)
 # probes run at once (one probe timeout per look, not one per service), at most this many together
 PROBE_THREADS = 8

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from monitoring.collect import netlink, procnet
 from monitoring.collect.overlap import concurrently
@@ -25,8 +24,13 @@ from monitoring.model import (
 )
 from monitoring.values import frozen, replace
 
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+    Row = Tuple[int, str, int, Optional[int], int, int, Union[str, bytes]]
+
 # port, state name, rqueue, wqueue, inode, family (4/6), local address (text, or raw bytes from netlink)
-Row = Tuple[int, str, int, Optional[int], int, int, Union[str, bytes]]
 
 
 @frozen

@@ -8,16 +8,16 @@ collectors and the host control program (hostctl) both talk through `proxy` / `c
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from monitoring.errors import SupervisorDown, SupervisorError
 from monitoring.model import ProgramSample, Target
 
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
 if TYPE_CHECKING:
     import xmlrpc.client
+    from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 
 def proxy(socket_path: str, timeout: Optional[float] = 5.0) -> xmlrpc.client.ServerProxy:
@@ -181,6 +181,8 @@ class RestartTracker:
         self._seen: Dict[str, List[float]] = {}  # name -> [last start, restarts seen]
         self.note = ""
         if state_path:
+            import json  # only with a state file (json imports re, which a bare --port check never needs)
+
             try:
                 with open(state_path) as f:
                     data = json.load(f)
@@ -204,6 +206,8 @@ class RestartTracker:
         """Write the state file (atomically); returns a note if it could not be written."""
         if not self._path:
             return ""
+        import json
+
         tmp = f"{self._path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:

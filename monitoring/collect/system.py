@@ -6,9 +6,12 @@ Parsers are pure and take the file text; `system_sample` reads the files under a
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
 
 from monitoring.model import SystemSample
+
+TYPE_CHECKING = False  # typing's own, without importing typing on the check's path (see monitoring.values)
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Tuple
 
 
 def parse_sockstat(text: str) -> Dict[str, Dict[str, int]]:

@@ -138,4 +138,4 @@ def test_the_usual_check_imports_only_what_it_needs() -> None:
     assert proc.returncode in (0, 1, 2), proc.stderr
     loaded = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "monitoring.collect.snapshot" in loaded
-    assert not loaded & {"argparse", "dataclasses", "inspect", "monitoring.usage", "monitoring.metrics"}
+    assert not loaded & {"argparse", "dataclasses", "inspect", "typing", "json", "re", "monitoring.usage"}

@@ -34,6 +34,7 @@ MODULES = [
     "monitoring.webconfig",
     "monitoring.argv",
     "monitoring.values",
+    "monitoring.jsonout",
 ]
 
 
