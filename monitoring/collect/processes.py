@@ -27,7 +27,7 @@ _psutil_tried = False
 
 
 # a whole link target socket:[INODE] between NULs (the one byte no path can hold) or the ends of the text
-@functools.cache
+@functools.lru_cache(maxsize=1)  # one pattern; functools.cache is 3.9+
 def _socket_link() -> Any:
     """Compiled on the first fd scan: `re` costs a bare --port check (no processes) ~2 ms for nothing."""
     import re
