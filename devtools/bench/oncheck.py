@@ -105,9 +105,11 @@ def run(time_wait: int, runs: int, before: str, python: str) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="oncheck-before-") as tmp:
             commit = export_services(before, Path(tmp), REPO, ("monitoring", "services")) if before else ""
-            tw_before = time_wait_count()
+            tw_before, load_before = time_wait_count(), os.getloadavg()[0]
             result = measure(commands(python, lst.getsockname()[1], tmp if before else ""), runs)
             result["time_wait"] = {"at_start": tw_before, "at_end": time_wait_count()}
+            # the machine's 1-minute load average: wall times on a shared machine mean little without it
+            result["load"] = {"at_start": round(load_before, 2), "at_end": round(os.getloadavg()[0], 2)}
             result["before"] = commit
             result["python"] = python
             return result
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<20} median {fig['median_ms']:7.1f} ms  {spread}")
     print(f"wall-time ratios to the ss pipeline: {result['ratios']}; CPU-time ratios: {result['cpu_ratios']}")
     print(f"TIME_WAIT: {result['time_wait']}; seen by the checks: {result['time_wait_seen']}")
+    print(f"load average (1 min): {result['load']}")
     return 0
 
 

@@ -28,3 +28,4 @@ def test_oncheck_times_the_check_against_ss_with_a_before_revision() -> None:
     assert result["ss_pipeline"]["cpu_median_ms"] > 0
     assert result["time_wait"]["at_start"] >= 200
     assert all(seen >= 200 for seen in result["time_wait_seen"].values())
+    assert set(result["load"]) == {"at_start", "at_end"}
