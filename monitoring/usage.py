@@ -84,5 +84,6 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", action="append", default=[], metavar="NAME=VALUE", help="override a verdict threshold"
     )
-    p.set_defaults(**DEFAULTS)  # the values monitoring.argv gives too
+    # the values monitoring.argv gives too; lists copied: --port/--threshold append to their own
+    p.set_defaults(**{k: list(v) if isinstance(v, list) else v for k, v in DEFAULTS.items()})
     return p

@@ -5,6 +5,7 @@ with the usage."""
 from __future__ import annotations
 
 import itertools
+import socket
 import subprocess
 import sys
 
@@ -139,3 +140,24 @@ def test_the_usual_check_imports_only_what_it_needs() -> None:
     loaded = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "monitoring.collect.snapshot" in loaded
     assert not loaded & {"argparse", "dataclasses", "inspect", "typing", "json", "re", "monitoring.usage"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "start"),
+    [
+        (["--json"], '{\n  "hostname": '),
+        (["--nagios"], "SOCKOPS "),
+        (["--prometheus"], "# HELP "),
+        ([], "STATUS"),
+    ],
+    ids=["json", "nagios", "prometheus", "table"],
+)
+def test_every_output_through_the_fast_reading(flags: list[str], start: str) -> None:
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        port = lst.getsockname()[1]
+        proc = run_monitoring("--port", str(port), *flags, "--deadline=10", "--timeout", "2")
+    assert proc.returncode in (0, 1, 2), proc.stderr  # the host's verdict; 3 would be a usage error
+    assert start in proc.stdout, proc.stdout[:300]
+    assert str(port) in proc.stdout
