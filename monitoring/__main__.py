@@ -11,7 +11,10 @@ A one-shot run ends within --deadline seconds (default 5, probes and supervisord
 running then is an UNKNOWN verdict that names it, in whichever format was asked for.
 
 Run on every host by Nagios, cron or Consul, so it imports only what the asked-for output needs
-(supervisord's XML-RPC client, psutil, services' protocol clients and the Prometheus families on first use).
+(supervisord's XML-RPC client, psutil, services' protocol clients and the Prometheus families on first use),
+and the usual check none of argparse, dataclasses, typing, json or re: options are read by monitoring.argv
+(argparse in monitoring.usage for help and errors), values made by monitoring.values, JSON written by
+monitoring.jsonout. The whole process is measured against `ss | wc` by devtools/bench/oncheck.py.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from monitoring.verdict import EXIT_CODES, UNKNOWN, Thresholds, evaluate, overdu
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see monitoring.values)
 if TYPE_CHECKING:
+    import argparse
     from types import SimpleNamespace
-    from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple
+    from typing import List, NoReturn, Optional, Sequence, TextIO, Tuple, Union
 
-    Args = SimpleNamespace  # what monitoring.argv.fast_args and argparse's parse_args both return
+    Args = Union[SimpleNamespace, argparse.Namespace]  # monitoring.argv.fast_args's, or argparse's
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> Args:
