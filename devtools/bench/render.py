@@ -32,7 +32,7 @@ def services_table(report: Report) -> Table:
     table = Table(
         title="sockops bench: closed-loop requests/s, median of runs (± = (max-min)/median); "
         "xC / xtut / xt1k / xaio = ratio to the C epoll, tutorial, tutorial-1024 (backlog 1024) and asyncio "
-        "references; xbefore = a variant over itself at --before REV"
+        "references; xbefore = a variant over itself at --before REV; srv µs/req = server CPU per request"
     )
     for col, justify in (
         ("cell", "left"),
@@ -48,6 +48,7 @@ def services_table(report: Report) -> Table:
         ("err", "right"),
         ("loss", "right"),
         ("cpu cli/srv", "right"),
+        ("srv µs/req", "right"),
         ("flags", "left"),
     ):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -69,6 +70,7 @@ def services_table(report: Report) -> Table:
                 str(s.errors),
                 f"{s.lost:.1%}" if cr.cell.service == "udp-echo" else "-",
                 f"{s.client_cpu:.0%}/{s.server_cpu:.0%}",
+                f"{s.server_us:.2f}" if s.server_us else "-",
                 _flags(s),
                 end_section=i == len(cr.summaries) - 1,
             )
@@ -245,8 +247,8 @@ def markdown(data: dict[str, Any]) -> str:
     """The services table as Markdown, from bench.json data (so docs can be updated from any saved run)."""
     header = [
         "| cell | target | req/s (median) | min - max | xC | xtut | xt1024 | xaio | xbefore "
-        "| p50 / p99 / p99.9 ms | errors | loss | CPU client / server | flags |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| p50 / p99 / p99.9 ms | errors | loss | CPU client / server | server µs/req | flags |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     lines = header if data["cells"] else []
     for cell in data["cells"]:
@@ -273,6 +275,7 @@ def markdown(data: dict[str, Any]) -> str:
                 str(t["errors"]),
                 f"{t['lost']:.1%}" if cell["service"] == "udp-echo" else "-",
                 f"{t['client_cpu']:.0%} / {t['server_cpu']:.0%}",
+                f"{t['server_us']:.2f}" if t.get("server_us") else "-",  # absent from older bench.json
                 "; ".join(flags),
             ]
             lines.append("| " + " | ".join(cols) + " |")

@@ -54,6 +54,11 @@ class Summary:
     server_cpu: float
     client_saturated: bool
     first_error: str
+    # Server CPU per request, microseconds (median over runs). On a small machine a closed loop flips between
+    # a pipelined state (client and server each busy on a core) and a lock-step one (they take turns), which
+    # moves req/s by up to 2x between identical runs; CPU per request moves far less, so it tells whether a
+    # server does less work per request than another when req/s cannot (see docs/BENCHMARKS.md).
+    server_us: float = 0.0
 
     @property
     def spread(self) -> float:
@@ -67,8 +72,8 @@ def summarize(target: str, runs: Sequence[RunResult]) -> Summary:
     >>> from devtools.bench.load import RunResult
     >>> r = lambda n: RunResult(n, 1.0, 10, 20, 30, 0, 0, 0, 0, 0, 0.5, 0.9, 1)
     >>> s = summarize("x", [r(100), r(300), r(200)])
-    >>> (s.rps, s.rps_min, s.rps_max, s.valid_runs, s.errors)
-    (200.0, 100.0, 300.0, 3, 0)
+    >>> (s.rps, s.rps_min, s.rps_max, s.valid_runs, s.errors, round(s.server_us))
+    (200.0, 100.0, 300.0, 3, 0, 4500)
     """
     if not runs:
         return Summary(target, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, False, "no runs")
@@ -93,6 +98,7 @@ def summarize(target: str, runs: Sequence[RunResult]) -> Summary:
         server_cpu=med(r.server_cpu for r in runs),
         client_saturated=any(r.client_saturated for r in runs),
         first_error=next((r.first_error for r in runs if r.first_error), ""),
+        server_us=med([r.server_cpu / r.rps * 1e6 for r in runs if r.rps] or [0.0]),
     )
 
 
