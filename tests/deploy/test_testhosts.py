@@ -81,6 +81,14 @@ def test_ssh_command_runs_on_each_host_through_connect(fleet3):
         assert f"inet {host.address}/30" in out[2]
 
 
+def test_root_shell_files_are_a_fresh_machines(fleet3):
+    """An SSH command's shell reads root's .bashrc: a host has Debian's stock one, not this machine's."""
+    stock = Path("/usr/share/base-files/dot.bashrc")
+    if not stock.exists():
+        pytest.skip("NOT RUN - no Debian base-files dot.bashrc on this machine")
+    assert fleet3.exec(fleet3.names[0], ["cat", "/root/.bashrc"]).stdout == stock.read_text()
+
+
 def test_file_written_on_one_host_is_invisible_elsewhere(fleet3):
     first, *others = fleet3.hosts
     c = connect(first.name, ssh_config=fleet3.ssh_config)
