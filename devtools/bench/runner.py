@@ -52,6 +52,9 @@ class BenchOptions:
     duration: float = 3.0
     warmup: float = 0.5
     runs: int = 3
+    # attempts per load run (the generator's --max-requests): tests set it low, so a newconn run cannot leave
+    # tens of thousands of TIME_WAIT sockets in the shared namespace for the tests after it to trip over
+    max_requests: int = load.LoadSpec.max_requests
     client_threads: int = 1
     transfer_mib: int = 1024
     transfer_conns: tuple[int, ...] = (1, 8)  # concurrent downloads per transfer cell
@@ -295,6 +298,7 @@ def measure_cells(
                     duration=opts.duration,
                     warmup=opts.warmup,
                     threads=opts.client_threads,
+                    max_requests=opts.max_requests,
                 )
                 if not server.alive():
                     result = load.failed_run(
