@@ -512,6 +512,8 @@ ns.add_task(prometheus_config)
         "transfer_conns": "transfer: concurrent downloads per cell, comma list (default 1,8)",
         "before": "git revision: its services variants run too, as before:<variant>, in the same run",
         "no_references": "skip the reference servers (ratios are then missing)",
+        "pin": "servers on the lower half of the CPUs, the load generator on the rest: no run-to-run flip "
+        "between sharing a core and not (needs 2+ CPUs)",
         "monitor": "instead of the grid: time one monitoring snapshot vs ss and psutil with ~30k TIME_WAIT",
         "build": "instead of the grid: build-python vs pyenv's python-build, same version and options (long)",
         "build_version": "--build: CPython version (default 3.9.2)",
@@ -545,6 +547,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
     transfer_conns=None,
     before=None,
     no_references=False,
+    pin=False,
     monitor=False,
     build=False,
     build_version="3.9.2",
@@ -575,6 +578,7 @@ def bench(  # noqa: PLR0917 - invoke turns each parameter into a flag
         transfer_conns=transfer_conns,
         before=before,
         no_references=no_references,
+        pin=pin,
     )
     build_req = (
         benchmod.BuildBenchRequest(build_version, tarball, skip_pyenv, build_optimize) if build else None

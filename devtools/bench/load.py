@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools.bench import pinning
 from devtools.bench.errors import BenchError
 
 # The client counts as the bottleneck when its threads are this busy: its figures then understate the server.
@@ -39,6 +40,7 @@ class LoadSpec:
     threads: int = 1
     timeout_ms: int = 0  # 0: 5000 for TCP, 200 for UDP (a reply later than that counts as lost)
     max_requests: int = 50_000_000
+    cpus: tuple[int, ...] = ()  # --pin: the CPUs the generator runs on (() = wherever the kernel puts it)
 
     def argv(self, loadgen: Path, port: int) -> list[str]:
         timeout = self.timeout_ms or (200 if self.proto == "udp" else 5000)
@@ -161,10 +163,15 @@ def read_line(proc: subprocess.Popen[str], deadline: float) -> str:
 
 
 @contextlib.contextmanager
-def child(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    """A client process with piped stdout/stderr, always killed, reaped and its pipes closed on exit."""
+def child(argv: list[str], cpus: tuple[int, ...] = ()) -> Iterator[subprocess.Popen[str]]:
+    """A client process (on `cpus` if given) with piped stdout/stderr, always killed, reaped and its pipes
+    closed on exit."""
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        pinning.command(argv, cpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         yield proc
@@ -181,7 +188,7 @@ def run_load(loadgen: Path, port: int, spec: LoadSpec, server_cpu: Callable[[], 
     """Run the load generator once against 127.0.0.1:`port`; the process is always ended before returning."""
     # Bounded: the generator stops itself after warmup + duration; this is the backstop if it does not.
     deadline = time.monotonic() + spec.warmup + spec.duration + 30.0
-    with child(spec.argv(loadgen, port)) as proc:
+    with child(spec.argv(loadgen, port), spec.cpus) as proc:
         first = read_line(proc, deadline)
         if first.strip() != "measuring":
             return failed_run(f"load generator did not start: {first.strip() or stderr_tail(proc)}")

@@ -26,6 +26,7 @@ from devtools.bench import transfer as xfer
 from devtools.bench.before import PREFIX as BEFORE_PREFIX
 from devtools.bench.before import export_services
 from devtools.bench.errors import BenchError
+from devtools.bench.pinning import Pinning, plan
 from devtools.bench.results import (
     Cell,
     CellResult,
@@ -61,6 +62,7 @@ class BenchOptions:
     before: str = ""  # a git revision: its services variants run too, as before:<variant>
     python: str = ""  # interpreter for the services and the Python references; "" = this one
     references: bool = True
+    pin: bool = False  # servers on the lower half of the CPUs, the load generator on the upper half
     out: Path = Path("bench-results")
 
     def __post_init__(self) -> None:
@@ -139,6 +141,7 @@ def from_flags(
     transfer_conns: str | None = None,
     no_references: bool = False,
     before: str | None = None,
+    pin: bool = False,
 ) -> BenchOptions:
     """BenchOptions from the task's raw flag values (None = not given; numbers may arrive as strings)."""
     variant_names = _names(variants)
@@ -160,6 +163,7 @@ def from_flags(
         transfer_conns=_ints(transfer_conns, "--transfer-conns"),
         before=before,
         references=False if no_references else None,
+        pin=True if pin else None,
     )
 
 
@@ -276,6 +280,7 @@ def measure_cells(
     *,
     loadgen: Path,
     progress: Progress,
+    pin: Pinning | None = None,
 ) -> list[CellResult]:
     results = []
     running = fleet.started
@@ -299,6 +304,7 @@ def measure_cells(
                     warmup=opts.warmup,
                     threads=opts.client_threads,
                     max_requests=opts.max_requests,
+                    cpus=pin.client if pin else (),
                 )
                 if not server.alive():
                     result = load.failed_run(
@@ -330,7 +336,11 @@ def measure_cells(
 
 
 def _measure_services(
-    opts: BenchOptions, bins: native.Binaries, progress: Progress, before_tree: Path | None
+    opts: BenchOptions,
+    bins: native.Binaries,
+    progress: Progress,
+    before_tree: Path | None,
+    pin: Pinning | None = None,
 ) -> tuple[list[CellResult], list[TransferResult]]:
     """Every requested service: its targets started once, its cells (or transfer cells) measured."""
     cells: list[CellResult] = []
@@ -348,13 +358,21 @@ def _measure_services(
                 size=opts.transfer_mib << 20,
                 client=bins.xferclient,
                 progress=progress,
+                pin=pin,
             )
             continue
-        with servers.running(targets_for(service, opts, bins, before_tree=before_tree)) as fleet:
+        targets = targets_for(service, opts, bins, before_tree=before_tree)
+        with servers.running(targets, cpus=pin.server if pin else ()) as fleet:
             for name, reason in fleet.failed:
                 progress(f"{service}: {name} did not start: {reason}")
             cells += measure_cells(
-                service, cells_for(service, opts), fleet, opts, loadgen=bins.loadgen, progress=progress
+                service,
+                cells_for(service, opts),
+                fleet,
+                opts,
+                loadgen=bins.loadgen,
+                progress=progress,
+                pin=pin,
             )
     return cells, transfer
 
@@ -373,6 +391,9 @@ def run_bench(
         notes.append("sockops variants not measured: services/__main__.py is not there yet (references only)")
         opts = replace(opts, variants=())
     python = opts.python or servers.default_python()
+    pin = plan(opts.pin)  # before the survey: a machine with one CPU fails now
+    if pin:
+        notes.append(pin.describe())
     busy = busy_processes()
     machine: Machine = machine_info(python, python_version(python), busy)
     if busy:
@@ -394,7 +415,7 @@ def run_bench(
             )
             commit = export_services(opts.before, before_tree, servers.repo_root())
             notes.append(f"{BEFORE_PREFIX}<variant> = the services package at {opts.before} ({commit[:12]})")
-        cells, transfer = _measure_services(opts, bins, progress, before_tree)
+        cells, transfer = _measure_services(opts, bins, progress, before_tree, pin)
     extra = {}
     for name, section in extra_sections:
         progress(f"{name}: measuring")

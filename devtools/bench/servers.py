@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from devtools.bench import pinning
 from devtools.bench.errors import BenchError
 
 HOST = "127.0.0.1"
@@ -181,13 +182,16 @@ class RunningServer:
             return ""
 
 
-def start(target: Target, logdir: Path, *, timeout: float = 15.0) -> RunningServer:
-    """Start `target` and wait (bounded) until it is bound; on failure it is ended and the log tail raised."""
-    log = logdir / (target.name.replace(":", "-") + f"-{target.proto}.log")
+def start(
+    target: Target, logdir: Path, *, timeout: float = 15.0, cpus: tuple[int, ...] = ()
+) -> RunningServer:
+    """Start `target` (on `cpus` if given) and wait (bounded) until it is bound; on failure it is ended and
+    the log tail raised."""
+    log = logdir / (target.name.replace(":", "-").replace("/", "_") + f"-{target.proto}.log")
     env = {**os.environ, **dict(target.env)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            list(target.argv),
+            pinning.command(list(target.argv), cpus),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -243,8 +247,10 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running(targets: Sequence[Target], logdir: Path | None = None) -> Iterator[Fleet]:
-    """Start every target and end every started one on exit, also on errors and Ctrl-C."""
+def running(
+    targets: Sequence[Target], logdir: Path | None = None, *, cpus: tuple[int, ...] = ()
+) -> Iterator[Fleet]:
+    """Start every target (on `cpus` if given); end every started one on exit, also on errors and Ctrl-C."""
     started: list[RunningServer] = []
     failed: list[tuple[str, str]] = []
     with contextlib.ExitStack() as stack:
@@ -253,7 +259,7 @@ def running(targets: Sequence[Target], logdir: Path | None = None) -> Iterator[F
         try:
             for t in targets:
                 try:
-                    started.append(start(t, logdir))
+                    started.append(start(t, logdir, cpus=cpus))
                 except BenchError as exc:
                     failed.append((t.name, str(exc)))
             yield Fleet(tuple(started), tuple(failed))

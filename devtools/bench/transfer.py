@@ -18,6 +18,7 @@ from pathlib import Path
 
 from devtools.bench import load, servers
 from devtools.bench.errors import BenchError
+from devtools.bench.pinning import Pinning
 from devtools.bench.results import TransferResult
 
 Progress = Callable[[str], None]
@@ -34,6 +35,7 @@ class TransferSpec:
     raw: bool = False  # the sendfile reference: "get\n", body until EOF
     max_files: int = 100_000
     timeout_ms: int = 10_000
+    cpus: tuple[int, ...] = ()  # --pin: the client's CPUs
 
     def argv(self, client: Path, port: int) -> list[str]:
         argv = [str(client), "--host", "127.0.0.1", "--port", str(port), "--file", str(self.file)]
@@ -92,7 +94,7 @@ def parse_result(line: str, server_cpu: float) -> TransferRun:
 def run_client(client: Path, port: int, spec: TransferSpec, server_cpu: Callable[[], float]) -> TransferRun:
     """Run the transfer client once; server CPU is sampled at the client's "measuring" and at its result."""
     deadline = time.monotonic() + spec.warmup + spec.duration + spec.timeout_ms / 1000 + 30.0
-    with load.child(spec.argv(client, port)) as proc:
+    with load.child(spec.argv(client, port), spec.cpus) as proc:
         first = load.read_line(proc, deadline)
         if first.strip() != "measuring":
             raise BenchError(f"transfer client did not start: {first.strip() or load.stderr_tail(proc)}")
@@ -143,6 +145,7 @@ def measure(
     warmup: float,
     client: Path,
     progress: Progress,
+    pin: Pinning | None = None,
 ) -> list[TransferResult]:
     """One transfer cell: every started server, `runs` times in a rotating order, `conns` connections."""
     running = fleet.started
@@ -152,7 +155,14 @@ def measure(
         order = list(running[run % len(running) :]) + list(running[: run % len(running)]) if running else []
         for server in order:
             name = server.target.name
-            spec = TransferSpec(tf.path, conns, duration, warmup, raw=server.target.is_reference)
+            spec = TransferSpec(
+                tf.path,
+                conns,
+                duration,
+                warmup,
+                raw=server.target.is_reference,
+                cpus=pin.client if pin else (),
+            )
             try:
                 result = run_client(client, server.port, spec, lambda s=server: servers.cpu_seconds(s.pid))
             except BenchError as exc:
@@ -176,13 +186,14 @@ def measure_transfer(
     size: int,
     client: Path,
     progress: Progress,
+    pin: Pinning | None = None,
 ) -> list[TransferResult]:
     """Write the file, start every target once (targets_for(root, file)), measure each connection count."""
     with tempfile.TemporaryDirectory(prefix="sockops-bench-files-") as tmp:
         progress(f"transfer: writing a {size >> 20} MiB file")
         tf = load.make_transfer_file(Path(tmp), size)
         out: list[TransferResult] = []
-        with servers.running(targets_for(Path(tmp), tf.path)) as fleet:
+        with servers.running(targets_for(Path(tmp), tf.path), cpus=pin.server if pin else ()) as fleet:
             for c in conns:
                 out += measure(
                     fleet,
@@ -193,5 +204,6 @@ def measure_transfer(
                     warmup=warmup,
                     client=client,
                     progress=progress,
+                    pin=pin,
                 )
         return out
