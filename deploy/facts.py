@@ -278,6 +278,9 @@ class HostFacts:
     strays: tuple[str, ...] = ()  # temp files of killed deploys: wheelhouse/.upload-*, .stage-*, .current-*
     addresses: tuple[str, ...] = ()  # the host's IP addresses (`ip addr`); () = unknown
     unit_conf: str = ""  # the supervisord.conf our systemd unit file's ExecStart names ("" = no such file)
+    # the lowest port a process without CAP_NET_BIND_SERVICE may bind (its network namespace's sysctl);
+    # 1024 where the kernel has no such sysctl (before Linux 4.11) or it cannot be read
+    unprivileged_port_start: int = 1024
 
     def release(self, rid: str) -> ReleaseFact | None:
         return next((r for r in self.releases if r.id == rid), None)
@@ -302,6 +305,7 @@ def probe_script(settings: DeploySettings) -> str:
 P={q(settings.python)}; B={q(p.base)}; E={q(p.etc)}; R={q(p.run)}
 echo "uid=$(id -u)"
 echo "arch=$(uname -m)"
+echo "unprivileged_port_start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start 2>/dev/null)"
 echo "addresses=$(ip -o addr show 2>/dev/null | awk '{{sub("/.*", "", $4); printf "%s ", $4}}')"
 echo "osrelease=$(base64 -w0 /etc/os-release 2>/dev/null)"
 [ -d /run/systemd/system ] && echo systemd=1
@@ -395,6 +399,7 @@ def parse_facts(text: str) -> HostFacts:
         strays=tuple(lists["stray"]),
         addresses=tuple(values.get("addresses", "").split()),
         unit_conf=values.get("unit_conf", ""),
+        unprivileged_port_start=parse_int(values.get("unprivileged_port_start", ""), default=1024),
     )
 
 

@@ -34,6 +34,7 @@ from deploy.steps import (
     step_release,
     step_upload,
 )
+from deploy.supervisor import EXPORTER_USER
 
 
 def deploy_host(
@@ -49,7 +50,14 @@ def deploy_host(
 def _deploy_locked(
     c: Context, host: str, settings: DeploySettings, facts: HostFacts, *, dry_run: bool, say: Say
 ) -> Done[Any]:
-    validate.refuse_foreign_binds(settings.binds(), facts.addresses, host=host)  # before any change
+    binds = settings.binds()
+    validate.refuse_unbindable(  # before any change
+        binds,
+        facts.addresses,
+        unprivileged_port_start=facts.unprivileged_port_start,
+        runs_as={name: EXPORTER_USER if name == "exporter" else settings.user for name, *_ in binds},
+        host=host,
+    )
     if facts.systemd:  # without systemd as PID 1 no unit is written or started
         validate.refuse_foreign_unit(
             settings.paths.systemd_unit, facts.unit_conf, settings.paths.conf, host=host

@@ -284,6 +284,14 @@ def _services(cfg: Mapping[str, Any], known: Mapping[str, Any]) -> tuple[list[Pr
     return problems, binds
 
 
+def _bind_key(program: str) -> str:
+    return "sockops.exporter.bind" if program == "exporter" else f"sockops.services.{program}.bind"
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def port_collisions(binds: Sequence[tuple[str, str, str, int]]) -> list[Problem]:
     """Two programs on one (protocol, port) whose addresses overlap (0.0.0.0 overlaps every IPv4 address).
 
@@ -298,10 +306,8 @@ def port_collisions(binds: Sequence[tuple[str, str, str, int]]) -> list[Problem]
     for i, (name, proto, host, port) in enumerate(binds):
         for other, oproto, ohost, oport in binds[:i]:
             if (proto, port) == (oproto, oport) and (host == ohost or host in wild or ohost in wild):
-                key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
-                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 fix = f"{proto} port {port} is already taken by {other}; pick another port"
-                problems.append(Problem(key, shown, fix))
+                problems.append(Problem(_bind_key(name), _shown(host, port), fix))
     return problems
 
 
@@ -343,24 +349,63 @@ use one of them or 0.0.0.0"]
     has = ", ".join(local[:SHOWN_ADDRESSES]) + (f" and {more} more" if more > 0 else "")
     for name, _proto, host, _port in binds:
         if local and not _is_local(host, local):
-            key = "sockops.exporter.bind" if name == "exporter" else f"sockops.services.{name}.bind"
             fix = f"not an address of this host (it has {has}); use one of them or 0.0.0.0"
-            problems.append(Problem(key, host, fix))
+            problems.append(Problem(_bind_key(name), host, fix))
     return problems
 
 
-def refuse_foreign_binds(
-    binds: Sequence[tuple[str, str, str, int]], local: Sequence[str], *, host: str
-) -> None:
-    """One line (a ConfigError) naming each program whose bind address `host` does not have.
+def privileged_binds(
+    binds: Sequence[tuple[str, str, str, int]], start: int, runs_as: Mapping[str, str]
+) -> list[Problem]:
+    """Ports below the host's net.ipv4.ip_unprivileged_port_start for programs that run as a user other than
+    root: they have no CAP_NET_BIND_SERVICE, so bind() would fail and only the health gate would say so.
 
-    >>> refuse_foreign_binds([("tcp-echo", "tcp", "192.0.2.55", 8080)], ["10.0.0.1"], host="web1")
+    `runs_as` maps a program to its user (the services' sockops.user, the exporter's own user).
+
+    >>> users = {"transfer": "sockops"}
+    >>> [str(p) for p in privileged_binds([("transfer", "tcp", "0.0.0.0", 80)], 1024, users)]
+    ["sockops.services.transfer.bind = '0.0.0.0:80': port 80 is below this host's \
+net.ipv4.ip_unprivileged_port_start (1024) and transfer runs as sockops, without capabilities; use a port \
+>= 1024, or lower that sysctl on the host"]
+    >>> privileged_binds([("transfer", "tcp", "::", 80)], 0, {"transfer": "sockops"})
+    []
+    >>> privileged_binds([("udp-echo", "udp", "::", 7)], 1024, {"udp-echo": "root"})
+    []
+    """
+    problems = []
+    for name, _proto, host, port in binds:
+        user = runs_as.get(name, "")
+        if port < start and user != "root":
+            fix = (
+                f"port {port} is below this host's net.ipv4.ip_unprivileged_port_start ({start}) and "
+                f"{name} runs as {user}, without capabilities; use a port >= {start}, or lower that sysctl "
+                "on the host"
+            )
+            problems.append(Problem(_bind_key(name), _shown(host, port), fix))
+    return problems
+
+
+def refuse_unbindable(
+    binds: Sequence[tuple[str, str, str, int]],
+    local: Sequence[str],
+    *,
+    unprivileged_port_start: int,
+    runs_as: Mapping[str, str],
+    host: str,
+) -> None:
+    """One line (a ConfigError) naming each program that could not bind on `host`: an address the host does
+    not have, or a privileged port for a program that is not root.
+
+    >>> refuse_unbindable([("tcp-echo", "tcp", "192.0.2.55", 8080), ("exporter", "tcp", "0.0.0.0", 443)],
+    ...     ["10.0.0.1"], unprivileged_port_start=1024, runs_as={"exporter": "sockops-exporter"}, host="web1")
     Traceback (most recent call last):
     ...
     deploy.errors.ConfigError: web1: sockops.services.tcp-echo.bind = '192.0.2.55': not an address of this \
-host (it has 10.0.0.1); use one of them or 0.0.0.0
+host (it has 10.0.0.1); use one of them or 0.0.0.0; sockops.exporter.bind = '0.0.0.0:443': port 443 is below \
+this host's net.ipv4.ip_unprivileged_port_start (1024) and exporter runs as sockops-exporter, without \
+capabilities; use a port >= 1024, or lower that sysctl on the host
     """
-    problems = foreign_binds(binds, local)
+    problems = foreign_binds(binds, local) + privileged_binds(binds, unprivileged_port_start, runs_as)
     if problems:
         raise ConfigError(f"{host}: " + "; ".join(map(str, problems)))
 

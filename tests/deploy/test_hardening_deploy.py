@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from devtools import testhosts as th
-from tests.deploy.test_release import TCP, TRANSFER, answers, ok, sockops, write_cfg
+from tests.deploy.test_release import (
+    TCP,
+    TRANSFER,
+    answers,
+    ok,
+    sockops,
+    unprivileged_ports_from,
+    write_cfg,
+)
 
 pytestmark = pytest.mark.hosts
 FOREIGN = "198.51.100.55"  # TEST-NET-2: on no test host
@@ -113,6 +121,27 @@ def test_a_bind_address_not_on_the_host_is_refused_before_anything_changes(fleet
     # the host's own address is fine (a dry run plans it instead of refusing)
     own = write_cfg(tmp_path / "own.yaml", services=_services(bind=f"{address}:{TCP}", max_conns_per_ip=2))
     ok(sockops(own, "deploy", "--dry-run", "--host", host, ssh_config=fleet.ssh_config))
+
+
+def test_a_privileged_port_for_an_unprivileged_service_is_refused_before_anything_changes(
+    fleet, limited, tmp_path
+):
+    host = fleet.names[0]
+    before = _host_state(fleet)
+    low = write_cfg(tmp_path / "low.yaml", services=_services(bind="0.0.0.0:7", max_conns_per_ip=2))
+    refused = sockops(low, "deploy", "--host", host, ssh_config=fleet.ssh_config)
+    assert refused.returncode != 0
+    lines = [ln for ln in (refused.stdout + refused.stderr).splitlines() if "0.0.0.0:7'" in ln]
+    assert lines, refused.stdout + refused.stderr
+    assert "sockops.services.tcp-echo.bind" in lines[0], lines
+    assert "net.ipv4.ip_unprivileged_port_start (1024)" in lines[0], lines
+    assert "runs as sockops" in lines[0], lines
+    assert "Traceback" not in refused.stderr
+    assert _host_state(fleet) == before
+    # the host's own sysctl decides: lowered there, the same config is planned instead of refused
+    with unprivileged_ports_from(fleet, host, 0):
+        out = ok(sockops(low, "deploy", "--dry-run", "--host", host, ssh_config=fleet.ssh_config))
+    assert "would restart sockops-tcp-echo" in out, out
 
 
 def test_the_release_records_its_pinned_wheels_and_status_shows_them(fleet, limited):

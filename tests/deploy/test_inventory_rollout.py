@@ -1,7 +1,7 @@
 """Inventories and failure budgets on real test hosts (issue 16): real ansible-core reads the inventory, its
 `sockops_*` group and host vars become each host's settings, and `--serial 1 --max-fail 1` stops a rollout
 whose second host fails for real (a bad bind from its inventory vars: port 22, which the unprivileged
-service cannot bind and sshd holds).
+service cannot bind: that host's facts refuse it before any change).
 
 Four hosts: testhost1 in group `canary` (sockops_variant=asyncio), testhost2-4 in group `web`
 (sockops_variant=threaded). The config leaves every service's variant empty, so the group's var decides.
@@ -93,7 +93,7 @@ def test_group_vars_choose_each_hosts_variant_on_the_live_hosts(fleet, canary_an
 def test_the_failure_budget_stops_the_rollout_after_the_failed_batch(fleet, work, canary_and_one):
     cfg = canary_and_one
     before = status(cfg, "testhost2", fleet.ssh_config)["@release"]
-    # testhost2's own var: a port its unprivileged service cannot bind (below 1024; sshd holds it too)
+    # testhost2's own var: a port its unprivileged service cannot bind (below 1024)
     bad = work / "bad.ini"
     bad.write_text(INVENTORY.replace("testhost2\n", "testhost2 sockops_transfer_bind=0.0.0.0:22\n", 1))
     proc = sockops(
@@ -115,8 +115,8 @@ def test_the_failure_budget_stops_the_rollout_after_the_failed_batch(fleet, work
         "sockops: deploy failed on 1 of 4 host(s): testhost2; "
         f"not attempted after the failed batch: testhost3, testhost4 ({why})"
     )
-    # the failed host was put back by its own health gate; the later batches were never started
-    assert "failed the health gate" in proc.stdout
+    # the failed host's facts refused the bind before any change; the later batches were never started
+    assert "testhost2: sockops.services.transfer.bind = '0.0.0.0:22': port 22 is below" in proc.stdout
     assert status(cfg, "testhost2", fleet.ssh_config)["@release"] == before
     assert running_variants(fleet, cfg, "testhost2") == {"threaded"}
     assert "[testhost3]" not in proc.stdout

@@ -6,6 +6,7 @@ they already run it), so tests do not depend on each other's leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,20 @@ def test_rollback_with_current_deleted_goes_back_from_the_running_release(fleet,
     answers(address)
 
 
+SYSCTL = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+
+
+@contextlib.contextmanager
+def unprivileged_ports_from(fleet, host: str, port: int) -> Iterator[None]:
+    """The test host's net.ipv4.ip_unprivileged_port_start set to `port`, restored on exit."""
+    old = fleet.exec(host, ["cat", SYSCTL], check=True).stdout.strip()
+    fleet.exec(host, ["sh", "-c", f"echo {port} > {SYSCTL}"], check=True)
+    try:
+        yield
+    finally:
+        fleet.exec(host, ["sh", "-c", f"echo {old} > {SYSCTL}"], check=True)
+
+
 def test_release_that_cannot_start_is_rolled_back_with_log_tail(fleet, baseline, tmp_path):
     host, address = fleet.names[1], fleet.hosts[1].address
     other = fleet.names[0]
@@ -196,8 +212,13 @@ def test_release_that_cannot_start_is_rolled_back_with_log_tail(fleet, baseline,
     services = json.loads(baseline.read_text())["sockops"]["services"]
     services["transfer"]["bind"] = "0.0.0.0:22"  # sshd holds this port on the host: the service cannot bind
     bad = write_cfg(tmp_path / "bad.yaml", services=services)
-    # --serial 1: the first batch (this host) fails, so the second batch (the other host) is never touched
-    proc = sockops(bad, "deploy", "--host", f"{host},{other}", "--serial", "1", ssh_config=fleet.ssh_config)
+    # Port 22 is privileged, which facts refuse before any change; with the host's (its network namespace's)
+    # sysctl lowered, the deploy goes ahead and the bind fails for real, on the port sshd holds.
+    with unprivileged_ports_from(fleet, host, 0):
+        # --serial 1: the first batch (this host) fails, so the second batch (the other host) is never touched
+        proc = sockops(
+            bad, "deploy", "--host", f"{host},{other}", "--serial", "1", ssh_config=fleet.ssh_config
+        )
     assert proc.returncode != 0
     assert "failed the health gate" in proc.stdout
     assert f"switched back to {good}" in proc.stdout
