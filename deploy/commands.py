@@ -33,12 +33,11 @@ def settings_from(
     cfg: Mapping[str, Any], hosts: Hosts, *, python: str = "", variant: str = ""
 ) -> dict[str, DeploySettings]:
     """Each host's settings: the config, its inventory vars, the flags; refused as a whole before any host."""
-    targets = hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
-    return hostvars.settings_by_host(cfg, targets, python=python, variant=variant)
+    return hostvars.settings_by_host(cfg, Targets.of(hosts), python=python, variant=variant)
 
 
 def _names(hosts: Hosts) -> list[str]:
-    return list(hosts.hosts if isinstance(hosts, Targets) else hosts)
+    return list(Targets.of(hosts).hosts)
 
 
 def _finish(outcomes: Sequence[HostOutcome[Any]], what: str) -> list[HostOutcome[Any]]:

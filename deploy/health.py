@@ -70,10 +70,6 @@ def host_paths(cfg: Mapping[str, Any], targets: Targets) -> dict[str, Paths]:
     return {host: s.paths for host, s in hostvars.settings_by_host(cfg, targets).items()}
 
 
-def _targets(hosts: Sequence[str] | Targets) -> Targets:
-    return hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
-
-
 def monitor_command(paths: Paths, th: Thresholds, *extra: str) -> str:
     """The host-side command line (pure).
 
@@ -205,7 +201,7 @@ def check_hosts(
 ) -> list[HostHealth]:
     """Snapshot every host in parallel (deploy.fleet) and judge each; a host that cannot answer is UNKNOWN."""
     th = thresholds(cfg)
-    targets = _targets(hosts)
+    targets = Targets.of(hosts)
     paths = host_paths(cfg, targets)
     outcomes = fleet.run(
         list(targets.hosts),
@@ -281,7 +277,7 @@ def monitor(
     if interval <= 0:
         raise ConfigError("--interval must be > 0 seconds")
     th = thresholds(cfg)
-    targets = _targets([host] if isinstance(host, str) else host)
+    targets = Targets.of([host] if isinstance(host, str) else host)
     if len(targets.hosts) != 1:
         chosen = ", ".join(targets.names.get(h, h) for h in targets.hosts) or "none"
         raise ConfigError(

@@ -124,6 +124,15 @@ class Targets:
     vars: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)  # inventory's
 
+    @classmethod
+    def of(cls, hosts: Sequence[str] | Targets) -> Targets:
+        """`hosts` as Targets: a plain list of host strings has no inventory vars or names (pure).
+
+        >>> Targets.of(["a", "b"]), Targets.of(Targets(("c",))).hosts
+        (Targets(hosts=('a', 'b'), vars=mappingproxy({}), names=mappingproxy({})), ('c',))
+        """
+        return hosts if isinstance(hosts, Targets) else cls(tuple(hosts))
+
     def label(self, host: str) -> str:
         """How a message names a host: its inventory name too, when it has one (pure).
 

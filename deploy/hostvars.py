@@ -24,7 +24,9 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import functools
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from deploy import validate
@@ -109,6 +111,12 @@ def _list_settings(defaults: Mapping[str, Any] = DEFAULTS["sockops"]) -> frozens
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _default_shape() -> tuple[Mapping[str, tuple[str, ...]], frozenset[tuple[str, ...]]]:
+    """var_paths() and _list_settings() of the defaults, worked out once (not once per host of a fleet)."""
+    return MappingProxyType(var_paths()), _list_settings()
+
+
 def _default(defaults: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = defaults
     for part in path:
@@ -146,7 +154,7 @@ def host_config(cfg: Mapping[str, Any], host_vars: Mapping[str, Any], host: str)
     deploy.errors.ConfigError: host web1: inventory var sockops_varient is not a sockops setting; did you \
 mean sockops_variant?
     """
-    paths, lists = var_paths(), _list_settings()
+    paths, lists = _default_shape()
     data = copy.deepcopy(validate.plain(cfg))
     for var, value in host_vars.items():
         path = paths.get(var)
@@ -169,7 +177,7 @@ mean sockops_variant?
 def _hint(var: str) -> str:
     if var in OPERATOR_KEYS:
         return f"it is the operator's setting: set sockops.{var} in invoke.yaml"
-    close = difflib.get_close_matches(var, list(var_paths()), n=1)
+    close = difflib.get_close_matches(var, list(_default_shape()[0]), n=1)
     return f"did you mean {PREFIX}{close[0]}?" if close else f"see `{PREFIX}<key>` in the README"
 
 

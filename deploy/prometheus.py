@@ -463,7 +463,7 @@ def prometheus_config(
     th = thresholds(cfg)
     auth = scrape_auth(cfg, ps)
     lookup = _ssh_lookup(ssh_config or str(cfg.get("ssh_config") or ""))
-    chosen = hosts if isinstance(hosts, Targets) else Targets(tuple(hosts))
+    chosen = Targets.of(hosts)
     found, notes = scrape_targets(cfg, chosen, port, lookup)
     targets = tuple(found)
     files = {
