@@ -187,7 +187,7 @@ def start(
 ) -> RunningServer:
     """Start `target` (on `cpus` if given) and wait (bounded) until it is bound; on failure it is ended and
     the log tail raised."""
-    log = logdir / (target.name.replace(":", "-").replace("/", "_") + f"-{target.proto}.log")
+    log = logdir / (target.name.replace(":", "-") + f"-{target.proto}.log")
     env = {**os.environ, **dict(target.env)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
