@@ -3,7 +3,8 @@
 Issue 14 asks for the tcp-echo cells "before and after in one run": comparing two separate runs on a shared
 2-core machine compares two loads, not two versions. The package at REV is exported with `git archive` into a
 temporary directory and its variants run from there as `before:<variant>` next to the tree's own, started the
-same way (`python -m services ...` with PYTHONPATH pointing at the export).
+same way (`python -m services ...` with PYTHONPATH pointing at the export, and run from the export: `-m`
+looks in the working directory first, so run from the sockops tree it would find the tree's package).
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ class Target:
     argv: tuple[str, ...]
     proto: str  # tcp | udp
     env: tuple[tuple[str, str], ...] = ()
+    # The working directory ("": the bench's own). `python -m` puts it first on sys.path, ahead of PYTHONPATH:
+    # run from the sockops tree, an exported copy's `-m services` would run the tree's package instead.
+    cwd: str = ""
 
     @property
     def is_reference(self) -> bool:
@@ -110,6 +113,7 @@ def variant_targets(
             (python, "-m", "services", service, "--variant", v, "--bind", f"{HOST}:0", *extra),
             proto,
             (("PYTHONPATH", path),),
+            cwd=path,
         )
         for v in variants
     ]
@@ -196,6 +200,7 @@ def start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=target.cwd or None,
             start_new_session=True,
         )
     server = RunningServer(target, proc, 0, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,3 +70,27 @@ def test_the_before_targets_run_from_the_export() -> None:
     assert target.name == "before:threaded"
     assert dict(target.env)["PYTHONPATH"] == "/x/export"
     assert not target.is_reference
+    assert target.cwd == "/x/export"
+
+
+def test_a_before_server_runs_the_exported_code_even_from_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m services` looks in the working directory before PYTHONPATH: started from the sockops tree,
+    a before: server ran the tree's own package, so every --before ratio compared the tree with itself."""
+    repo = servers.repo_root()
+    export_services("HEAD", tmp_path / "export", repo)
+    init = tmp_path / "export" / "services" / "__init__.py"
+    init.write_text(init.read_text() + '\nimport sys\nsys.stderr.write("the exported copy\\n")\n')
+    monkeypatch.chdir(repo)  # where `invoke bench` runs
+    (target,) = servers.variant_targets(
+        "tcp-echo", ["selectors"], python=sys.executable, pythonpath=tmp_path / "export", prefix=PREFIX
+    )
+    (own,) = servers.variant_targets("tcp-echo", ["selectors"], python=sys.executable)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with servers.running([target, own], logs) as fleet:
+        assert not fleet.failed, fleet.failed
+        exported, tree = fleet.started
+        assert "the exported copy" in exported.log.read_text()
+        assert "the exported copy" not in tree.log.read_text()
