@@ -1,6 +1,7 @@
 """asyncio driver: asyncio.Protocol (Streams cost ~30% more per request); udp-echo on a loop reader callback.
 
-udp-echo bypasses asyncio's datagram transport (see DatagramReader).
+udp-echo bypasses asyncio's datagram transport (see DatagramReader), and so does tcp-echo on asyncio's own
+loop (asyncio_echo: reader/writer callbacks on the raw sockets); uvloop runs tcp-echo on transports.
 Backpressure: pause_writing() from the transport stops reading that client until resume_writing().
 Transfer bodies go out with loop.sendfile (zero-copy on selector transports); while a body is in flight the
 connection stops reading and queues later replies, so replies stay in request order.
@@ -22,6 +23,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 from services.drivers import lifecycle
+from services.drivers.asyncio_echo import EchoListener
 from services.drivers.runtime import (
     Admission,
     ConnectionLog,
@@ -287,6 +289,10 @@ class StreamProtocol(asyncio.BufferedProtocol):
         else:
             self.transport.abort()
 
+    def close(self) -> None:
+        """Close once the buffered replies are written (the drain's graceful close)."""
+        self.transport.close()
+
     @property
     def idle(self) -> bool:
         return self.sending is None and self.core.idle and not self.transport.get_write_buffer_size()
@@ -344,29 +350,56 @@ def _stop_future(loop: Any, log: logging.Logger) -> asyncio.Future:
     return stop
 
 
-async def _accept_queued(loop: Any, sock: socket.socket, factory: Callable[[], Any]) -> None:
-    """Take the connections the kernel already completed on the listener before it closes: closing would
-    reset them (or, with net.ipv4.tcp_migrate_req, hand them to another SO_REUSEPORT listener if any)."""
-    for _ in range(1 << 16):
-        try:
-            conn, _addr = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # EMFILE, or the loop (uvloop) owns the fd: what is queued stays to the kernel
-            return
-        try:
-            conn.setblocking(False)
-            await loop.connect_accepted_socket(factory, conn)
-        except Exception:  # one connection's failure must not stop the drain
-            conn.close()
+class _ProtocolListener:
+    """A transport server (loop.create_server) for every core but tcp-echo's on asyncio's own loop."""
+
+    def __init__(self, state: _State, sock: socket.socket) -> None:
+        self.state, self.sock = state, sock
+        self.server = None  # type: Any  # an asyncio.Server once started
+        self.protocol = AtOnceProtocol if hasattr(state.new_core(), "reply_to") else StreamProtocol
+
+    def _factory(self) -> StreamProtocol:
+        return self.protocol(self.state)
+
+    async def start(self) -> None:
+        self.server = await self.state.loop.create_server(
+            self._factory, sock=self.sock, backlog=self.state.settings.backlog
+        )
+
+    async def take_queued(self) -> None:
+        """Take the connections the kernel already completed on the listener before it closes: closing would
+        reset them (or, with net.ipv4.tcp_migrate_req, hand them to another SO_REUSEPORT listener if any)."""
+        for _ in range(1 << 16):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE, or the loop (uvloop) owns the fd: what is queued stays to the kernel
+                return
+            try:
+                conn.setblocking(False)
+                await self.state.loop.connect_accepted_socket(self._factory, conn)
+            except Exception:  # one connection's failure must not stop the drain
+                conn.close()
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+def _listener(state: _State, sock: socket.socket) -> Any:
+    """tcp-echo on asyncio's own loop skips transports (asyncio_echo); everything else uses them."""
+    reply_to = getattr(state.new_core(), "reply_to", None)
+    if reply_to is not None and state.native_sendfile:  # asyncio's own loop, not uvloop
+        return EchoListener(state, sock, reply_to)
+    return _ProtocolListener(state, sock)
 
 
 async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logger) -> int:
     loop = asyncio.get_event_loop()
     state = _State(loop, settings, log, stream_core_factory(settings))
     stop = _stop_future(loop, log)
-    protocol = AtOnceProtocol if hasattr(state.new_core(), "reply_to") else StreamProtocol
-    server = await loop.create_server(lambda: protocol(state), sock=sock, backlog=settings.backlog)
+    listener = _listener(state, sock)
+    await listener.start()
     tick = tick_interval(settings)
     while not stop.done():
         await asyncio.wait([stop], timeout=tick)
@@ -374,8 +407,8 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
         for conn in overdue(state.conns, now, settings, log):
             conn.kill()  # close() would wait for a client that never reads
     if stop.result() == lifecycle.DRAIN:
-        await _accept_queued(loop, sock, lambda: protocol(state))
-    server.close()
+        await listener.take_queued()
+    listener.stop()
     if stop.result() == lifecycle.QUIT:
         lifecycle.log_quit(log, len(state.conns))
         for conn in list(state.conns):
@@ -393,7 +426,7 @@ async def _serve_tcp(sock: socket.socket, settings: Settings, log: logging.Logge
             return 1
         now = _now()
         for conn in [c for c in state.conns if lifecycle.drain_may_close(c.idle, c.last, began, now)]:
-            conn.transport.close()
+            conn.close()
         await asyncio.sleep(DRAIN_TICK)
     lifecycle.log_drained(log)
     return 0

@@ -281,6 +281,20 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def admit_accepted(
+    admission: Admission, conns: Collection[Any], sock: socket.socket, host: str, now: float
+) -> Tuple[bool, Any]:
+    """An event loop's accept(): (let it in?, the connection the cap evicts for it, to close now, or None).
+    A refused socket is closed here; an admitted one is made non-blocking, with TCP_NODELAY."""
+    admitted, victim = admission.admit(host, conns, now)
+    if admitted:
+        sock.setblocking(False)
+        set_nodelay(sock)
+    else:
+        sock.close()
+    return admitted, victim
+
+
 # ---- cores -----------------------------------------------------------------------------------------------
 
 

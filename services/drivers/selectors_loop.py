@@ -31,6 +31,7 @@ from services.drivers.runtime import (
     StreamCore,
     UdpStats,
     Wakeup,
+    admit_accepted,
     answer_datagrams,
     drain_datagrams,
     file_root,
@@ -38,7 +39,6 @@ from services.drivers.runtime import (
     leave_reuse_port_group,
     overdue,
     request_started,
-    set_nodelay,
     stream_core_factory,
     tick_interval,
     udp_core,
@@ -374,14 +374,11 @@ class TcpServer(_Loop):
                 self.sel.unregister(self.listener)
                 self.accept_paused_until = self.now + 0.1
                 return
-            admitted, victim = self.admission.admit(addr[0], self.conns, self.now)
-            if not admitted:
-                sock.close()
-                continue
+            admitted, victim = admit_accepted(self.admission, self.conns, sock, addr[0], self.now)
             if victim is not None:
                 victim.close()
-            sock.setblocking(False)
-            set_nodelay(sock)
+            if not admitted:
+                continue
             conn = Conn(self, sock, self.new_core(), addr)
             self.sel.register(sock, EVENT_READ, conn)
             self.conns.add(conn)
