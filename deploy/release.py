@@ -18,7 +18,7 @@ from typing import Any
 
 from invoke import Context
 
-from deploy import converge, outcome, validate, wheelhouse
+from deploy import converge, outcome, supervisor, validate, wheelhouse
 from deploy.config import DeploySettings
 from deploy.facts import HostFacts, parse_target, read_facts
 from deploy.lock import HostLock
@@ -34,7 +34,6 @@ from deploy.steps import (
     step_release,
     step_upload,
 )
-from deploy.supervisor import EXPORTER_USER
 
 
 def deploy_host(
@@ -55,7 +54,7 @@ def _deploy_locked(
         binds,
         facts.addresses,
         unprivileged_port_start=facts.unprivileged_port_start,
-        runs_as={name: EXPORTER_USER if name == "exporter" else settings.user for name, *_ in binds},
+        runs_as=supervisor.runs_as(settings),
         host=host,
     )
     if facts.systemd:  # without systemd as PID 1 no unit is written or started

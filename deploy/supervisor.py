@@ -132,14 +132,24 @@ def _log_options(paths: Paths, program: str) -> dict[str, object]:
     }
 
 
+def runs_as(settings: DeploySettings) -> dict[str, str]:
+    """{service name, or "exporter": the user its program runs as}, as program_sections writes it."""
+    users = {spec.name: settings.user for spec in settings.services}
+    if settings.exporter is not None:
+        # its own user: supervisord's socket through its group; /proc/PID/stat, status, limits and the
+        # kernel's socket tables need no privilege (fd counts: stat of /proc/PID/fd, Linux 6.2+)
+        users["exporter"] = EXPORTER_USER
+    return users
+
+
 def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[str, str]:
     """{program name: rendered [program:x] section}, in a stable order."""
-    paths = settings.paths
+    paths, users = settings.paths, runs_as(settings)
     sections: dict[str, str] = {}
     for spec in settings.services:
         options: dict[str, object] = {
             "command": service_command(spec, paths),
-            "user": settings.user,
+            "user": users[spec.name],
             "directory": "/",
             "autostart": True,
             "autorestart": True,
@@ -159,9 +169,7 @@ def program_sections(settings: DeploySettings, *, with_exporter: bool) -> dict[s
         exp = settings.exporter
         options = {
             "command": exporter_command(exp, paths),
-            # its own user: supervisord's socket through its group; /proc/PID/stat, status, limits and the
-            # kernel's socket tables need no privilege (fd counts: stat of /proc/PID/fd, Linux 6.2+)
-            "user": EXPORTER_USER,
+            "user": users["exporter"],
             "directory": "/",
             "autostart": True,
             "autorestart": True,

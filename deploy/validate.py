@@ -371,11 +371,13 @@ net.ipv4.ip_unprivileged_port_start (1024) and transfer runs as sockops, without
     []
     >>> privileged_binds([("udp-echo", "udp", "::", 7)], 1024, {"udp-echo": "root"})
     []
+    >>> privileged_binds([("tcp-echo", "tcp", "127.0.0.1", 0)], 1024, {"tcp-echo": "sockops"})
+    []
     """
     problems = []
     for name, _proto, host, port in binds:
         user = runs_as.get(name, "")
-        if port < start and user != "root":
+        if 0 < port < start and user != "root":  # port 0: any free port, never privileged
             fix = (
                 f"port {port} is below this host's net.ipv4.ip_unprivileged_port_start ({start}) and "
                 f"{name} runs as {user}, without capabilities; use a port >= {start}, or lower that sysctl "
