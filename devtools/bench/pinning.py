@@ -19,11 +19,18 @@ from devtools.bench.errors import BenchError
 class Pinning:
     """CPU sets for the servers (with their workers and threads) and for the load or transfer client."""
 
-    server: tuple[int, ...]
+    server: tuple[int, ...]  # () for both: not pinned (NO_PINNING)
     client: tuple[int, ...]
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.server)
 
     def describe(self) -> str:
         return f"servers pinned to CPU {_cpus(self.server)}, the client to CPU {_cpus(self.client)}"
+
+
+NO_PINNING = Pinning((), ())  # every process where the kernel puts it
 
 
 def _cpus(cpus: tuple[int, ...]) -> str:
@@ -48,9 +55,9 @@ def split(allowed: Iterable[int]) -> Pinning:
     return Pinning(tuple(cpus[:half]), tuple(cpus[half:]))
 
 
-def plan(pin: bool) -> Pinning | None:
+def plan(pin: bool) -> Pinning:
     """The pinning for this run, from the CPUs this process may use (taskset/cgroups respected)."""
-    return split(os.sched_getaffinity(0)) if pin else None
+    return split(os.sched_getaffinity(0)) if pin else NO_PINNING
 
 
 def command(argv: list[str], cpus: tuple[int, ...]) -> list[str]:

@@ -26,7 +26,7 @@ from devtools.bench import transfer as xfer
 from devtools.bench.before import PREFIX as BEFORE_PREFIX
 from devtools.bench.before import export_services
 from devtools.bench.errors import BenchError
-from devtools.bench.pinning import Pinning, plan
+from devtools.bench.pinning import NO_PINNING, Pinning, plan
 from devtools.bench.results import (
     Cell,
     CellResult,
@@ -280,7 +280,7 @@ def measure_cells(
     *,
     loadgen: Path,
     progress: Progress,
-    pin: Pinning | None = None,
+    pin: Pinning = NO_PINNING,
 ) -> list[CellResult]:
     results = []
     running = fleet.started
@@ -304,7 +304,7 @@ def measure_cells(
                     warmup=opts.warmup,
                     threads=opts.client_threads,
                     max_requests=opts.max_requests,
-                    cpus=pin.client if pin else (),
+                    cpus=pin.client,
                 )
                 if not server.alive():
                     result = load.failed_run(
@@ -340,7 +340,7 @@ def _measure_services(
     bins: native.Binaries,
     progress: Progress,
     before_tree: Path | None,
-    pin: Pinning | None = None,
+    pin: Pinning = NO_PINNING,
 ) -> tuple[list[CellResult], list[TransferResult]]:
     """Every requested service: its targets started once, its cells (or transfer cells) measured."""
     cells: list[CellResult] = []
@@ -362,7 +362,7 @@ def _measure_services(
             )
             continue
         targets = targets_for(service, opts, bins, before_tree=before_tree)
-        with servers.running(targets, cpus=pin.server if pin else ()) as fleet:
+        with servers.running(targets, cpus=pin.server) as fleet:
             for name, reason in fleet.failed:
                 progress(f"{service}: {name} did not start: {reason}")
             cells += measure_cells(
@@ -391,9 +391,12 @@ def run_bench(
         notes.append("sockops variants not measured: services/__main__.py is not there yet (references only)")
         opts = replace(opts, variants=())
     python = opts.python or servers.default_python()
-    pin = plan(opts.pin)  # before the survey: a machine with one CPU fails now
-    if pin:
+    # Before the survey: a machine with one CPU fails now. Only the services grid starts servers and clients.
+    pin = plan(opts.pin and bool(opts.services))
+    if pin.pinned:
         notes.append(pin.describe())
+    elif opts.pin:
+        notes.append("--pin: nothing pinned (it pins the services' servers and clients; none run here)")
     busy = busy_processes()
     machine: Machine = machine_info(python, python_version(python), busy)
     if busy:

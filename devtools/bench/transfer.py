@@ -18,7 +18,7 @@ from pathlib import Path
 
 from devtools.bench import load, servers
 from devtools.bench.errors import BenchError
-from devtools.bench.pinning import Pinning
+from devtools.bench.pinning import NO_PINNING, Pinning
 from devtools.bench.results import TransferResult
 
 Progress = Callable[[str], None]
@@ -145,7 +145,7 @@ def measure(
     warmup: float,
     client: Path,
     progress: Progress,
-    pin: Pinning | None = None,
+    pin: Pinning = NO_PINNING,
 ) -> list[TransferResult]:
     """One transfer cell: every started server, `runs` times in a rotating order, `conns` connections."""
     running = fleet.started
@@ -161,7 +161,7 @@ def measure(
                 duration,
                 warmup,
                 raw=server.target.is_reference,
-                cpus=pin.client if pin else (),
+                cpus=pin.client,
             )
             try:
                 result = run_client(client, server.port, spec, lambda s=server: servers.cpu_seconds(s.pid))
@@ -186,14 +186,14 @@ def measure_transfer(
     size: int,
     client: Path,
     progress: Progress,
-    pin: Pinning | None = None,
+    pin: Pinning = NO_PINNING,
 ) -> list[TransferResult]:
     """Write the file, start every target once (targets_for(root, file)), measure each connection count."""
     with tempfile.TemporaryDirectory(prefix="sockops-bench-files-") as tmp:
         progress(f"transfer: writing a {size >> 20} MiB file")
         tf = load.make_transfer_file(Path(tmp), size)
         out: list[TransferResult] = []
-        with servers.running(targets_for(Path(tmp), tf.path), cpus=pin.server if pin else ()) as fleet:
+        with servers.running(targets_for(Path(tmp), tf.path), cpus=pin.server) as fleet:
             for c in conns:
                 out += measure(
                     fleet,

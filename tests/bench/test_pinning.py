@@ -39,7 +39,7 @@ def _affinities(pid: int) -> dict[int, set[int]]:
 @pytest.mark.parametrize("variant", ["prefork", "threaded"])
 def test_servers_workers_and_threads_run_only_on_the_server_cpus(tmp_path: Path, variant: str) -> None:
     pin = pinning.plan(True)
-    assert pin is not None
+    assert pin.pinned
     target = servers.variant_targets("tcp-echo", [variant], python=sys.executable)[0]
     if variant == "prefork":  # workers forked after the start inherit the set too
         target = servers.Target(target.name, (*target.argv, "--workers", "2"), target.proto, target.env)
@@ -58,7 +58,7 @@ def test_servers_workers_and_threads_run_only_on_the_server_cpus(tmp_path: Path,
 @needs_two_cpus
 def test_a_pinned_client_sees_only_the_client_cpus() -> None:
     pin = pinning.plan(True)
-    assert pin is not None
+    assert pin.pinned
     code = "import os; print(','.join(map(str, sorted(os.sched_getaffinity(0)))))"
     with load.child([sys.executable, "-c", code], pin.client) as proc:
         out, _ = proc.communicate(timeout=30)
@@ -82,7 +82,7 @@ def test_a_pinned_run_says_so_and_measures(tmp_path: Path) -> None:
     opts = dataclasses.replace(opts, warmup=0.0, max_requests=300)
     report = runner.run_bench(opts, command="invoke bench --pin")
     pin = pinning.plan(True)
-    assert pin is not None
+    assert pin.pinned
     assert pin.describe() in report.notes
     assert all(s.valid_runs == 1 for c in report.cells for s in c.summaries), report.cells
 
@@ -90,7 +90,18 @@ def test_a_pinned_run_says_so_and_measures(tmp_path: Path) -> None:
 def test_one_cpu_is_refused_with_the_reason() -> None:
     with pytest.raises(BenchError, match="pinning needs 2 or more"):
         pinning.split([3])
-    assert pinning.plan(False) is None
+    assert pinning.plan(False) == pinning.NO_PINNING
+    assert not pinning.NO_PINNING.pinned
+
+
+def test_pin_without_servers_says_nothing_was_pinned(tmp_path: Path) -> None:
+    """--pin with --monitor, --build or --deploy: those start no bench servers, so the report must not claim
+    a pinning it never applied."""
+    opts = runner.from_flags(out=str(tmp_path / "out"), pin=True)
+    opts = dataclasses.replace(opts, services=())
+    report = runner.run_bench(opts, command="invoke bench --pin --monitor", extra_sections=[("x", dict)])
+    assert not any(n.startswith("servers pinned") for n in report.notes), report.notes
+    assert any(n.startswith("--pin: nothing pinned") for n in report.notes), report.notes
 
 
 def test_docstring_examples() -> None:
