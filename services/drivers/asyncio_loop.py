@@ -74,7 +74,7 @@ class _State:
         self.offload = Offload()
         # Safe to share: one loop thread, and buffer_updated copies the bytes out before the next read.
         self.view = memoryview(bytearray(READ_BUFFER))
-        self.native_sendfile = isinstance(loop, asyncio.BaseEventLoop)  # asyncio's own loops, not uvloop
+        self.own_loop = isinstance(loop, asyncio.BaseEventLoop)  # asyncio's own loops, not uvloop
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:
@@ -200,7 +200,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         try:
             with open_body(body) as f:
-                if self.state.native_sendfile:
+                if self.state.own_loop:  # its loop.sendfile: zero-copy on selector transports
                     sent = await self._sendfile(f, body.size)
                 else:  # uvloop's loop.sendfile raises NotImplementedError: copy with backpressure
                     sent = await self._copy(f, body.size)
@@ -389,7 +389,7 @@ class _ProtocolListener:
 def _listener(state: _State, sock: socket.socket) -> Any:
     """tcp-echo on asyncio's own loop skips transports (asyncio_echo); everything else uses them."""
     reply_to = getattr(state.new_core(), "reply_to", None)
-    if reply_to is not None and state.native_sendfile:  # asyncio's own loop, not uvloop
+    if reply_to is not None and state.own_loop:
         return EchoListener(state, sock, reply_to)
     return _ProtocolListener(state, sock)
 
