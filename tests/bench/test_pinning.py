@@ -42,7 +42,7 @@ def test_servers_workers_and_threads_run_only_on_the_server_cpus(tmp_path: Path,
     assert pin.pinned
     target = servers.variant_targets("tcp-echo", [variant], python=sys.executable)[0]
     if variant == "prefork":  # workers forked after the start inherit the set too
-        target = servers.Target(target.name, (*target.argv, "--workers", "2"), target.proto, target.env)
+        target = dataclasses.replace(target, argv=(*target.argv, "--workers", "2"))
     with servers.running([target], tmp_path, cpus=pin.server) as fleet:
         assert not fleet.failed, fleet.failed
         server = fleet.started[0]
